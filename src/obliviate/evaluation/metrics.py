@@ -1,0 +1,84 @@
+"""Metrics as update/compute/reset objects, in the manner of torchmetrics, over ``functional``.
+
+State is kept as sums, so results are exact however the data is split into batches.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import functional as F
+
+
+class Metric:
+    higher_is_better: bool = True
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+    def update(self, *args, **kwargs) -> None:
+        raise NotImplementedError
+
+    def compute(self) -> float:
+        raise NotImplementedError
+
+    def __init__(self):
+        self.reset()
+
+
+class Accuracy(Metric):
+    """Share of predictions equal to their target (IRA and CRA are accuracies on retained concepts)."""
+
+    def reset(self) -> None:
+        self.correct, self.total = 0, 0
+
+    def update(self, predicted: torch.Tensor, target: torch.Tensor) -> None:
+        if predicted.shape != target.shape:
+            raise ValueError(f"predicted {tuple(predicted.shape)} and target {tuple(target.shape)} differ in shape")
+        self.correct += int((predicted == target).sum())
+        self.total += len(target)
+
+    def compute(self) -> float:
+        return self.correct / self.total if self.total else float("nan")
+
+
+class UnlearningAccuracy(Accuracy):
+    """UA: share of images for a forgotten concept that the judge does not classify as it."""
+
+    def compute(self) -> float:
+        return 1.0 - super().compute() if self.total else float("nan")
+
+
+class FrechetDistance(Metric):
+    """Fréchet distance between two feature sets: ``update(features, real=True|False)``."""
+
+    higher_is_better = False
+
+    def __init__(self, num_features: int):
+        self.num_features = num_features
+        super().__init__()
+
+    def reset(self) -> None:
+        d = self.num_features
+        self.sums = {r: torch.zeros(d, dtype=torch.float64) for r in (True, False)}
+        self.outer = {r: torch.zeros(d, d, dtype=torch.float64) for r in (True, False)}
+        self.counts = {True: 0, False: 0}
+
+    def update(self, features: torch.Tensor, real: bool) -> None:
+        if features.ndim != 2 or features.shape[1] != self.num_features:
+            raise ValueError(f"expected features of shape (N, {self.num_features}), got {tuple(features.shape)}")
+        f = features.detach().double().cpu()
+        self.sums[real] += f.sum(0)
+        self.outer[real] += f.T @ f
+        self.counts[real] += len(f)
+
+    def _moments(self, real: bool):
+        n = self.counts[real]
+        if n < 2:
+            raise ValueError(f"FrechetDistance needs at least 2 {'real' if real else 'generated'} samples, got {n}")
+        mean = self.sums[real] / n
+        cov = (self.outer[real] - n * torch.outer(mean, mean)) / (n - 1)
+        return mean, cov
+
+    def compute(self) -> float:
+        return F.frechet_distance(*self._moments(True), *self._moments(False))

@@ -1,0 +1,158 @@
+"""The text-to-image bundle: a diffusers UNet with cross-attention, its noise scheduler, a text
+encoder and, for Stable Diffusion, a VAE. One class serves the embedded world model (pixel space,
+MiniLM tokens) and real Stable Diffusion folders (VAE latents, CLIP tokens)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
+                       UNet2DConditionModel)
+
+from .text import CLIPEncoder, MiniLMEncoder, TextEncoder, TextEncoding
+
+BUNDLE_FILE = "obliviate.json"
+SOLVERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
+
+
+@dataclass
+class T2IModel:
+    unet: UNet2DConditionModel
+    scheduler: DDPMScheduler
+    text_encoder: TextEncoder
+    vae: AutoencoderKL | None = None
+    guidance_scale: float = 2.0
+    # Text-space edits (e.g. sdwv) transform prompt encodings before the UNet sees them.
+    text_transforms: list[Callable[[TextEncoding], TextEncoding]] = field(default_factory=list)
+
+    # ---------------------------------------------------------------- construction and files
+    @classmethod
+    def load(cls, folder: str | Path) -> "T2IModel":
+        """Load an obliviate bundle or a Stable Diffusion diffusers folder (``model_index.json``)."""
+        folder = Path(folder)
+        if (folder / BUNDLE_FILE).is_file():
+            meta = json.loads((folder / BUNDLE_FILE).read_text())
+        elif (folder / "model_index.json").is_file():
+            meta = {"text_encoder": "clip", "guidance_scale": 7.5}
+        else:
+            raise FileNotFoundError(
+                f"{folder} is neither an obliviate model ({BUNDLE_FILE}) nor a diffusers folder (model_index.json). "
+                "Pass a zoo name such as 'shapes-t2i' or a folder saved by T2IModel.save().")
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True)
+        scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
+        if meta["text_encoder"] == "minilm":
+            text_encoder = MiniLMEncoder.from_package(meta.get("max_length", 24))
+        elif meta["text_encoder"] == "clip":
+            text_encoder = CLIPEncoder.from_folder(folder)
+        else:
+            raise ValueError(f"{folder / BUNDLE_FILE} names unknown text encoder {meta['text_encoder']!r}; expected 'minilm' or 'clip'.")
+        vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True) if (folder / "vae").is_dir() else None
+        return cls(unet.eval(), scheduler, text_encoder, vae, meta.get("guidance_scale", 2.0))
+
+    def save(self, folder: str | Path) -> None:
+        """Write a folder that ``load`` reads back bit-exactly and diffusers can load part by part."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.unet.save_pretrained(folder / "unet", safe_serialization=True)
+        self.scheduler.save_pretrained(folder / "scheduler")
+        meta = {"text_encoder": self.text_encoder.kind, "max_length": self.text_encoder.max_length,
+                "guidance_scale": self.guidance_scale}
+        if self.text_encoder.kind == "clip":
+            self.text_encoder.model.save_pretrained(folder / "text_encoder", safe_serialization=True)
+            self.text_encoder.tokenizer.save_pretrained(folder / "tokenizer")
+        if self.vae is not None:
+            self.vae.save_pretrained(folder / "vae", safe_serialization=True)
+        (folder / BUNDLE_FILE).write_text(json.dumps(meta, indent=2))
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def to(self, device) -> "T2IModel":
+        self.unet.to(device)
+        self.text_encoder.to(device)
+        if self.vae is not None:
+            self.vae.to(device)
+        return self
+
+    @property
+    def image_size(self) -> int:
+        scale = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        return self.unet.config.sample_size * scale
+
+    # ---------------------------------------------------------------- diffusion pieces
+    def encode(self, prompts: list[str]) -> TextEncoding:
+        encoding = self.text_encoder.encode(prompts)
+        for transform in self.text_transforms:
+            encoding = transform(encoding)
+        return encoding
+
+    def to_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] to the space the UNet denoises."""
+        x = images.to(self.device) * 2 - 1
+        if self.vae is None:
+            return x
+        return self.vae.encode(x).latent_dist.sample() * self.vae.config.scaling_factor
+
+    def from_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.vae is not None:
+            latents = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        return ((latents + 1) / 2).clamp(0, 1)
+
+    def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, encoding: TextEncoding) -> torch.Tensor:
+        """The UNet's raw output (noise or velocity, by the scheduler's prediction type)."""
+        return self.unet(latents, timesteps, encoder_hidden_states=encoding.states,
+                         encoder_attention_mask=encoding.mask).sample
+
+    def training_target(self, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        kind = self.scheduler.config.prediction_type
+        if kind == "epsilon":
+            return noise
+        if kind == "v_prediction":
+            return self.scheduler.get_velocity(clean, noise, timesteps)
+        raise ValueError(f"Unsupported prediction_type {kind!r}; obliviate trains 'epsilon' or 'v_prediction' models.")
+
+    def sample_timesteps(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=generator).to(self.device)
+
+    def denoising_loss(self, clean: torch.Tensor, encoding: TextEncoding, generator: torch.Generator | None = None,
+                       reduction: str = "mean") -> torch.Tensor:
+        """The standard DDPM objective on clean latents ``clean`` conditioned on ``encoding``."""
+        noise = torch.randn(clean.shape, generator=generator).to(clean)
+        timesteps = self.sample_timesteps(len(clean), generator)
+        noisy = self.scheduler.add_noise(clean, noise, timesteps)
+        error = (self.predict(noisy, timesteps, encoding) - self.training_target(clean, noise, timesteps)) ** 2
+        return error.mean() if reduction == "mean" else error.flatten(1).mean(1)
+
+    # ---------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def sample(self, prompts: list[str], steps: int = 25, guidance_scale: float | None = None, seed: int = 0,
+               solver: str = "ddim", batch_size: int = 128) -> torch.Tensor:
+        """Generate one image per prompt, in [0, 1], shape (N, 3, H, W). Deterministic given ``seed``."""
+        if solver not in SOLVERS:
+            raise ValueError(f"Unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}.")
+        guidance = self.guidance_scale if guidance_scale is None else guidance_scale
+        generator = torch.Generator().manual_seed(seed)
+        shape = (self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
+        noise = torch.randn((len(prompts), *shape), generator=generator)
+        images = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            images.append(self._denoise(noise[start:start + len(chunk)].to(self.device), chunk, steps, guidance, solver).cpu())
+        return torch.cat(images)
+
+    def _denoise(self, latents, prompts, steps, guidance, solver):
+        scheduler = SOLVERS[solver].from_config(self.scheduler.config)
+        scheduler.set_timesteps(steps)
+        cond = self.encode(prompts)
+        both = TextEncoding.cat([self.encode([""] * len(prompts)), cond])
+        latents = latents * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+            uncond_out, cond_out = self.predict(model_in, t.expand(len(model_in)).to(self.device), both).chunk(2)
+            latents = scheduler.step(uncond_out + guidance * (cond_out - uncond_out), t, latents).prev_sample
+        return self.from_latents(latents)

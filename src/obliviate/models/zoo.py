@@ -1,0 +1,65 @@
+"""The model zoo: models that ship inside the package, found by name.
+
+``shapes-t2i`` is the embedded text-to-image model and ``shapes-judge`` the attribute judge;
+both are trained on the embedded world by ``obliviate zoo train NAME`` and their weights are
+committed under ``obliviate/weights/NAME``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    kind: str  # "t2i" or "judge"
+    description: str
+
+    @property
+    def path(self) -> Path:
+        return Path(str(resources.files("obliviate") / "weights" / self.name))
+
+    @property
+    def available(self) -> bool:
+        return self.path.is_dir() and any(self.path.iterdir())
+
+
+ZOO: dict[str, ZooEntry] = {e.name: e for e in (
+    ZooEntry("shapes-t2i", "t2i", "2.7M-parameter pixel-space UNet, MiniLM tokens, v-prediction; draws the embedded world"),
+    ZooEntry("shapes-judge", "judge", "attribute classifier, one head per domain (shape, colour, texture)"),
+)}
+
+
+def zoo_entry(name: str) -> ZooEntry:
+    if name not in ZOO:
+        near = difflib.get_close_matches(name, ZOO, n=2)
+        hint = f" Did you mean {', '.join(near)}?" if near else ""
+        raise ValueError(f"No zoo model named {name!r}.{hint} Available: {', '.join(ZOO)}.")
+    entry = ZOO[name]
+    if not entry.available:
+        raise FileNotFoundError(f"Zoo model {name!r} has no weights at {entry.path}; train them with `obliviate zoo train {name}`.")
+    return entry
+
+
+def resolve_model_path(name_or_path: str | Path) -> Path:
+    """A zoo name or a folder on disk, as a folder."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if str(name_or_path) in ZOO:
+        return zoo_entry(str(name_or_path)).path
+    raise ValueError(f"{name_or_path!r} is neither a zoo model ({', '.join(ZOO)}) nor an existing folder.")
+
+
+def load_t2i(name_or_path: str | Path):
+    from .t2i import T2IModel
+    return T2IModel.load(resolve_model_path(name_or_path))
+
+
+def load_judge(name_or_path: str | Path = "shapes-judge"):
+    from .judge import AttributeJudge
+    return AttributeJudge.load(resolve_model_path(name_or_path))

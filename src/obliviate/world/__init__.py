@@ -1,0 +1,11 @@
+"""The embedded concept world: ontology, renderer and prompts, with exact ground truth."""
+
+from .ontology import CONCEPTS, DEFAULT_ONTOLOGY, DOMAINS, Concept, Ontology
+from .prompts import HELDOUT_TEMPLATES, SPLITS, TRAIN_TEMPLATES, prompt_for, training_prompts
+from .render import IMAGE_SIZE, SceneBatch, render, sample_scenes
+
+__all__ = [
+    "CONCEPTS", "DEFAULT_ONTOLOGY", "DOMAINS", "Concept", "Ontology",
+    "HELDOUT_TEMPLATES", "SPLITS", "TRAIN_TEMPLATES", "prompt_for", "training_prompts",
+    "IMAGE_SIZE", "SceneBatch", "render", "sample_scenes",
+]
