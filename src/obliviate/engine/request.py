@@ -1,0 +1,52 @@
+"""A deletion request: what to forget, how, and with which protection. Requests are data: stored
+in the ledger as JSON and never edited after they are added."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+
+@dataclass(frozen=True)
+class RegularizerSpec:
+    name: str
+    config: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Request:
+    """``targets`` are concept terms (a concept, a supertype, or a combination such as
+    ``"striped triangle"`` in the embedded world; any text for Stable Diffusion). ``anchor`` is
+    what the targets should map to instead (method-dependent default when ``None``)."""
+
+    targets: tuple[str, ...]
+    method: str
+    method_config: dict = field(default_factory=dict)
+    anchor: str | None = None
+    regularizers: tuple[RegularizerSpec, ...] = ()
+    seed: int = 0
+    created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    def __post_init__(self):
+        if not self.targets or any(not t.strip() for t in self.targets):
+            raise ValueError("A request needs at least one non-empty target concept, e.g. `obliviate request add STORE striped`.")
+        if not self.method:
+            raise ValueError("A request needs a method; `obliviate methods` lists them.")
+
+    def to_json(self) -> str:
+        return json.dumps({"targets": list(self.targets), "method": self.method, "method_config": self.method_config,
+                           "anchor": self.anchor, "seed": self.seed, "created_at": self.created_at,
+                           "regularizers": [{"name": r.name, "config": r.config} for r in self.regularizers]},
+                          sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Request":
+        data = json.loads(text)
+        return cls(targets=tuple(data["targets"]), method=data["method"], method_config=data["method_config"],
+                   anchor=data["anchor"], seed=data["seed"], created_at=data["created_at"],
+                   regularizers=tuple(RegularizerSpec(r["name"], r["config"]) for r in data["regularizers"]))
+
+    @property
+    def label(self) -> str:
+        return " + ".join(self.targets)

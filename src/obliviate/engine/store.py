@@ -1,0 +1,343 @@
+"""The model store: versioned weights on disk plus the request ledger.
+
+Layout of a store directory::
+
+    store.json              format, model source and kind (written once, at init)
+    base/                   the pretrained model, as saved by its bundle class
+    edits/<id>.safetensors  the Edit of each applied request
+    state/<id>.safetensors  method state after each applied request (running statistics, ...)
+    weights/after-<id>.safetensors   the current weights (only the latest is kept)
+    ledger.sqlite           the hash-chained event log
+    lock                    held while anything writes
+
+The model after request k is, by definition, ``base`` with the edits of the applied requests
+replayed in order; the ledger records its hash. Every write goes to a temporary file that is
+renamed into place, and the ledger row is the commit point: files that no ledger row refers to
+are leftovers of an interrupted operation and are removed before the next write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..config import build_config, config_to_dict
+from ..methods.base import Edit, UnlearningContext, get_method
+from ..models.t2i import T2IModel
+from .files import TMP_SUFFIX, atomic_save_tensors, atomic_write_text, load_tensors
+from .hashing import file_hash, tensor_hash
+from .ledger import Ledger, LedgerState, derive_state
+from .lock import exclusive_lock
+from .request import RegularizerSpec, Request
+
+STORE_FILE = "store.json"
+FORMAT_VERSION = 1
+MODEL_FAMILIES = {"t2i": T2IModel}
+
+
+class StoreIntegrityError(RuntimeError):
+    """The store's files or ledger do not match what the ledger recorded."""
+
+
+@dataclass(frozen=True)
+class ApplyOutcome:
+    request_id: int
+    model_hash: str
+    metrics: dict
+    cost: dict
+
+
+class Store:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        if not (self.root / STORE_FILE).is_file():
+            raise FileNotFoundError(f"{self.root} is not an obliviate store (no {STORE_FILE}); "
+                                    f"create one with `obliviate init {self.root} --model shapes-t2i`.")
+        self.info = json.loads((self.root / STORE_FILE).read_text())
+        if self.info.get("format") != FORMAT_VERSION:
+            raise StoreIntegrityError(f"{self.root} has store format {self.info.get('format')}, this obliviate reads {FORMAT_VERSION}.")
+        self.family = MODEL_FAMILIES[self.info["kind"]]
+        self.ledger = Ledger(self.root / "ledger.sqlite")
+
+    # ------------------------------------------------------------------ creation
+    @classmethod
+    def init(cls, root: str | Path, model: str | Path = "shapes-t2i", retain: tuple[str, ...] = ()) -> "Store":
+        """Create a store holding ``model`` (a zoo name or a model folder) and an empty ledger.
+        The store is built beside ``root`` and renamed into place, so it appears whole or not at all."""
+        from ..models.zoo import resolve_model_path
+
+        root = Path(root)
+        if root.exists() and any(root.iterdir()):
+            raise FileExistsError(f"{root} already exists and is not empty; choose a new store path.")
+        source = resolve_model_path(model)
+        staging = root.with_name(root.name + ".init" + TMP_SUFFIX)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        try:
+            bundle = T2IModel.load(source)
+            bundle.save(staging / "base")
+            base_hash = tensor_hash(bundle.state_tensors())
+            info = {"format": FORMAT_VERSION, "kind": "t2i", "model_source": str(model), "retain": list(retain)}
+            (staging / STORE_FILE).write_text(json.dumps(info, indent=2))
+            ledger = Ledger(staging / "ledger.sqlite")
+            ledger.append("init", {"model_source": str(model), "base_hash": base_hash, "weights_file": None},
+                          model_hash=base_hash)
+            ledger.close()
+            if root.exists():
+                root.rmdir()
+            staging.rename(root)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return cls(root)
+
+    # ------------------------------------------------------------------ reading
+    def state(self) -> LedgerState:
+        return derive_state(self.ledger.events())
+
+    @contextlib.contextmanager
+    def locked(self, wait: float = 0.0):
+        with exclusive_lock(self.root / "lock", wait):
+            self._remove_leftovers()
+            yield
+
+    def _base_model(self) -> T2IModel:
+        return self.family.load(self.root / "base")
+
+    def _weights_at(self, state: LedgerState) -> dict[str, torch.Tensor]:
+        event = state.model_event
+        if event.payload.get("weights_file") is None:
+            return self._base_model().state_tensors()
+        return load_tensors(self.root / event.payload["weights_file"])
+
+    def load_model(self, check: bool = True) -> T2IModel:
+        """The current model. With ``check``, refuse if the weights on disk are not the ones the
+        ledger recorded."""
+        if check:
+            self.raise_if_corrupt(replay=False)
+        state = self.state()
+        model = self._base_model()
+        model.load_state_tensors(self._weights_at(state))
+        return model.eval()
+
+    def replay(self, upto: int | None = None) -> dict[str, torch.Tensor]:
+        """Weights after applied request ``upto`` (the latest when None; 0 = base), rebuilt from
+        base and edits. Bit-identical to what was recorded, by construction."""
+        state = self.state()
+        stack = state.applied if upto is None else state.applied[:state.applied.index(upto) + 1] if upto else ()
+        weights = self._base_model().state_tensors()
+        for rid in stack:
+            weights = Edit.from_tensors(load_tensors(self.root / state.apply_events[rid].payload["edit_file"])).apply(weights)
+        return weights
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, targets: tuple[str, ...] | list[str], method: str, method_config: dict | None = None,
+                    anchor: str | None = None, regularizers: tuple[RegularizerSpec, ...] = (), seed: int = 0,
+                    wait: float = 0.0) -> int:
+        """Validate and record a pending request; returns its id. Nothing is written if invalid."""
+        targets = tuple(t.strip() for t in targets)
+        method_cls = get_method(method)
+        config = config_to_dict(build_config(method_cls.config_class, method_config, owner=f"method {method!r}"))
+        checked_regs = tuple(self._check_regularizer(r) for r in regularizers)
+        request = Request(targets, method, config, anchor, checked_regs, seed)
+        prompts = self._base_model_prompts()
+        prompts.validate(targets, anchor)
+        with self.locked(wait):
+            next_id = max(self.state().requests, default=0) + 1
+            self.ledger.append("add", {"request": request.to_json()}, request_id=next_id)
+        return next_id
+
+    def _check_regularizer(self, spec: RegularizerSpec) -> RegularizerSpec:
+        from ..regularizers import get_regularizer
+        reg_cls = get_regularizer(spec.name)
+        return RegularizerSpec(spec.name, config_to_dict(build_config(reg_cls.config_class, spec.config,
+                                                                      owner=f"regularizer {spec.name!r}")))
+
+    def _base_model_prompts(self):
+        meta = json.loads((self.root / "base" / "obliviate.json").read_text())
+        from ..world import FreeTextPrompts, WorldPrompts
+        return WorldPrompts() if meta["text_encoder"] == "minilm" else FreeTextPrompts(tuple(self.info.get("retain", ())))
+
+    # ------------------------------------------------------------------ apply
+    def apply(self, evaluator: Callable | None = None, wait: float = 0.0, on_start: Callable | None = None,
+              progress: Callable | None = None, limit: int | None = None) -> list[ApplyOutcome]:
+        """Apply pending requests in order; each is all-or-nothing. ``evaluator(model, store)``
+        returns metrics recorded with the request."""
+        outcomes = []
+        with self.locked(wait):
+            self.raise_if_corrupt(replay=False)
+            for rid in self.state().pending[:limit]:
+                if on_start:
+                    on_start(rid, self.state().requests[rid])
+                outcomes.append(self._apply_one(rid, evaluator, progress))
+        return outcomes
+
+    def _apply_one(self, rid: int, evaluator, progress) -> ApplyOutcome:
+        state = self.state()
+        request = state.requests[rid]
+        model = self.load_model(check=False)
+        weights_before = model.state_tensors()
+        method = get_method(request.method).from_options(request.method_config)
+        previous_state = self._method_state(state)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        context = UnlearningContext(
+            prompts=model.prompt_source(tuple(self.info.get("retain", ()))),
+            base_weights=self._base_model().state_tensors(),
+            state={k.split("/", 1)[1]: v for k, v in previous_state.items() if k.startswith(request.method + "/")},
+            forgotten=tuple(t for r in state.applied for t in state.requests[r].targets),
+            device=device, progress=progress)
+        start = time.time()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        result = method.unlearn(model.to(device), request, context)
+        seconds = time.time() - start
+        weights_after = result.edit.apply(weights_before)
+        model_hash = tensor_hash(weights_after)
+
+        new_state = {k: v for k, v in previous_state.items() if not k.startswith(request.method + "/")}
+        new_state.update({f"{request.method}/{k}": v for k, v in result.state.items()})
+        files = {"edit_file": f"edits/{rid:05d}.safetensors", "state_file": f"state/{rid:05d}.safetensors",
+                 "weights_file": f"weights/after-{rid:05d}.safetensors"}
+        atomic_save_tensors(result.edit.to_tensors(), self.root / files["edit_file"])
+        atomic_save_tensors(new_state, self.root / files["state_file"])
+        atomic_save_tensors(weights_after, self.root / files["weights_file"])
+
+        metrics = {}
+        if evaluator is not None:
+            model.load_state_tensors({k: v.to(model.device) for k, v in weights_after.items()})
+            metrics = evaluator(model, self, forgotten=context.forgotten + request.targets)
+        peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        cost = {"seconds": round(seconds, 3), "peak_memory_bytes": int(peak),
+                "peak_memory_kind": "cuda allocated" if device.type == "cuda" else "process max RSS",
+                "edit_bytes": result.edit.nbytes,
+                "stored_bytes": sum((self.root / files[k]).stat().st_size for k in ("edit_file", "state_file")),
+                **result.stats}
+        payload = {**files, "edit_hash": file_hash(self.root / files["edit_file"]),
+                   "state_hash": file_hash(self.root / files["state_file"]),
+                   "position": len(state.applied) + 1, "cost": cost, "metrics": metrics}
+        self.ledger.append("apply", payload, request_id=rid, model_hash=model_hash)  # the commit point
+        self._remove_leftovers()
+        return ApplyOutcome(rid, model_hash, metrics, cost)
+
+    def _method_state(self, state: LedgerState) -> dict[str, torch.Tensor]:
+        if not state.applied:
+            return {}
+        return load_tensors(self.root / state.apply_events[state.applied[-1]].payload["state_file"])
+
+    def method_state(self) -> dict[str, torch.Tensor]:
+        """The state every method has left after the requests now in the model."""
+        return self._method_state(self.state())
+
+    # ------------------------------------------------------------------ rollback
+    def rollback(self, to: int, wait: float = 0.0) -> str:
+        """Return to the model as it was right after applied request ``to`` (0 = base);
+        bit-identical to what the ledger recorded then. Returns the model hash."""
+        with self.locked(wait):
+            self.raise_if_corrupt(replay=False)
+            state = self.state()
+            if to != 0 and to not in state.applied:
+                raise ValueError(f"Request {to} is not in the model; applied requests are "
+                                 f"{', '.join(map(str, state.applied)) or 'none'} (0 = the base model).")
+            if state.applied and to == state.applied[-1] or (to == 0 and not state.applied):
+                raise ValueError(f"The model is already at request {to}; nothing to roll back.")
+            weights = self.replay(to)
+            expected = state.apply_events[to].model_hash if to else self._base_hash()
+            digest = tensor_hash(weights)
+            if digest != expected:
+                raise StoreIntegrityError(f"Replaying the edits up to request {to} gives weights with hash {digest[:12]}, "
+                                          f"but the ledger recorded {expected[:12]}; run `obliviate verify`.")
+            weights_file = None
+            if to:
+                weights_file = f"weights/after-{to:05d}.safetensors"
+                atomic_save_tensors(weights, self.root / weights_file)
+            undone = list(state.applied[state.applied.index(to) + 1:] if to else state.applied)
+            self.ledger.append("rollback", {"to": to, "undone": undone, "weights_file": weights_file}, model_hash=digest)
+            self._remove_leftovers()
+            return digest
+
+    def _base_hash(self) -> str:
+        return self.ledger.events()[0].payload["base_hash"]
+
+    # ------------------------------------------------------------------ integrity
+    def verify(self, replay: bool = True) -> list[str]:
+        """Every mismatch between files, weights and ledger, as messages (empty when sound)."""
+        problems = self.ledger.check_chain()
+        events = self.ledger.events()
+        if not events or events[0].kind != "init":
+            return problems + ["ledger has no init row"]
+        state = derive_state(events)
+        base_hash = tensor_hash(self._base_model().state_tensors())
+        if base_hash != events[0].payload["base_hash"]:
+            problems.append(f"base model weights in {self.root / 'base'} do not match the hash recorded at init")
+        for rid in state.applied:
+            event = state.apply_events[rid]
+            for key in ("edit", "state"):
+                path = self.root / event.payload[f"{key}_file"]
+                if not path.is_file():
+                    problems.append(f"{path} is missing (request {rid}, ledger row {event.seq})")
+                elif file_hash(path) != event.payload[f"{key}_hash"]:
+                    problems.append(f"{path} was modified after request {rid} was applied (ledger row {event.seq})")
+        current = state.model_event
+        weights_file = current.payload.get("weights_file")
+        if weights_file:
+            path = self.root / weights_file
+            if not path.is_file():
+                problems.append(f"{path} (current weights) is missing")
+            elif tensor_hash(load_tensors(path)) != current.model_hash:
+                problems.append(f"{path} (current weights) does not match the hash in ledger row {current.seq}")
+        elif current.model_hash != base_hash:
+            problems.append(f"ledger row {current.seq} expects weights {current.model_hash[:12]} but the base model is current")
+        if replay and not problems and tensor_hash(self.replay()) != current.model_hash:
+            problems.append("replaying base + edits does not reproduce the current weights recorded in the ledger")
+        return problems
+
+    def raise_if_corrupt(self, replay: bool = False) -> None:
+        problems = self.verify(replay=replay)
+        if problems:
+            raise StoreIntegrityError(f"Store {self.root} failed verification:\n  - " + "\n  - ".join(problems)
+                                      + "\nRestore the named files from a backup; obliviate will not work on a tampered store.")
+
+    def _remove_leftovers(self) -> None:
+        """Delete files no ledger row refers to: what an interrupted write left behind."""
+        state = self.state()
+        keep = {e.payload[k] for e in self.ledger.events() if e.kind == "apply" for k in ("edit_file", "state_file")}
+        if state.model_event.payload.get("weights_file"):
+            keep.add(state.model_event.payload["weights_file"])
+        for folder in ("edits", "state", "weights"):
+            for path in (self.root / folder).glob("*") if (self.root / folder).is_dir() else ():
+                if f"{folder}/{path.name}" not in keep:
+                    path.unlink()
+
+    # ------------------------------------------------------------------ export and status
+    def export(self, out: str | Path) -> Path:
+        """Write the current model as a folder that diffusers (unet/, scheduler/) and
+        ``T2IModel.load`` read."""
+        out = Path(out)
+        if out.exists() and any(out.iterdir()):
+            raise FileExistsError(f"{out} exists and is not empty; choose a new folder to export into.")
+        self.load_model(check=True).save(out)
+        return out
+
+    def status(self) -> dict:
+        state = self.state()
+        current = state.model_event
+        return {
+            "store": str(self.root), "model_source": self.info["model_source"], "kind": self.info["kind"],
+            "model_hash": current.model_hash, "applied": list(state.applied), "pending": list(state.pending),
+            "requests": [{"id": rid, "targets": list(r.targets), "method": r.method, "anchor": r.anchor,
+                          "regularizers": [x.name for x in r.regularizers], "status": state.status[rid],
+                          "model_hash": state.apply_events[rid].model_hash if rid in state.apply_events else None,
+                          "cost": state.apply_events[rid].payload["cost"] if rid in state.apply_events else None,
+                          "metrics": state.metrics.get(rid)}
+                         for rid, r in sorted(state.requests.items())],
+            "base_metrics": state.metrics.get(0),
+        }

@@ -1,0 +1,14 @@
+"""Unlearning methods, one file each, registered by lowercase name."""
+
+from __future__ import annotations
+
+from .base import METHODS, Edit, MethodResult, UnlearningContext, UnlearningMethod, get_method, register_method
+from . import ablation, esd, ga  # noqa: F401,E402  (register the built-in methods)
+
+
+def list_methods() -> dict[str, str]:
+    return {name: METHODS[name].description for name in sorted(METHODS)}
+
+
+__all__ = ["METHODS", "Edit", "MethodResult", "UnlearningContext", "UnlearningMethod", "get_method",
+           "list_methods", "register_method"]

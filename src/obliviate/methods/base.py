@@ -1,0 +1,124 @@
+"""What every unlearning method shares: the ``Edit`` it produces, the ``UnlearningContext`` it
+reads, and the ``UnlearningMethod`` interface with its registry."""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..config import build_config
+
+
+@dataclass(frozen=True)
+class Edit:
+    """A frozen record of what one request changed.
+
+    ``deltas`` are added to existing model tensors (named as in ``model.state_tensors()``);
+    ``additions`` are new tensors the request introduces (e.g. a text-space transform). Applying
+    the same edits in the same order to the same base always gives bit-identical weights.
+    """
+
+    deltas: dict[str, torch.Tensor] = field(default_factory=dict)
+    additions: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def apply(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        missing = [k for k in self.deltas if k not in weights]
+        if missing:
+            raise KeyError(f"Edit changes tensors the model does not have: {missing[:3]}")
+        clash = [k for k in self.additions if k in weights]
+        if clash:
+            raise KeyError(f"Edit adds tensors the model already has: {clash[:3]}")
+        out = dict(weights)
+        for name, delta in self.deltas.items():
+            out[name] = weights[name] + delta.to(weights[name])
+        out.update(self.additions)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.deltas.values(), *self.additions.values()))
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {**{f"delta/{k}": v for k, v in self.deltas.items()}, **{f"add/{k}": v for k, v in self.additions.items()}}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "Edit":
+        return cls({k[6:]: v for k, v in tensors.items() if k.startswith("delta/")},
+                   {k[4:]: v for k, v in tensors.items() if k.startswith("add/")})
+
+    @classmethod
+    def between(cls, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> "Edit":
+        """The delta edit from ``before`` to ``after`` over the tensors that changed."""
+        return cls({k: (after[k] - before[k]).detach().cpu() for k in after if not torch.equal(after[k], before[k])})
+
+
+@dataclass
+class UnlearningContext:
+    """What a method may read besides the model and the request.
+
+    ``state`` is this method's own state left by earlier requests (running statistics,
+    subspaces); ``shared_state`` holds other components' state, read-only by convention.
+    ``forgotten`` lists the targets of every request already in the model.
+    """
+
+    prompts: Any  # a WorldPrompts or FreeTextPrompts
+    base_weights: dict[str, torch.Tensor]
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    forgotten: tuple[str, ...] = ()
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    progress: Any = None  # callable(n=1, **fields) or None
+
+
+@dataclass
+class MethodResult:
+    edit: Edit
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class UnlearningMethod(ABC):
+    """Subclasses set ``name``, ``description`` and ``config_class`` and implement ``unlearn``.
+    They are registered with ``@register_method``."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    config_class: ClassVar[type]
+
+    def __init__(self, config=None):
+        self.config = config if config is not None else self.config_class()
+
+    @classmethod
+    def from_options(cls, options: dict | None = None) -> "UnlearningMethod":
+        return cls(build_config(cls.config_class, options, owner=f"method {cls.name!r}"))
+
+    @abstractmethod
+    def unlearn(self, model, request, context: UnlearningContext) -> MethodResult:
+        """Return the edit that makes ``model`` forget ``request.targets``; do not keep the
+        model modified (the store applies the edit)."""
+
+
+METHODS: dict[str, type[UnlearningMethod]] = {}
+
+
+def register_method(cls: type[UnlearningMethod]) -> type[UnlearningMethod]:
+    if not cls.name or cls.name != cls.name.lower():
+        raise ValueError(f"Method name must be lowercase and non-empty, got {cls.name!r}")
+    if cls.name in METHODS:
+        raise ValueError(f"Method {cls.name!r} is registered twice ({METHODS[cls.name].__module__} and {cls.__module__}).")
+    if not dataclasses.is_dataclass(cls.config_class):
+        raise TypeError(f"{cls.__name__}.config_class must be a dataclass")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[UnlearningMethod]:
+    if name not in METHODS:
+        import difflib
+        near = difflib.get_close_matches(name, METHODS, n=1)
+        hint = f" Did you mean {near[0]!r}?" if near else ""
+        raise ValueError(f"Unknown method {name!r}.{hint} Available methods: {', '.join(sorted(METHODS))}.")
+    return METHODS[name]

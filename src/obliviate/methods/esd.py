@@ -1,0 +1,60 @@
+"""ESD, Erased Stable Diffusion (Gandikota et al.): distil the frozen model's negatively guided
+prediction into the conditional one,
+
+    L = || f_theta(x_t, c, t) - [f*(x_t, c, t) - eta (f*(x_t, c, t) - f*(x_t, empty, t))] ||^2
+
+where f is the UNet output. x_t comes from images the frozen model draws for the targets. The
+combination has weights summing to one, so it is the same whether the UNet predicts noise or
+velocity (both are affine in each other at fixed x_t and t).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..models.text import TextEncoding
+from .base import register_method
+from .training import TRAINABLE_PRESETS, GradientConfig, GradientMethod
+
+ESD_VARIANTS = {"x": "xattn", "x-strict": "xattn-kv", "u": "non-xattn"}
+
+
+@dataclass
+class ESDConfig(GradientConfig):
+    variant: str = field(default="x", metadata={
+        "help": "x: cross-attention; x-strict: cross-attention keys/values; u: everything outside cross-attention"})
+    negative_guidance: float = field(default=2.0, metadata={"help": "eta; 2 in the current reference code (= 1 in the old form)"})
+    trainable: str = field(default="", metadata={"help": "override the variant's parameters (preset or regex)"})
+    steps: int = field(default=40, metadata={"help": "optimizer steps"})
+    learning_rate: float = field(default=5e-4, metadata={"help": "Adam learning rate"})
+
+    def __post_init__(self):
+        if self.variant not in ESD_VARIANTS:
+            raise ValueError(f"Unknown ESD variant {self.variant!r}; choose one of {', '.join(ESD_VARIANTS)}.")
+        super().__post_init__()
+
+    @property
+    def trainable_regex(self) -> str:
+        return TRAINABLE_PRESETS.get(self.trainable or ESD_VARIANTS[self.variant], self.trainable)
+
+
+def esd_target(cond: torch.Tensor, uncond: torch.Tensor, eta: float) -> torch.Tensor:
+    return cond - eta * (cond - uncond)
+
+
+@register_method
+class ESD(GradientMethod):
+    name = "esd"
+    description = "Erased Stable Diffusion: negative-guidance distillation (variants x, x-strict, u)"
+    config_class = ESDConfig
+
+    def loss(self, session) -> torch.Tensor:
+        prompts, _, _, noisy, t, _ = self.forget_batch(session)
+        cond = session.encode(prompts)
+        with torch.no_grad():
+            both = TextEncoding.cat([cond, session.encode([""] * len(prompts))])
+            teacher_cond, teacher_uncond = session.teacher.predict(torch.cat([noisy, noisy]), torch.cat([t, t]), both).chunk(2)
+            target = esd_target(teacher_cond, teacher_uncond, self.config.negative_guidance)
+        return (session.model.predict(noisy, t, cond) - target).pow(2).mean()

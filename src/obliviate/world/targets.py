@@ -1,0 +1,144 @@
+"""Prompts for a request's targets, anchors and retained concepts.
+
+Methods never build prompts themselves: they ask a ``PromptSource``. ``WorldPrompts`` knows the
+embedded world's ground truth (which concepts exist, which are siblings); ``FreeTextPrompts``
+serves Stable Diffusion, where a target is any text and retained concepts are a user list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .ontology import DEFAULT_ONTOLOGY, Ontology
+from .prompts import TRAIN_TEMPLATES, format_prompt
+
+
+@dataclass(frozen=True)
+class PromptPair:
+    """A prompt that expresses the targets and the same prompt with the targets replaced by the
+    anchor (or dropped when there is no anchor)."""
+
+    target: str
+    anchor: str
+
+
+def _describe(words: dict[str, str | None]) -> str:
+    """'a striped red triangle' from whichever of texture/colour/shape are given."""
+    parts = [words.get(d) for d in ("texture", "colour", "shape")]
+    return "a " + " ".join(p for p in parts if p)
+
+
+@dataclass(frozen=True)
+class WorldPrompts:
+    ontology: Ontology = DEFAULT_ONTOLOGY
+
+    def validate(self, targets: tuple[str, ...], anchor: str | None) -> None:
+        concepts = [c for t in targets for c in self.ontology.resolve(t)]
+        if anchor is not None:
+            anchor_concept = self.ontology.get(anchor)
+            domains = {c.domain for c in concepts}
+            if domains != {anchor_concept.domain}:
+                raise ValueError(f"Anchor {anchor!r} is a {anchor_concept.domain}; it must be in the targets' domain "
+                                 f"({', '.join(sorted(domains))}) so it can take their place in prompts.")
+            if anchor_concept in concepts:
+                raise ValueError(f"Anchor {anchor!r} is itself a target of this request.")
+
+    def target_concepts(self, targets: tuple[str, ...]):
+        return tuple(c for t in targets for c in self.ontology.resolve(t))
+
+    def target_groups(self, targets: tuple[str, ...]) -> list[dict[str, set[int]]]:
+        """Each target term as {domain: allowed class indices}: a combination restricts several
+        domains at once, a supertype allows several classes of one domain."""
+        groups = []
+        for term in targets:
+            group: dict[str, set[int]] = {}
+            for c in self.ontology.resolve(term):
+                group.setdefault(c.domain, set()).add(self.ontology.index(c.name))
+            groups.append(group)
+        return groups
+
+    def sample_labels(self, n: int, rng: np.random.Generator, include: list[dict[str, set[int]]] | None = None,
+                      exclude: list[dict[str, set[int]]] | None = None) -> np.ndarray:
+        """(n, 3) label rows that match one of ``include`` (if given) and none of ``exclude``."""
+        counts = [len(self.ontology.in_domain(d)) for d in self.ontology.domains]
+        rows = []
+        while len(rows) < n:
+            row = [int(rng.integers(c)) for c in counts]
+            if include:
+                group = include[int(rng.integers(len(include)))]
+                for d, allowed in group.items():
+                    row[self.ontology.domains.index(d)] = int(rng.choice(sorted(allowed)))
+            if exclude and any(all(row[self.ontology.domains.index(d)] in a for d, a in g.items()) for g in exclude):
+                continue
+            rows.append(row)
+        return np.array(rows)
+
+    def words(self, row) -> dict[str, str]:
+        return {d: self.ontology.names(d)[i] for d, i in zip(self.ontology.domains, row)}
+
+    def forget_pairs(self, targets: tuple[str, ...], anchor: str | None, n: int, rng: np.random.Generator) -> list[PromptPair]:
+        """Training-template prompts showing a target, each with its anchor prompt."""
+        groups = self.target_groups(targets)
+        target_domains = {d for g in groups for d in g}
+        anchor_concept = self.ontology.get(anchor) if anchor else None
+        pairs = []
+        for row in self.sample_labels(n, rng, include=groups):
+            words = self.words(row)
+            template = TRAIN_TEMPLATES[int(rng.integers(len(TRAIN_TEMPLATES)))]
+            target_prompt = format_prompt(template, words["shape"], words["colour"], words["texture"])
+            if anchor_concept is not None:
+                anchor_words = {**words, anchor_concept.domain: anchor_concept.name}
+                anchor_prompt = format_prompt(template, anchor_words["shape"], anchor_words["colour"], anchor_words["texture"])
+            else:
+                anchor_prompt = _describe({d: (None if d in target_domains else w) for d, w in words.items()})
+            pairs.append(PromptPair(target_prompt, anchor_prompt))
+        return pairs
+
+    def retain_prompts(self, forgotten: tuple[str, ...], n: int, rng: np.random.Generator) -> list[str]:
+        """Training-template prompts that show none of the ``forgotten`` terms."""
+        groups = self.target_groups(forgotten) if forgotten else []
+        rows = self.sample_labels(n, rng, exclude=groups)
+        out = []
+        for row in rows:
+            words = self.words(row)
+            template = TRAIN_TEMPLATES[int(rng.integers(len(TRAIN_TEMPLATES)))]
+            out.append(format_prompt(template, words["shape"], words["colour"], words["texture"]))
+        return out
+
+    def concept_words(self, targets: tuple[str, ...]) -> list[str]:
+        """Every word naming a target concept (names and synonyms), e.g. for text-space methods."""
+        return [w for c in self.target_concepts(targets) for w in c.words]
+
+
+FREE_TEXT_TEMPLATES = ("{}", "a photo of {}", "an image of {}", "a painting of {}", "a picture showing {}")
+
+
+@dataclass(frozen=True)
+class FreeTextPrompts:
+    """Targets and anchors are any text (Stable Diffusion). ``retain`` lists concepts to keep."""
+
+    retain: tuple[str, ...] = field(default_factory=tuple)
+
+    def validate(self, targets: tuple[str, ...], anchor: str | None) -> None:
+        if anchor is not None and anchor in targets:
+            raise ValueError(f"Anchor {anchor!r} is itself a target of this request.")
+
+    def target_concepts(self, targets):
+        return ()
+
+    def forget_pairs(self, targets, anchor, n, rng) -> list[PromptPair]:
+        pairs = []
+        for i in range(n):
+            template = FREE_TEXT_TEMPLATES[int(rng.integers(len(FREE_TEXT_TEMPLATES)))]
+            target = targets[i % len(targets)]
+            pairs.append(PromptPair(template.format(target), template.format(anchor) if anchor else ""))
+        return pairs
+
+    def retain_prompts(self, forgotten, n, rng) -> list[str]:
+        kept = [r for r in self.retain if r not in forgotten] or [""]
+        return [FREE_TEXT_TEMPLATES[int(rng.integers(len(FREE_TEXT_TEMPLATES)))].format(kept[i % len(kept)]) for i in range(n)]
+
+    def concept_words(self, targets) -> list[str]:
+        return list(targets)
