@@ -16,6 +16,8 @@ world_app = typer.Typer(help="The embedded concept world.", no_args_is_help=True
 zoo_app = typer.Typer(help="Models that ship with obliviate.", no_args_is_help=True)
 app.add_typer(world_app, name="world")
 app.add_typer(zoo_app, name="zoo")
+request_app = typer.Typer(help="Deletion requests of a store.", no_args_is_help=True)
+app.add_typer(request_app, name="request")
 console = Console()
 
 
@@ -114,7 +116,11 @@ def sample(model: str = typer.Argument(..., help="Zoo name, model folder or stor
 
 
 def _load_t2i_or_store(name: str):
+    """A store's current model (after verification), a zoo model, or a model folder."""
+    from .engine.store import STORE_FILE, Store
     from .models.zoo import load_t2i
+    if (Path(name) / STORE_FILE).is_file():
+        return Store(name).load_model(check=True)
     return load_t2i(name)
 
 
@@ -148,9 +154,120 @@ def demo(out: Path = typer.Option(Path("demo-output")), quick: bool = typer.Opti
     run_demo(out, quick=quick, echo=typer.echo, print_quality=_print_quality)
 
 
+# ------------------------------------------------------------------ the continual engine
+@app.command()
+def init(store: Path = typer.Argument(..., help="New store folder."),
+         model: str = typer.Option("shapes-t2i", help="Zoo name or model folder (obliviate or diffusers)."),
+         retain: List[str] = typer.Option([], help="Concepts to protect (Stable Diffusion stores; repeatable).")) -> None:
+    """Create a store: the base model and an empty request ledger."""
+    from .engine import Store
+    s = Store.init(store, model, tuple(retain))
+    typer.echo(f"created store {s.root} from {model} (model {s.state().model_event.model_hash[:12]})")
+
+
+@app.command("methods")
+def methods_list() -> None:
+    """List the unlearning methods and regularizers."""
+    from .methods import list_methods
+    from .regularizers import REGULARIZERS
+    _table("methods", ["name", "description"], [[k, v] for k, v in list_methods().items()])
+    _table("regularizers", ["name", "description"], [[k, c.description] for k, c in sorted(REGULARIZERS.items())])
+
+
+@request_app.command("add")
+def request_add(store: Path = typer.Argument(...),
+                concepts: List[str] = typer.Argument(..., help="What to forget: concepts, supertypes or combinations."),
+                method: str = typer.Option("esd", help="Unlearning method (`obliviate methods`)."),
+                anchor: Optional[str] = typer.Option(None, help="What the targets should become instead."),
+                set_: List[str] = typer.Option([], "--set", help="Method option key=value (repeatable)."),
+                regularizer: List[str] = typer.Option([], help="NAME or NAME:key=value,key=value (repeatable)."),
+                seed: int = typer.Option(0),
+                wait: float = typer.Option(0.0, help="Seconds to wait for a busy store.")) -> None:
+    """Record a pending deletion request (validated now, applied by `obliviate apply`)."""
+    from .config import parse_assignments
+    from .engine import RegularizerSpec, Store
+    regs = []
+    for spec in regularizer:
+        name, _, options = spec.partition(":")
+        regs.append(RegularizerSpec(name.strip(), parse_assignments([o for o in options.split(",") if o])))
+    rid = Store(store).add_request(concepts, method, parse_assignments(set_), anchor, tuple(regs), seed, wait=wait)
+    typer.echo(f"request {rid} added (pending): forget {' + '.join(concepts)} with {method}")
+
+
+@app.command()
+def apply(store: Path = typer.Argument(...), wait: float = typer.Option(0.0, help="Seconds to wait for a busy store."),
+          evaluate: bool = typer.Option(False, help="Evaluate after each request (UA/IRA/CRA/FD)."),
+          limit: Optional[int] = typer.Option(None, help="Apply at most this many pending requests.")) -> None:
+    """Apply pending requests in order; each is all-or-nothing."""
+    from .engine import Store
+    from .progress import RequestProgress
+    s = Store(store)
+    evaluator = _default_evaluator(s) if evaluate else None
+    with RequestProgress(echo=typer.echo) as progress:
+        outcomes = s.apply(evaluator=evaluator, wait=wait, on_start=progress.start, progress=progress.advance, limit=limit)
+    for o in outcomes:
+        typer.echo(f"  request {o.request_id}: {o.cost['seconds']:.1f}s, "
+                   f"{o.cost.get('unet_forward_passes', 0)} forward / {o.cost.get('unet_backward_passes', 0)} backward passes, "
+                   f"model {o.model_hash[:12]}" + (f", metrics {json.dumps(o.metrics)}" if o.metrics else ""))
+    if not outcomes:
+        typer.echo("nothing pending")
+
+
+def _default_evaluator(store):
+    from .evaluation.evaluator import Evaluator
+    return Evaluator.for_store(store)
+
+
+@app.command()
+def status(store: Path = typer.Argument(...), as_json: bool = typer.Option(False, "--json")) -> None:
+    """The ledger: requests, their state, costs and metrics, and the current model hash."""
+    from .engine import Store
+    info = Store(store).status()
+    if as_json:
+        _print_json(info)
+        return
+    typer.echo(f"store {info['store']} ({info['model_source']}), model {info['model_hash'][:12]}")
+    rows = []
+    for r in info["requests"]:
+        cost = r["cost"] or {}
+        metrics = r["metrics"] or {}
+        rows.append([r["id"], " + ".join(r["targets"]), r["method"], ",".join(r["regularizers"]) or "-", r["status"],
+                     (r["model_hash"] or "")[:12], f"{cost['seconds']:.1f}" if cost else "",
+                     " ".join(f"{k}={metrics[k]:.3f}" for k in ("ua", "ira", "cra", "fd") if k in metrics)])
+    _table("requests", ["id", "forget", "method", "regularizers", "status", "model", "seconds", "metrics"], rows)
+
+
+@app.command()
+def rollback(store: Path = typer.Argument(...), to: int = typer.Option(..., help="Request id to return to (0 = base)."),
+             wait: float = typer.Option(0.0)) -> None:
+    """Return to the model exactly as it was after request N."""
+    from .engine import Store
+    digest = Store(store).rollback(to, wait=wait)
+    typer.echo(f"rolled back to request {to}; model {digest[:12]}")
+
+
+@app.command()
+def verify(store: Path = typer.Argument(...), quick: bool = typer.Option(False, help="Skip replaying the edits.")) -> None:
+    """Re-hash the ledger, edits and weights; report every mismatch."""
+    from .engine import Store
+    problems = Store(store).verify(replay=not quick)
+    if problems:
+        for p in problems:
+            typer.echo(f"FAIL {p}")
+        raise typer.Exit(1)
+    typer.echo("ok: ledger chain, base, edits, state and current weights match")
+
+
+@app.command()
+def export(store: Path = typer.Argument(...), out: Path = typer.Argument(..., help="New folder.")) -> None:
+    """Write the current model as a diffusers-loadable folder."""
+    from .engine import Store
+    typer.echo(f"exported to {Store(store).export(out)}")
+
+
 def main() -> None:
     try:
         app()
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as error:
         console.print(f"[red]error:[/red] {error}")
         raise SystemExit(2)

@@ -1,0 +1,289 @@
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from obliviate.engine import RegularizerSpec, Store, StoreIntegrityError, StoreLocked
+from obliviate.engine.files import load_tensors
+from obliviate.engine.hashing import tensor_hash
+from obliviate.engine.lock import exclusive_lock
+
+FAST = {"steps": "2", "forget_images": "2", "sampling_steps": "2", "batch_size": "2"}
+
+
+@pytest.fixture
+def store(tmp_path, tiny_model_dir):
+    return Store.init(tmp_path / "store", tiny_model_dir)
+
+
+def snapshot(root: Path) -> dict:
+    """Every file's bytes (except SQLite's WAL side files and the lock) plus the ledger events."""
+    files = {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*")
+             if p.is_file() and not p.name.startswith("ledger.sqlite") and p.name != "lock"}
+    events = [(e.seq, e.kind, e.request_id, e.hash) for e in Store(root).ledger.events()]
+    return {"files": files, "events": events}
+
+
+def test_rollback_is_bit_exact_after_several_requests(store):
+    for target in ("striped", "triangle", "red"):
+        store.add_request([target], "esd", FAST)
+    weights = {}
+    for rid in (1, 2, 3):
+        store.apply(limit=1)
+        weights[rid] = load_tensors(store.root / store.state().model_event.payload["weights_file"])
+    assert len({tensor_hash(w) for w in weights.values()}) == 3  # every request changed the model
+    base = store.replay(0)
+
+    store.rollback(1)
+    current = store.load_model().state_tensors()
+    assert all(torch.equal(current[k], weights[1][k]) for k in weights[1])
+    assert store.status()["applied"] == [1]
+    assert [r["status"] for r in store.status()["requests"]] == ["applied", "rolled_back", "rolled_back"]
+    assert store.verify() == []
+
+    store.rollback(0)
+    current = store.load_model().state_tensors()
+    assert all(torch.equal(current[k], base[k]) for k in base)
+    assert store.verify() == []
+    with pytest.raises(ValueError, match="not in the model"):
+        store.rollback(2)
+
+
+def test_apply_after_rollback_continues_the_history(store):
+    store.add_request(["striped"], "esd", FAST)
+    store.add_request(["dotted"], "esd", FAST)
+    store.apply()
+    store.rollback(1)
+    store.add_request(["circle"], "ablation", FAST)
+    store.apply()
+    assert store.status()["applied"] == [1, 3]
+    assert store.verify() == []
+    assert len(store.ledger.check_chain()) == 0
+
+
+def test_seeded_apply_is_reproducible(tmp_path, tiny_model_dir):
+    hashes = []
+    for name in ("a", "b"):
+        s = Store.init(tmp_path / name, tiny_model_dir)
+        s.add_request(["striped"], "esd", FAST, seed=3)
+        hashes.append(s.apply()[0].model_hash)
+    assert hashes[0] == hashes[1]
+
+
+def test_tampered_edit_file_is_detected_and_blocks_work(store, tmp_path):
+    store.add_request(["striped"], "esd", FAST)
+    store.add_request(["dotted"], "esd", FAST)
+    store.apply()
+    edit = store.root / "edits" / "00001.safetensors"
+    data = bytearray(edit.read_bytes())
+    data[-3] ^= 0xFF
+    edit.write_bytes(bytes(data))
+    problems = store.verify()
+    assert any("edits/00001.safetensors" in p and "modified" in p for p in problems)
+    with pytest.raises(StoreIntegrityError, match="00001"):
+        store.load_model()
+    with pytest.raises(StoreIntegrityError, match="00001"):
+        store.export(tmp_path / "export")
+    store.add_request(["red"], "esd", FAST)
+    with pytest.raises(StoreIntegrityError, match="00001"):
+        store.apply()
+
+
+def test_tampered_current_weights_are_detected(store):
+    store.add_request(["striped"], "esd", FAST)
+    store.apply()
+    path = store.root / store.state().model_event.payload["weights_file"]
+    tensors = load_tensors(path)
+    name = next(k for k in tensors if k.endswith("to_k.weight"))
+    tensors[name][0, 0] += 1e-3
+    from safetensors.torch import save_file
+    save_file(tensors, path)
+    assert any("current weights" in p for p in store.verify())
+
+
+def test_edited_ledger_row_is_detected(store):
+    store.add_request(["striped"], "esd", FAST)
+    store.apply()
+    db = sqlite3.connect(store.root / "ledger.sqlite")
+    payload = json.loads(db.execute("SELECT payload FROM events WHERE seq = 2").fetchone()[0])
+    payload["request"] = payload["request"].replace("striped", "dotted")
+    db.execute("UPDATE events SET payload = ? WHERE seq = 2", (json.dumps(payload),))
+    db.commit()
+    db.close()
+    problems = Store(store.root).verify()
+    assert any(p.startswith("ledger row 2") and "edited" in p for p in problems)
+
+
+def test_deleted_ledger_row_is_detected(store):
+    store.add_request(["striped"], "esd", FAST)
+    store.add_request(["dotted"], "esd", FAST)
+    db = sqlite3.connect(store.root / "ledger.sqlite")
+    db.execute("DELETE FROM events WHERE seq = 2")
+    db.commit()
+    db.close()
+    assert any("ledger row 3" in p for p in Store(store.root).verify())
+
+
+def test_bad_input_raises_clearly_and_leaves_the_store_untouched(store):
+    store.add_request(["striped"], "esd", FAST)
+    before = snapshot(store.root)
+    bad = [
+        (dict(targets=["stripped"], method="esd"), "Did you mean: striped"),
+        (dict(targets=["striped"], method="esdx"), "Did you mean 'esd'"),
+        (dict(targets=["striped"], method="esd", method_config={"stepz": "3"}), "Valid options"),
+        (dict(targets=["striped"], method="esd", method_config={"steps": "-1"}), "positive"),
+        (dict(targets=["striped"], method="esd", method_config={"variant": "y"}), "Unknown ESD variant"),
+        (dict(targets=["triangle"], method="ablation", anchor="red"), "targets' domain"),
+        (dict(targets=["triangle"], method="ablation", anchor="triangle"), "itself a target"),
+        (dict(targets=["striped"], method="esd", regularizers=(RegularizerSpec("l3sp"),)), "Did you mean 'l2sp'"),
+        (dict(targets=["striped"], method="esd", regularizers=(RegularizerSpec("l2sp", {"weight": "-1"}),)), ">= 0"),
+        (dict(targets=[" "], method="esd"), "non-empty"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(ValueError, match=message):
+            store.add_request(**kwargs)
+    with pytest.raises(ValueError, match="not in the model"):
+        store.rollback(5)
+    with pytest.raises(ValueError, match="already at request 0"):
+        store.rollback(0)
+    assert snapshot(store.root) == before
+
+
+def test_init_refuses_non_empty_folder_and_unknown_model(tmp_path, tiny_model_dir):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(FileExistsError, match="not empty"):
+        Store.init(tmp_path / "full", tiny_model_dir)
+    with pytest.raises(ValueError, match="neither a zoo model"):
+        Store.init(tmp_path / "new", tmp_path / "missing")
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(FileNotFoundError, match="not an obliviate store"):
+        Store(tmp_path / "full")
+
+
+def test_second_writer_fails_clearly_or_waits(store):
+    store.add_request(["striped"], "esd", FAST)
+    with exclusive_lock(store.root / "lock"):
+        with pytest.raises(StoreLocked, match="busy: locked by pid"):
+            Store(store.root).apply(wait=0.2)
+        with pytest.raises(StoreLocked):
+            Store(store.root).add_request(["dotted"], "esd", FAST)
+    assert store.status()["pending"] == [1]
+
+    holder_done = threading.Event()
+
+    def hold_briefly():
+        with exclusive_lock(store.root / "lock"):
+            time.sleep(0.5)
+        holder_done.set()
+
+    thread = threading.Thread(target=hold_briefly)
+    thread.start()
+    time.sleep(0.1)
+    outcomes = Store(store.root).apply(wait=30)
+    thread.join()
+    assert holder_done.is_set() and [o.request_id for o in outcomes] == [1]
+
+
+# --------------------------------------------------------------------------- fault injection
+DRIVER = textwrap.dedent("""
+    import os, signal, sys
+    import torch
+    torch.set_num_threads(1)
+    from obliviate.engine import store as store_module
+    from obliviate.engine import files as files_module
+    from obliviate.engine.ledger import Ledger
+    from obliviate.methods import esd
+
+    point = sys.argv[2]
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if point == "during_training":
+        original = esd.ESD.loss
+        def loss(self, session):
+            if session.step == 1:
+                die()
+            return original(self, session)
+        esd.ESD.loss = loss
+    elif point.startswith("after_write_"):
+        count = {"n": 0}
+        original_save = files_module.atomic_save_tensors
+        def save(*args, **kwargs):
+            original_save(*args, **kwargs)
+            count["n"] += 1
+            if count["n"] == int(point.rsplit("_", 1)[1]):
+                die()
+        store_module.atomic_save_tensors = save
+    elif point == "before_rename":
+        original_replace = os.replace
+        def replace(src, dst):
+            if str(dst).endswith("00001.safetensors"):
+                die()
+            return original_replace(src, dst)
+        os.replace = replace
+    elif point == "before_commit":
+        original_append = Ledger.append
+        def append(self, kind, *args, **kwargs):
+            if kind == "apply":
+                die()
+            return original_append(self, kind, *args, **kwargs)
+        Ledger.append = append
+    elif point == "after_commit":
+        original_append = Ledger.append
+        def append(self, kind, *args, **kwargs):
+            event = original_append(self, kind, *args, **kwargs)
+            if kind == "apply":
+                die()
+            return event
+        Ledger.append = append
+
+    store_module.Store(sys.argv[1]).apply()
+""")
+
+
+@pytest.mark.parametrize("point", ["during_training", "before_rename", "after_write_1", "after_write_2",
+                                   "after_write_3", "before_commit"])
+def test_kill_during_apply_leaves_store_as_before_and_redo_works(tmp_path, tiny_model_dir, point):
+    reference = Store.init(tmp_path / "reference", tiny_model_dir)
+    reference.add_request(["striped"], "esd", FAST)
+    expected_hash = reference.apply()[0].model_hash
+
+    store = Store.init(tmp_path / "store", tiny_model_dir)
+    store.add_request(["striped"], "esd", FAST)
+    before = snapshot(store.root)
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(driver), str(store.root), point], env=env, capture_output=True)
+    assert result.returncode == -9, result.stderr.decode()[-2000:]
+
+    reopened = Store(store.root)
+    with reopened.locked():  # what any next write does first: drop what no ledger row refers to
+        pass
+    assert snapshot(store.root) == before
+    assert reopened.verify() == []
+    assert reopened.status()["pending"] == [1]
+    assert reopened.apply()[0].model_hash == expected_hash  # the next apply redoes it, identically
+
+
+def test_kill_right_after_commit_keeps_the_request(tmp_path, tiny_model_dir):
+    store = Store.init(tmp_path / "store", tiny_model_dir)
+    store.add_request(["striped"], "esd", FAST)
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(driver), str(store.root), "after_commit"], env=env, capture_output=True)
+    assert result.returncode == -9
+    reopened = Store(store.root)
+    assert reopened.status()["applied"] == [1]
+    assert reopened.verify() == []
