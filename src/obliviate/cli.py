@@ -258,6 +258,25 @@ def verify(store: Path = typer.Argument(...), quick: bool = typer.Option(False, 
     typer.echo("ok: ledger chain, base, edits, state and current weights match")
 
 
+@app.command("eval")
+def eval_store(store: Path = typer.Argument(...), as_json: bool = typer.Option(False, "--json"),
+               images_per_prompt: int = typer.Option(4), steps: int = typer.Option(20),
+               record: bool = typer.Option(True, help="Append the result to the ledger.")) -> None:
+    """Evaluate the store's current model: UA (per forgotten target), IRA, CRA, FD."""
+    from .engine import Store
+    from .evaluation.evaluator import EvalConfig, Evaluator
+    s = Store(store)
+    evaluator = Evaluator.for_store(s, EvalConfig(images_per_prompt=images_per_prompt, steps=steps))
+    metrics = s.evaluate(evaluator, record=record)
+    if as_json:
+        _print_json(metrics)
+        return
+    rows = [[k, metrics[k]] for k in ("ua", "ua_heldout_template", "ua_heldout_synonym", "ira", "cra", "fd") if k in metrics]
+    _table("evaluation of the current model", ["metric", "value"], rows)
+    for target, per_split in metrics.get("ua_per_target", {}).items():
+        typer.echo(f"UA {target}: " + ", ".join(f"{k} {v:.3f}" for k, v in per_split.items()))
+
+
 @app.command()
 def export(store: Path = typer.Argument(...), out: Path = typer.Argument(..., help="New folder.")) -> None:
     """Write the current model as a diffusers-loadable folder."""

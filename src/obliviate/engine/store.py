@@ -317,6 +317,22 @@ class Store:
                 if f"{folder}/{path.name}" not in keep:
                     path.unlink()
 
+    # ------------------------------------------------------------------ evaluation
+    def forgotten(self) -> tuple[str, ...]:
+        state = self.state()
+        return tuple(t for rid in state.applied for t in state.requests[rid].targets)
+
+    def evaluate(self, evaluator: Callable, record: bool = True, wait: float = 0.0) -> dict:
+        """Evaluate the current model; with ``record``, append the result to the ledger."""
+        model = self.load_model(check=True)
+        metrics = evaluator(model, self, forgotten=self.forgotten())
+        if record:
+            with self.locked(wait):
+                state = self.state()
+                self.ledger.append("evaluate", {"after": state.applied[-1] if state.applied else 0, "metrics": metrics},
+                                   model_hash=state.model_event.model_hash)
+        return metrics
+
     # ------------------------------------------------------------------ export and status
     def export(self, out: str | Path) -> Path:
         """Write the current model as a folder that diffusers (unet/, scheduler/) and

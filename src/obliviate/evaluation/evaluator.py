@@ -1,0 +1,148 @@
+"""The evaluator run after every request: UA per forgotten target (training templates, held-out
+templates and held-out synonyms separately), IRA, CRA and FD on retained prompts.
+
+Definitions follow UnlearnCanvas, per forgotten target t in domain d:
+- UA(t): share of images generated for t's prompts that the judge does not classify as t;
+- IRA(t): judge accuracy in domain d on prompts of retained concepts;
+- CRA(t): judge accuracy in the other domains on the same retained prompts;
+reported values average over targets. FD compares judge features of the retained images with
+renders of the same labels. Results are cached by model hash, so nothing is sampled twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..world import DEFAULT_ONTOLOGY, SPLITS, Ontology, WorldPrompts, render, sample_scenes
+from .metrics import Accuracy, FrechetDistance, UnlearningAccuracy
+from .quality import balanced_combinations, generate_and_judge
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    forget_prompts: int = field(default=8, metadata={"help": "prompts per forgotten target and split"})
+    retain_prompts: int = field(default=40, metadata={"help": "prompts of retained concepts (IRA, CRA, FD)"})
+    images_per_prompt: int = field(default=4, metadata={"help": "images sampled per prompt"})
+    steps: int = field(default=20, metadata={"help": "sampler steps"})
+    solver: str = field(default="dpm", metadata={"help": "ddim or dpm"})
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("forget_prompts", "retain_prompts", "images_per_prompt", "steps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _shows_target(predicted: dict[str, torch.Tensor], group: dict[str, set[int]], ontology: Ontology) -> torch.Tensor:
+    """Per image: does the judge see every concept of a target (a combination needs all)?"""
+    shows = torch.ones(len(next(iter(predicted.values()))), dtype=torch.bool)
+    for domain, allowed in group.items():
+        shows &= torch.isin(predicted[domain], torch.tensor(sorted(allowed)))
+    return shows
+
+
+class Evaluator:
+    """``evaluator(model, store=None, forgotten=(...)) -> metrics``; usable directly on a model."""
+
+    def __init__(self, judge, config: EvalConfig = EvalConfig(), ontology: Ontology = DEFAULT_ONTOLOGY,
+                 cache_dir: Path | None = None):
+        self.judge = judge.eval()
+        self.config = config
+        self.ontology = ontology
+        self.prompts = WorldPrompts(ontology)
+        self.cache_dir = cache_dir
+
+    @classmethod
+    def for_store(cls, store, config: EvalConfig = EvalConfig(), judge: str = "shapes-judge") -> "Evaluator":
+        from ..models.zoo import load_judge
+        if store.info["kind"] != "t2i" or store._base_model_prompts().__class__ is not WorldPrompts:
+            raise ValueError("The built-in evaluator judges the embedded world; this store holds another model. "
+                             "Evaluate Stable Diffusion stores with your own classifier through Evaluator(judge=...).")
+        return cls(load_judge(judge), config, cache_dir=store.root / "cache" / "eval")
+
+    def __call__(self, model, store=None, forgotten: tuple[str, ...] = ()) -> dict:
+        key = self._cache_key(model, forgotten)
+        cached = self.cache_dir / f"{key}.json" if self.cache_dir else None
+        if cached is not None and cached.is_file():
+            return json.loads(cached.read_text())
+        metrics = self.evaluate(model, forgotten)
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            cached.write_text(json.dumps(metrics, indent=2))
+        return metrics
+
+    def _cache_key(self, model, forgotten) -> str:
+        from ..engine.hashing import tensor_hash
+        identity = [tensor_hash(model.state_tensors()), self.config.key, sorted(forgotten)]
+        return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
+
+    @torch.no_grad()
+    def evaluate(self, model, forgotten: tuple[str, ...] = ()) -> dict:
+        cfg, onto = self.config, self.ontology
+        rng = np.random.default_rng(cfg.seed)
+        groups = {t: self.prompts.target_groups((t,))[0] for t in dict.fromkeys(forgotten)}
+        out: dict = {"forgotten": list(groups), "eval_config": asdict(cfg)}
+
+        ua: dict[str, dict[str, float]] = {}
+        for target, group in groups.items():
+            labels = self.prompts.sample_labels(cfg.forget_prompts, rng, include=[group])
+            ua[target] = {}
+            for split in SPLITS:
+                _, _, predicted, _ = generate_and_judge(model, self.judge, labels, split, cfg.images_per_prompt,
+                                                        cfg.seed, cfg.steps, cfg.solver, onto)
+                metric = UnlearningAccuracy()
+                shows = _shows_target(predicted, group, onto)
+                metric.update(shows.long(), torch.ones_like(shows, dtype=torch.long))
+                ua[target][split] = round(metric.compute(), 4)
+
+        retained = self._retained_labels(list(groups.values()), cfg.retain_prompts)
+        images, rows, predicted, features = generate_and_judge(model, self.judge, retained, "train", cfg.images_per_prompt,
+                                                               cfg.seed, cfg.steps, cfg.solver, onto)
+        per_domain = {}
+        for i, domain in enumerate(onto.domains):
+            metric = Accuracy()
+            metric.update(predicted[domain], torch.from_numpy(rows[:, i]))
+            per_domain[domain] = metric.compute()
+        out["retained_accuracy"] = {d: round(v, 4) for d, v in per_domain.items()}
+
+        fd = FrechetDistance(self.judge.num_features)
+        scenes = sample_scenes(len(rows), cfg.seed + 1, shape=rows[:, 0], colour=rows[:, 1], texture=rows[:, 2], ontology=onto)
+        device = next(self.judge.parameters()).device
+        fd.update(self.judge.features(torch.from_numpy(render(scenes, onto)).to(device)).cpu(), real=True)
+        fd.update(features, real=False)
+        out["fd"] = round(fd.compute(), 4)
+
+        if groups:
+            target_domains = {t: {d for d in g} for t, g in groups.items()}
+            ira = [np.mean([per_domain[d] for d in ds]) for ds in target_domains.values()]
+            cra = [np.mean([per_domain[d] for d in onto.domains if d not in ds] or [np.nan]) for ds in target_domains.values()]
+            out["ua"] = round(float(np.mean([v["train"] for v in ua.values()])), 4)
+            out["ua_heldout_template"] = round(float(np.mean([v["heldout_template"] for v in ua.values()])), 4)
+            out["ua_heldout_synonym"] = round(float(np.mean([v["heldout_synonym"] for v in ua.values()])), 4)
+            out["ua_min"] = round(float(min(v["train"] for v in ua.values())), 4)
+            out["ua_per_target"] = ua
+            out["ira"] = round(float(np.mean(ira)), 4)
+            out["cra"] = round(float(np.nanmean(cra)), 4) if not np.all(np.isnan(cra)) else None
+        else:
+            out["ira"] = out["cra"] = round(float(np.mean(list(per_domain.values()))), 4)
+        return out
+
+    def _retained_labels(self, groups: list[dict[str, set[int]]], n: int) -> np.ndarray:
+        """Balanced label rows, skipping any that show a forgotten target."""
+        onto = self.ontology
+        candidates = balanced_combinations(n * 4 + 360, onto)
+        keep = [row for row in candidates
+                if not any(all(row[onto.domains.index(d)] in a for d, a in g.items()) for g in groups)]
+        if not keep:
+            raise ValueError("Every concept combination shows a forgotten target; nothing retained to evaluate.")
+        return np.array(keep[:n])

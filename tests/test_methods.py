@@ -1,0 +1,145 @@
+import re
+
+import pytest
+import torch
+
+from obliviate.engine import RegularizerSpec, Request
+from obliviate.methods import UnlearningContext, get_method, list_methods
+from obliviate.methods.training import GradientMethod
+from obliviate.models.text import TextEncoding
+from obliviate.world import WorldPrompts
+
+FAST = {"steps": 2, "forget_images": 2, "sampling_steps": 2, "batch_size": 2}
+
+
+def context_for(model):
+    return UnlearningContext(prompts=WorldPrompts(), base_weights=model.state_tensors())
+
+
+def run(model, method="esd", options=None, targets=("striped",), anchor=None, seed=0, regularizers=()):
+    options = {**FAST, **(options or {})}
+    request = Request(tuple(targets), method, options, anchor, tuple(regularizers), seed)
+    return get_method(method).from_options(options).unlearn(model, request, context_for(model))
+
+
+class FixedBatch:
+    """Replace the random forget batch by fixed tensors, so a loss can be recomputed by hand."""
+
+    def __init__(self, model, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        self.prompts = ["a striped red triangle", "a striped blue circle"]
+        self.anchors = ["a red triangle", "a blue circle"]
+        self.clean = torch.randn(2, 3, 16, 16, generator=gen)
+        self.noise = torch.randn(2, 3, 16, 16, generator=gen)
+        self.t = torch.tensor([100, 700])
+        self.noisy = model.scheduler.add_noise(self.clean, self.noise, self.t)
+
+    def __call__(self, method, session):
+        return self.prompts, self.anchors, self.clean, self.noisy, self.t, self.noise
+
+
+@pytest.fixture
+def fixed_batch(tiny_t2i, monkeypatch):
+    batch = FixedBatch(tiny_t2i)
+    monkeypatch.setattr(GradientMethod, "forget_batch", lambda self, session: batch(self, session))
+    return batch
+
+
+def predict(model, batch, prompts):
+    with torch.no_grad():
+        return model.predict(batch.noisy, batch.t, model.encode(prompts))
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0, 2.0])
+def test_esd_first_loss_matches_its_formula(tiny_t2i, fixed_batch, eta):
+    cond = predict(tiny_t2i, fixed_batch, fixed_batch.prompts)
+    uncond = predict(tiny_t2i, fixed_batch, [""] * 2)
+    # student == teacher at step 0, so ||f(c) - [f(c) - eta (f(c) - f(empty))]||^2 = eta^2 ||f(c) - f(empty)||^2
+    expected = (eta ** 2) * (cond - uncond).pow(2).mean()
+    result = run(tiny_t2i, "esd", {"negative_guidance": eta, "steps": 1})
+    assert result.stats["first_loss"] == pytest.approx(float(expected), rel=1e-4, abs=1e-9)
+
+
+def test_ablation_first_loss_matches_its_formula(tiny_t2i, fixed_batch):
+    expected = (predict(tiny_t2i, fixed_batch, fixed_batch.prompts) - predict(tiny_t2i, fixed_batch, fixed_batch.anchors)).pow(2).mean()
+    result = run(tiny_t2i, "ablation", {"steps": 1})
+    assert result.stats["first_loss"] == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_ga_first_loss_is_the_negated_denoising_loss(tiny_t2i, fixed_batch):
+    target = tiny_t2i.training_target(fixed_batch.clean, fixed_batch.noise, fixed_batch.t)
+    expected = -(predict(tiny_t2i, fixed_batch, fixed_batch.prompts) - target).pow(2).mean()
+    result = run(tiny_t2i, "ga", {"steps": 1})
+    assert result.stats["first_loss"] == pytest.approx(float(expected), rel=1e-4)
+
+
+@pytest.mark.parametrize("variant,allowed", [("x", r"attn2\."), ("x-strict", r"attn2\.(to_k|to_v)\."), ("u", r"^(?!.*attn2\.)")])
+def test_esd_variants_change_only_their_parameters(tiny_t2i, variant, allowed):
+    result = run(tiny_t2i, "esd", {"variant": variant})
+    assert result.edit.deltas, "the request changed nothing"
+    assert all(re.search(allowed, name[len("unet."):]) for name in result.edit.deltas), list(result.edit.deltas)[:5]
+
+
+def test_method_leaves_the_model_as_it_found_it(tiny_t2i):
+    before = tiny_t2i.state_tensors()
+    run(tiny_t2i, "esd")
+    after = tiny_t2i.state_tensors()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_seeded_runs_are_reproducible_and_seeds_matter(minilm):
+    from conftest import make_tiny_t2i
+    a = run(make_tiny_t2i(minilm), "esd", seed=1).edit.deltas
+    b = run(make_tiny_t2i(minilm), "esd", seed=1).edit.deltas
+    c = run(make_tiny_t2i(minilm), "esd", seed=2).edit.deltas
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.parametrize("method", sorted(list_methods()))
+def test_every_method_changes_the_model(tiny_t2i, method):
+    result = run(tiny_t2i, method, anchor="solid" if method == "ablation" else None)
+    assert result.edit.deltas and any(torch.count_nonzero(d) for d in result.edit.deltas.values())
+    assert result.stats["unet_forward_passes"] > 0 and result.stats["unet_backward_passes"] == FAST["steps"]
+
+
+def test_l2sp_penalty_gradient_matches_its_formula(tiny_t2i, fixed_batch):
+    from obliviate.regularizers import get_regularizer
+    reg = get_regularizer("l2sp")(get_regularizer("l2sp").config_class(weight=10.0))
+
+    class Session:
+        params = {n: p for n, p in tiny_t2i.unet.named_parameters() if "attn2.to_k" in n}
+    reg.setup(Session)
+    with torch.no_grad():
+        for p in Session.params.values():
+            p.add_(0.01 * torch.randn_like(p))
+    for p in Session.params.values():
+        p.requires_grad_(True)
+        p.grad = None
+    reg.penalty(Session).backward()
+    count = sum(p.numel() for p in Session.params.values())
+    for name, p in Session.params.items():
+        expected = 10.0 * 2 * (p.detach() - reg.anchor[name]) / count
+        assert torch.allclose(p.grad, expected, atol=1e-9)
+
+
+def test_regularized_request_drifts_less(minilm):
+    from conftest import make_tiny_t2i
+    options = {"steps": 6, "learning_rate": 1e-2}
+    plain = run(make_tiny_t2i(minilm), "esd", options).edit.deltas
+    held = run(make_tiny_t2i(minilm), "esd", options, regularizers=[RegularizerSpec("l2sp", {"weight": 1e5})]).edit.deltas
+    norm = lambda d: sum(float(v.pow(2).sum()) for v in d.values())
+    assert norm(held) < norm(plain)
+
+
+def test_unknown_trainable_pattern_is_a_clear_error(tiny_t2i):
+    with pytest.raises(ValueError, match="No UNet parameter matches"):
+        run(tiny_t2i, "esd", {"trainable": "nothing_like_this"})
+    with pytest.raises(ValueError, match="not a valid regex"):
+        get_method("esd").from_options({"trainable": "(unclosed"})
+
+
+def test_text_encoding_cat_and_index():
+    enc = TextEncoding(torch.arange(6.0).view(3, 2, 1), torch.ones(3, 2))
+    both = TextEncoding.cat([enc, enc[0:1]])
+    assert both.states.shape == (4, 2, 1) and torch.equal(both.states[3], enc.states[0])
