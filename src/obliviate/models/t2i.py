@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors.torch import load_file, save_file
 from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
                        UNet2DConditionModel)
 
@@ -17,6 +18,12 @@ from .text import CLIPEncoder, MiniLMEncoder, TextEncoder, TextEncoding
 
 BUNDLE_FILE = "obliviate.json"
 TEXT_PREFIX = "text."
+TEXT_TRANSFORMS_FILE = "text_transforms.safetensors"
+# Written on save so that diffusers' StableDiffusionPipeline loads an exported SD model.
+_SD_MODEL_INDEX = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+                   "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+                   "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"],
+                   "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
 SOLVERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
 
 
@@ -63,7 +70,10 @@ class T2IModel:
         else:
             raise ValueError(f"{folder / BUNDLE_FILE} names unknown text encoder {meta['text_encoder']!r}; expected 'minilm' or 'clip'.")
         vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True) if (folder / "vae").is_dir() else None
-        return cls(unet.eval(), scheduler, text_encoder, vae, meta.get("guidance_scale", 2.0))
+        model = cls(unet.eval(), scheduler, text_encoder, vae, meta.get("guidance_scale", 2.0))
+        if (folder / TEXT_TRANSFORMS_FILE).is_file():
+            model.load_state_tensors({**model.state_tensors(), **load_file(folder / TEXT_TRANSFORMS_FILE)})
+        return model
 
     def save(self, folder: str | Path) -> None:
         """Write a folder that ``load`` reads back bit-exactly and diffusers can load part by part."""
@@ -78,6 +88,11 @@ class T2IModel:
             self.text_encoder.tokenizer.save_pretrained(folder / "tokenizer")
         if self.vae is not None:
             self.vae.save_pretrained(folder / "vae", safe_serialization=True)
+        if self.text_transforms:
+            save_file({k: v.contiguous() for k, v in self.state_tensors().items() if k.startswith(TEXT_PREFIX)},
+                      folder / TEXT_TRANSFORMS_FILE)
+        if self.text_encoder.kind == "clip" and self.vae is not None:
+            (folder / "model_index.json").write_text(json.dumps(_SD_MODEL_INDEX, indent=2))
         (folder / BUNDLE_FILE).write_text(json.dumps(meta, indent=2))
 
     @property

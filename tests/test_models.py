@@ -1,0 +1,72 @@
+import pytest
+import torch
+
+from obliviate.engine import Store
+from obliviate.models.t2i import LinearTextTransform, T2IModel
+from sd_tiny import build_tiny_sd
+
+
+@pytest.fixture(scope="module")
+def tiny_sd_dir(tmp_path_factory):
+    return build_tiny_sd(tmp_path_factory.mktemp("sd"))
+
+
+def test_sampling_shape_range_and_determinism(tiny_t2i):
+    prompts = ["a striped red triangle", "a solid blue circle", "a dotted green star"]
+    a = tiny_t2i.sample(prompts, steps=3, seed=7)
+    b = tiny_t2i.sample(prompts, steps=3, seed=7, batch_size=2)  # batching must not change results
+    c = tiny_t2i.sample(prompts, steps=3, seed=8)
+    assert a.shape == (3, 3, 16, 16) and a.min() >= 0 and a.max() <= 1
+    assert torch.allclose(a, b, atol=1e-5)
+    assert not torch.allclose(a, c)
+    assert tiny_t2i.sample(prompts[:1], steps=3, solver="dpm").shape == (1, 3, 16, 16)
+    with pytest.raises(ValueError, match="Unknown solver"):
+        tiny_t2i.sample(prompts, solver="euler-maybe")
+
+
+def test_save_load_round_trip_is_bit_exact(tiny_t2i, tmp_path):
+    tiny_t2i.text_transforms = [LinearTextTransform(torch.eye(384) * 0.5)]
+    tiny_t2i.save(tmp_path / "m")
+    loaded = T2IModel.load(tmp_path / "m")
+    a, b = tiny_t2i.state_tensors(), loaded.state_tensors()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(tiny_t2i.sample(["a red ring"], steps=2), loaded.sample(["a red ring"], steps=2))
+
+
+def test_text_transform_changes_the_encoding(tiny_t2i):
+    plain = tiny_t2i.encode(["a red ring"]).states
+    tiny_t2i.text_transforms = [LinearTextTransform(torch.zeros(384, 384))]
+    assert torch.count_nonzero(tiny_t2i.encode(["a red ring"]).states) == 0 and torch.count_nonzero(plain) > 0
+
+
+def test_load_rejects_a_folder_that_is_no_model(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither an obliviate model"):
+        T2IModel.load(tmp_path)
+
+
+def test_stable_diffusion_folder_loads_samples_and_round_trips(tiny_sd_dir, tmp_path):
+    model = T2IModel.load(tiny_sd_dir)
+    assert model.text_encoder.kind == "clip" and model.vae is not None and model.image_size == 16
+    images = model.sample(["a cat", "a dog"], steps=2, seed=0)
+    assert images.shape == (2, 3, 16, 16)
+    model.save(tmp_path / "copy")
+    again = T2IModel.load(tmp_path / "copy")
+    assert torch.equal(images, again.sample(["a cat", "a dog"], steps=2, seed=0))
+
+
+def test_store_unlearns_on_a_stable_diffusion_folder_and_exports_for_diffusers(tiny_sd_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    store = Store.init(tmp_path / "store", tiny_sd_dir, retain=("a dog",))
+    store.add_request(["a cat"], "esd", {"steps": "2", "forget_images": "2", "sampling_steps": "2", "batch_size": "2"})
+    store.add_request(["a cow"], "ablation", {"steps": "2", "forget_images": "2", "sampling_steps": "2", "batch_size": "2"},
+                      anchor="a horse")
+    outcomes = store.apply()
+    assert len({o.model_hash for o in outcomes}) == 2 and store.verify() == []
+    out = store.export(tmp_path / "exported")
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, feature_extractor=None)
+    image = pipe("a cat", num_inference_steps=2, height=16, width=16, output_type="pt").images
+    assert image.shape == (1, 3, 16, 16)
+    exported_unet = dict(pipe.unet.state_dict())
+    current = store.load_model().unet.state_dict()
+    assert all(torch.equal(exported_unet[k], current[k]) for k in current)
