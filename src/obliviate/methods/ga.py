@@ -25,7 +25,4 @@ class GradientAscent(GradientMethod):
     uses_teacher = True  # only to draw the forget images
 
     def loss(self, session) -> torch.Tensor:
-        prompts, _, clean, noisy, t, noise = self.forget_batch(session)
-        model = session.model
-        error = model.predict(noisy, t, session.encode(prompts)) - model.training_target(clean, noise, t)
-        return -error.pow(2).mean()
+        return -self.denoising_loss(session, *self.forget_denoising_batch(session))

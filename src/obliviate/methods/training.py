@@ -12,6 +12,7 @@ import copy
 import re
 from abc import abstractmethod
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -99,6 +100,8 @@ class TrainingSession:
     forget_prompts: list[str] = field(default_factory=list)
     anchor_prompts: list[str] = field(default_factory=list)
     forget_latents: torch.Tensor | None = None
+    retain_prompt_list: list[str] = field(default_factory=list)
+    retain_latents: torch.Tensor | None = None
 
     def batch_indices(self) -> np.ndarray:
         return self.rng.integers(0, len(self.forget_prompts), self.config.batch_size)
@@ -121,6 +124,7 @@ class GradientMethod(UnlearningMethod):
     """Base of every gradient method: implement ``loss``; optionally ``setup``."""
 
     uses_teacher: bool = True
+    gradient_mask: dict[str, torch.Tensor] | None = None  # set in setup() by masked methods
 
     def setup(self, session: TrainingSession) -> None:
         """Called once before training (e.g. to compute masks or pick random targets)."""
@@ -128,6 +132,12 @@ class GradientMethod(UnlearningMethod):
     @abstractmethod
     def loss(self, session: TrainingSession) -> torch.Tensor:
         """The method's loss for one step."""
+
+    def stages(self, session: TrainingSession) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor] | None]]:
+        """The optimizer steps of one iteration, as (loss, gradient mask or None). Most methods
+        take one; alternating methods (SFR-on) yield a forget and a retain stage, and each loss
+        is computed only after the previous stage's step."""
+        yield self.loss(session), self.gradient_mask
 
     def unlearn(self, model, request, context: UnlearningContext) -> MethodResult:
         from ..regularizers import get_regularizer
@@ -164,20 +174,24 @@ class GradientMethod(UnlearningMethod):
         losses = []
         for step in range(config.steps):
             session.step = step
-            loss = self.loss(session)
-            for reg in regularizers:
-                extra = reg.penalty(session)
-                if extra is not None:
-                    loss = loss + extra
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            counter.backward += 1
-            for reg in regularizers:
-                reg.transform_gradients(session)
-            optimizer.step()
-            for reg in regularizers:
-                reg.after_step(session)
-            losses.append(float(loss.detach()))
+            for loss, mask in self.stages(session):
+                for reg in regularizers:
+                    extra = reg.penalty(session)
+                    if extra is not None:
+                        loss = loss + extra
+                optimizer.zero_grad(set_to_none=True)
+                accelerator.backward(loss)
+                counter.backward += 1
+                if mask is not None:
+                    for name, p in params.items():
+                        if p.grad is not None:
+                            p.grad.mul_(mask[name])
+                for reg in regularizers:
+                    reg.transform_gradients(session)
+                optimizer.step()
+                for reg in regularizers:
+                    reg.after_step(session)
+                losses.append(float(loss.detach()))
             if context.progress:
                 context.progress(1, loss=round(losses[-1], 5))
         model.unet = accelerator.unwrap_model(model.unet).eval()
@@ -217,6 +231,30 @@ class GradientMethod(UnlearningMethod):
         prompts = self.image_prompts(session)[:session.config.forget_images]
         images = source.sample(prompts, steps=session.config.sampling_steps, seed=int(session.rng.integers(2**31)))
         return source.to_latents(images)
+
+    @torch.no_grad()
+    def retain_batch(self, session: TrainingSession):
+        """(prompts, clean, x_t, t, noise) for retained concepts; the frozen model draws their
+        images once per request (data-free, like the forget images)."""
+        if session.retain_latents is None:
+            source = session.teacher or session.model
+            session.retain_prompt_list = session.retain_prompts(session.config.forget_images)
+            images = source.sample(session.retain_prompt_list, steps=session.config.sampling_steps,
+                                   seed=int(session.rng.integers(2**31)))
+            session.retain_latents = source.to_latents(images)
+        index = session.rng.integers(0, len(session.retain_latents), session.config.batch_size)
+        clean = session.retain_latents[index]
+        noisy, t, noise = session.noisy(clean)
+        return [session.retain_prompt_list[i] for i in index], clean, noisy, t, noise
+
+    def denoising_loss(self, session: TrainingSession, prompts, clean, noisy, t, noise) -> torch.Tensor:
+        model = session.model
+        return (model.predict(noisy, t, session.encode(prompts)) - model.training_target(clean, noise, t)).pow(2).mean()
+
+    def forget_denoising_batch(self, session: TrainingSession):
+        """``forget_batch`` without the anchor prompts, shaped like ``retain_batch``."""
+        prompts, _, clean, noisy, t, noise = self.forget_batch(session)
+        return prompts, clean, noisy, t, noise
 
     def forget_batch(self, session: TrainingSession):
         """A batch of (forget prompts, anchor prompts, x_t, t) from the cached forget images."""

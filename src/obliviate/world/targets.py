@@ -96,6 +96,19 @@ class WorldPrompts:
             pairs.append(PromptPair(target_prompt, anchor_prompt))
         return pairs
 
+    def random_anchor_pairs(self, targets: tuple[str, ...], n: int, rng: np.random.Generator) -> list[PromptPair]:
+        """Forget prompts whose anchor swaps each target concept for a random other concept of its
+        domain (the "random label" of SalUn for generation)."""
+        pairs = []
+        targeted = {c.name for c in self.target_concepts(targets)}
+        for pair in self.forget_pairs(targets, None, n, rng):
+            anchor = pair.target
+            for concept in self.target_concepts(targets):
+                others = [c for c in self.ontology.names(concept.domain) if c not in targeted]
+                anchor = anchor.replace(concept.name, others[int(rng.integers(len(others)))]) if others else anchor
+            pairs.append(PromptPair(pair.target, anchor))
+        return pairs
+
     def retain_prompts(self, forgotten: tuple[str, ...], n: int, rng: np.random.Generator) -> list[str]:
         """Training-template prompts that show none of the ``forgotten`` terms."""
         groups = self.target_groups(forgotten) if forgotten else []
@@ -135,6 +148,10 @@ class FreeTextPrompts:
             target = targets[i % len(targets)]
             pairs.append(PromptPair(template.format(target), template.format(anchor) if anchor else ""))
         return pairs
+
+    def random_anchor_pairs(self, targets, n, rng) -> list[PromptPair]:
+        kept = [r for r in self.retain if r not in targets] or [""]
+        return [PromptPair(p.target, kept[int(rng.integers(len(kept)))]) for p in self.forget_pairs(targets, None, n, rng)]
 
     def retain_prompts(self, forgotten, n, rng) -> list[str]:
         kept = [r for r in self.retain if r not in forgotten] or [""]
