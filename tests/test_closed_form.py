@@ -1,0 +1,92 @@
+import numpy as np
+import pytest
+import torch
+
+from obliviate.engine import Store
+from obliviate.methods.uce import KV_PATTERN, UCEConfig, aligned_token_states, token_states
+from obliviate.world import WorldPrompts
+
+FAST = {"erase_prompts": "8", "preserve_prompts": "16"}
+
+
+def kv_layers(weights):
+    return [k for k in weights if KV_PATTERN.search(k)]
+
+
+def test_alignment_pairs_shared_tokens_and_maps_the_swapped_word(tiny_t2i):
+    c, g = aligned_token_states(tiny_t2i, ["a striped red triangle"], ["a dotted red triangle"])
+    assert c.shape == g.shape
+    same = token_states(tiny_t2i, ["a striped red triangle"])
+    assert torch.equal(c, same)
+    dropped_c, dropped_g = aligned_token_states(tiny_t2i, ["a striped red triangle"], ["a red triangle"])
+    assert dropped_c.shape[0] == same.shape[0] and dropped_g.shape == dropped_c.shape
+
+
+def test_uce_satisfies_its_normal_equations_incrementally(tmp_path, tiny_model_dir):
+    store = Store.init(tmp_path / "s", tiny_model_dir)
+    store.add_request(["striped"], "uce", FAST)
+    store.add_request(["circle"], "uce", FAST)
+    store.apply()
+    config = UCEConfig(**{k: int(v) for k, v in FAST.items()})
+    base, current, state = store.replay(0), store.load_model().state_tensors(), store.method_state()
+    prompts = WorldPrompts()
+    retained = prompts.retain_prompts(("striped", "circle"), config.preserve_prompts, np.random.default_rng(0))
+    # the preserve set of request 2 is rebuilt from the same seeded draw as in the method
+    rng = np.random.default_rng(0)
+    prompts.forget_pairs(("circle",), None, config.erase_prompts, rng)
+    retained = prompts.retain_prompts(("striped", "circle"), config.preserve_prompts, rng)
+    model = store.load_model()
+    p = token_states(model, retained)
+    preserve_gram = p.T @ p
+    erase_gram = state["uce/erase_gram"]
+    eye = torch.eye(erase_gram.shape[0], dtype=torch.float64)
+    for name in kv_layers(current):
+        w, w0 = current[name].double(), base[name].double()
+        lhs = w @ (config.lam * eye + erase_gram + preserve_gram)
+        rhs = config.lam * w0 + state[f"uce/erase_values.{name}"] + w0 @ preserve_gram
+        assert torch.allclose(lhs, rhs, rtol=1e-4, atol=1e-3 * rhs.abs().max()), name
+
+
+def test_uce_keeps_earlier_erasures_and_preserves_retained_outputs(tmp_path, tiny_model_dir):
+    store = Store.init(tmp_path / "s", tiny_model_dir)
+    options = {"erase_prompts": "32", "preserve_prompts": "256"}
+    store.add_request(["striped"], "uce", options)
+    store.add_request(["circle"], "uce", options)
+    store.apply(limit=1)
+    model = store.load_model()
+    heldout = WorldPrompts().forget_pairs(("striped",), None, 16, np.random.default_rng(123))  # pairs UCE never saw
+    c, g = aligned_token_states(model, [p.target for p in heldout], [p.anchor for p in heldout])
+    retained = token_states(model, WorldPrompts().retain_prompts(("striped", "circle"), 16, np.random.default_rng(7)))
+    store.apply()
+    base, after_two = store.replay(0), store.load_model().state_tensors()
+    for name in kv_layers(after_two):
+        w, w0 = after_two[name].double(), base[name].double()
+        erased_gap_before = (c @ w0.T - g @ w0.T).norm()
+        erased_gap_after = (c @ w.T - g @ w0.T).norm()
+        assert erased_gap_after < 0.9 * erased_gap_before, name  # request 1's erasure is still in force
+        drift = (retained @ w.T - retained @ w0.T).norm() / (retained @ w0.T).norm()
+        assert drift < 0.2, name
+
+
+def test_uce_rollback_restores_the_running_sums(tmp_path, tiny_model_dir):
+    store = Store.init(tmp_path / "s", tiny_model_dir)
+    store.add_request(["striped"], "uce", FAST)
+    store.add_request(["circle"], "uce", FAST)
+    store.apply(limit=1)
+    after_one = store.method_state()
+    store.apply()
+    store.rollback(1)
+    restored = store.method_state()
+    assert after_one.keys() == restored.keys() and all(torch.equal(after_one[k], restored[k]) for k in after_one)
+
+
+def test_uce_without_preservation_must_be_explicit(tmp_path):
+    from sd_tiny import build_tiny_sd
+    store = Store.init(tmp_path / "s", build_tiny_sd(tmp_path / "sd"))  # no --retain list
+    store.add_request(["a cat"], "uce", FAST)
+    with pytest.raises(ValueError, match="preserve=none"):
+        store.apply()
+    assert store.status()["pending"] == [1]
+    store.add_request(["a cow"], "uce", {**FAST, "preserve": "none"})
+    with pytest.raises(ValueError, match="preserve"):
+        store.add_request(["a cow"], "uce", {"preserve": "maybe"})
