@@ -116,8 +116,9 @@ class TrainingSession:
         return self.model.scheduler.add_noise(clean, noise, t), t, noise
 
     def retain_prompts(self, n: int) -> list[str]:
+        """Prompts of retained concepts; the unconditional prompt when a store names none."""
         forgotten = self.context.forgotten + tuple(self.request.targets)
-        return self.context.prompts.retain_prompts(forgotten, n, self.rng)
+        return self.context.prompts.retain_prompts(forgotten, n, self.rng) or [""] * n
 
 
 class GradientMethod(UnlearningMethod):

@@ -109,7 +109,7 @@ class UCE(UnlearningMethod):
             c, g = aligned_token_states(model, [p.target for p in pairs], [p.anchor for p in pairs])
             if cfg.preserve == "retained":
                 retained = context.prompts.retain_prompts(context.forgotten + tuple(request.targets), cfg.preserve_prompts, rng)
-                if not retained or retained == [""]:
+                if not retained:
                     raise ValueError("UCE has no retained concepts to preserve; give the store a --retain list or set "
                                      "preserve=none to erase without preservation.")
                 p = token_states(model, retained)

@@ -154,7 +154,10 @@ class FreeTextPrompts:
         return [PromptPair(p.target, kept[int(rng.integers(len(kept)))]) for p in self.forget_pairs(targets, None, n, rng)]
 
     def retain_prompts(self, forgotten, n, rng) -> list[str]:
-        kept = [r for r in self.retain if r not in forgotten] or [""]
+        """Prompts of the retained concepts; empty when the store names none."""
+        kept = [r for r in self.retain if r not in forgotten]
+        if not kept:
+            return []
         return [FREE_TEXT_TEMPLATES[int(rng.integers(len(FREE_TEXT_TEMPLATES)))].format(kept[i % len(kept)]) for i in range(n)]
 
     def concept_words(self, targets) -> list[str]:
