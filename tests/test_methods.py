@@ -96,7 +96,14 @@ def test_seeded_runs_are_reproducible_and_seeds_matter(minilm):
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
-@pytest.mark.parametrize("method", sorted(list_methods()))
+GRADIENT_METHODS = sorted(n for n in list_methods() if issubclass(get_method(n), GradientMethod))
+
+
+def test_the_gradient_methods_of_the_issue_are_registered():
+    assert {"ga", "esd", "ablation", "fdiv", "salun", "sfron"} <= set(GRADIENT_METHODS)
+
+
+@pytest.mark.parametrize("method", GRADIENT_METHODS)
 def test_every_method_changes_the_model(tiny_t2i, method):
     result = run(tiny_t2i, method, anchor="solid" if method == "ablation" else None)
     assert result.edit.deltas and any(torch.count_nonzero(d) for d in result.edit.deltas.values())
@@ -185,3 +192,88 @@ def test_text_encoding_cat_and_index():
     enc = TextEncoding(torch.arange(6.0).view(3, 2, 1), torch.ones(3, 2))
     both = TextEncoding.cat([enc, enc[0:1]])
     assert both.states.shape == (4, 2, 1) and torch.equal(both.states[3], enc.states[0])
+
+
+# --------------------------------------------------------------------------- regularizers
+def test_gradproj_keeps_protected_outputs_exactly_and_still_forgets(tiny_t2i):
+    from obliviate.regularizers.projection import KV_WEIGHT
+    method = get_method("esd").from_options({**FAST, "steps": 3, "learning_rate": 1e-2})
+    request = Request(("striped",), "esd", {}, None, (RegularizerSpec("gradproj", {"rank": 16, "prompts": 16}),), 0)
+    captured = {}
+    from obliviate.regularizers.projection import GradientProjection
+    original = GradientProjection.setup
+
+    def setup(self, session):
+        original(self, session)
+        captured["reg"] = self
+    GradientProjection.setup = setup
+    try:
+        result = method.unlearn(tiny_t2i, request, context_for(tiny_t2i))
+    finally:
+        GradientProjection.setup = original
+    basis = captured["reg"].basis
+    kv = {k: v for k, v in result.edit.deltas.items() if KV_WEIGHT.search(k)}
+    assert kv, "to_k/to_v did not move at all"
+    for name, delta in kv.items():
+        assert (delta @ basis).abs().max() < 1e-5 * max(1.0, delta.abs().max()), name  # W p unchanged for p in span(U)
+        assert delta.abs().max() > 1e-6
+
+
+def test_selft_moves_only_the_selected_fraction(tiny_t2i):
+    request = Request(("striped",), "esd", {}, None, (RegularizerSpec("selft", {"fraction": 0.05}),), 0)
+    result = get_method("esd").from_options({**FAST, "steps": 3}).unlearn(tiny_t2i, request, context_for(tiny_t2i))
+    moved = sum(int(torch.count_nonzero(d)) for d in result.edit.deltas.values())
+    total = sum(p.numel() for n, p in tiny_t2i.unet.named_parameters() if "attn2." in n)
+    assert 0 < moved <= 0.05 * total + 1
+
+
+def test_ties_merge_follows_its_definition():
+    from obliviate.regularizers.merge import MergeConfig, merge_vectors, ties_merge
+    vectors = torch.tensor([[3.0, -1.0, 0.1, 2.0], [1.0, 2.0, -0.2, -4.0]])
+    # top-50% per task: [3, 2] of task 0 and [2, -4] of task 1; signs: +, +, 0, - ; agreeing means
+    assert ties_merge(vectors, 0.5).tolist() == [3.0, 2.0, 0.0, -4.0]
+    assert merge_vectors(vectors, MergeConfig(strategy="uniform")).tolist() == pytest.approx([2.0, 0.5, -0.05, -1.0])
+    assert merge_vectors(vectors, MergeConfig(strategy="task_arithmetic", scale=0.5)).tolist() == pytest.approx([2.0, 0.5, -0.05, -1.0])
+
+
+def test_merge_and_ewc_keep_state_across_requests(tmp_path, tiny_model_dir):
+    from obliviate.engine import Store
+    store = Store.init(tmp_path / "s", tiny_model_dir)
+    fast = {k: str(v) for k, v in FAST.items()}
+    for target in ("striped", "dotted"):
+        store.add_request([target], "esd", fast, regularizers=(RegularizerSpec("merge", {"strategy": "uniform"}),
+                                                               RegularizerSpec("ewc", {"batches": "1"})))
+    store.apply(limit=1)
+    one = store.method_state()
+    store.apply()
+    two = store.method_state()
+    assert any(k.startswith("reg.merge/tasks.0.") for k in one) and any(k.startswith("reg.merge/tasks.1.") for k in two)
+    fisher = [k for k in two if k.startswith("reg.ewc/fisher.")]
+    assert fisher and all(float((two[k] - one[k]).min()) >= 0 for k in fisher)  # accumulated, never shrinks
+    # uniform merging: the model after two requests is base + mean of the two task vectors
+    base, current = store.replay(0), store.load_model().state_tensors()
+    for key in [k for k in two if k.startswith("reg.merge/tasks.0.")][:3]:
+        name = "unet." + key[len("reg.merge/tasks.0."):]
+        task0, task1 = two[key], two[key.replace("tasks.0.", "tasks.1.")]
+        assert torch.allclose(current[name] - base[name], (task0 + task1) / 2, atol=1e-6)
+
+
+def test_ewc_penalty_gradient_matches_its_formula(tiny_t2i):
+    from obliviate.regularizers.ewc import EWC, EWCConfig
+    reg = EWC(EWCConfig(weight=3.0))
+    params = {n: p for n, p in tiny_t2i.unet.named_parameters() if "attn2.to_v" in n}
+    reg.fisher = {n: torch.rand_like(p) for n, p in params.items()}
+    reg.start = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(0.01)
+    for p in params.values():
+        p.requires_grad_(True)
+        p.grad = None
+
+    class Session:
+        pass
+    Session.params = params
+    reg.penalty(Session).backward()
+    for n, p in params.items():
+        assert torch.allclose(p.grad, 3.0 * reg.fisher[n] * (p.detach() - reg.start[n]), atol=1e-7)

@@ -97,6 +97,24 @@ def zoo_train(name: str = typer.Argument(..., help="shapes-t2i or shapes-judge")
         raise typer.BadParameter(f"no recipe for {name!r}; choose shapes-t2i or shapes-judge")
 
 
+@zoo_app.command("install")
+def zoo_install(name: str = typer.Argument(..., help="shapes-t2i or shapes-judge"),
+                run: Path = typer.Option(..., help="The run folder `zoo train` wrote.")) -> None:
+    """Copy a trained run into the package's weights and write its model card (with quality numbers)."""
+    from .models import card
+    if name == "shapes-judge":
+        typer.echo(f"installed {card.install_judge(run)}")
+    elif name == "shapes-t2i":
+        from .evaluation.quality import judge_t2i
+        from .models.t2i import T2IModel
+        from .models.zoo import load_judge
+        quality = judge_t2i(T2IModel.load(run / "model"), load_judge("shapes-judge"))
+        _print_quality(quality)
+        typer.echo(f"installed {card.install_t2i(run, quality)}")
+    else:
+        raise typer.BadParameter(f"no zoo model {name!r}; choose shapes-t2i or shapes-judge")
+
+
 # ------------------------------------------------------------------ models
 @app.command()
 def sample(model: str = typer.Argument(..., help="Zoo name, model folder or store."),
@@ -282,6 +300,23 @@ def export(store: Path = typer.Argument(...), out: Path = typer.Argument(..., he
     """Write the current model as a diffusers-loadable folder."""
     from .engine import Store
     typer.echo(f"exported to {Store(store).export(out)}")
+
+
+@app.command()
+def bench(methods: List[str] = typer.Option(["esd"], "--method", help="Method to run (repeatable)."),
+          regularizers: List[str] = typer.Option([], "--regularizer", help="Regularizer (repeatable); none = plain."),
+          sequence: str = typer.Option("s1", help="Named request sequence: s1, s3, s10."),
+          out: Path = typer.Option(Path("benchmarks"), help="Where tables and finished cells go."),
+          work: Path = typer.Option(Path("runs/bench"), help="Scratch folder for the stores."),
+          model: str = typer.Option("shapes-t2i"),
+          set_: List[str] = typer.Option([], "--set", help="METHOD.option=value (repeatable)."),
+          images_per_prompt: int = typer.Option(4)) -> None:
+    """Run a resumable benchmark matrix; prints and writes a table to OUT/SEQUENCE.md (and .csv)."""
+    from .bench import markdown_table, parse_method_options, run_bench
+    from .evaluation.evaluator import EvalConfig
+    rows = run_bench(list(methods), list(regularizers), sequence, out, work, model, parse_method_options(set_),
+                     EvalConfig(images_per_prompt=images_per_prompt), echo=typer.echo)
+    typer.echo(markdown_table(rows, sequence))
 
 
 def main() -> None:

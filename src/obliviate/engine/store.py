@@ -43,6 +43,11 @@ FORMAT_VERSION = 1
 MODEL_FAMILIES = {"t2i": T2IModel}
 
 
+def _namespace(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of one component (``prefix/key``), keyed by ``key``."""
+    return {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + "/")}
+
+
 class StoreIntegrityError(RuntimeError):
     """The store's files or ledger do not match what the ledger recorded."""
 
@@ -191,7 +196,8 @@ class Store:
         context = UnlearningContext(
             prompts=model.prompt_source(tuple(self.info.get("retain", ()))),
             base_weights=self._base_model().state_tensors(),
-            state={k.split("/", 1)[1]: v for k, v in previous_state.items() if k.startswith(request.method + "/")},
+            state=_namespace(previous_state, request.method),
+            regularizer_states={r.name: _namespace(previous_state, f"reg.{r.name}") for r in request.regularizers},
             forgotten=tuple(t for r in state.applied for t in state.requests[r].targets),
             device=device, progress=progress)
         start = time.time()
@@ -202,8 +208,11 @@ class Store:
         weights_after = result.edit.apply(weights_before)
         model_hash = tensor_hash(weights_after)
 
-        new_state = {k: v for k, v in previous_state.items() if not k.startswith(request.method + "/")}
-        new_state.update({f"{request.method}/{k}": v for k, v in result.state.items()})
+        # each component's state is replaced as a whole by what it returned
+        updates = {request.method: result.state, **{f"reg.{n}": v for n, v in result.regularizer_states.items()}}
+        new_state = {k: v for k, v in previous_state.items() if k.split("/", 1)[0] not in updates}
+        for namespace, values in updates.items():
+            new_state.update({f"{namespace}/{k}": v for k, v in values.items()})
         files = {"edit_file": f"edits/{rid:05d}.safetensors", "state_file": f"state/{rid:05d}.safetensors",
                  "weights_file": f"weights/after-{rid:05d}.safetensors"}
         atomic_save_tensors(result.edit.to_tensors(), self.root / files["edit_file"])

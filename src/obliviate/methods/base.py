@@ -61,13 +61,14 @@ class UnlearningContext:
     """What a method may read besides the model and the request.
 
     ``state`` is this method's own state left by earlier requests (running statistics,
-    subspaces); ``shared_state`` holds other components' state, read-only by convention.
-    ``forgotten`` lists the targets of every request already in the model.
+    subspaces); ``regularizer_states`` holds each regularizer's, by name. ``forgotten`` lists the
+    targets of every request already in the model.
     """
 
     prompts: Any  # a WorldPrompts or FreeTextPrompts
     base_weights: dict[str, torch.Tensor]
     state: dict[str, torch.Tensor] = field(default_factory=dict)
+    regularizer_states: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     forgotten: tuple[str, ...] = ()
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     progress: Any = None  # callable(n=1, **fields) or None
@@ -78,6 +79,7 @@ class MethodResult:
     edit: Edit
     state: dict[str, torch.Tensor] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+    regularizer_states: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 class UnlearningMethod(ABC):

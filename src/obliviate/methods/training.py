@@ -88,6 +88,7 @@ class TrainingSession:
     """Everything one request's training run can see; passed to method losses and regularizers."""
 
     model: object  # T2IModel being trained
+    method: object  # the GradientMethod running (regularizers may ask it for its loss)
     teacher: object  # frozen copy of the model at the start of the request
     request: object
     context: UnlearningContext
@@ -157,7 +158,7 @@ class GradientMethod(UnlearningMethod):
             teacher = copy.copy(model)
             teacher.unet = copy.deepcopy(model.unet).requires_grad_(False).eval()
         counter = PassCounter(*(m for m in (model.unet, teacher.unet if teacher else None) if m is not None))
-        session = TrainingSession(model, teacher, request, context, config, params,
+        session = TrainingSession(model, self, teacher, request, context, config, params,
                                   np.random.default_rng(request.seed), torch.Generator().manual_seed(request.seed), counter)
         pairs = context.prompts.forget_pairs(tuple(request.targets), request.anchor, max(64, config.forget_images), session.rng)
         session.forget_prompts = [p.target for p in pairs]
@@ -207,12 +208,12 @@ class GradientMethod(UnlearningMethod):
             for n, p in params.items():
                 p.copy_(before[n])
         deltas = {f"unet.{n}": d for n, d in deltas.items() if torch.count_nonzero(d)}
-        state = {f"{reg.name}.{k}": v for reg in regularizers for k, v in reg.state().items()}
+        regularizer_states = {reg.name: reg.state() for reg in regularizers if reg.state()}
         stats = {"unet_forward_passes": counter.forward, "unet_backward_passes": counter.backward,
                  "steps": config.steps, "final_loss": losses[-1] if losses else None,
                  "first_loss": losses[0] if losses else None,
                  "trained_parameters": sum(p.numel() for p in params.values())}
-        return MethodResult(Edit(deltas=deltas), state, stats)
+        return MethodResult(Edit(deltas=deltas), {}, stats, regularizer_states)
 
     @staticmethod
     def _reg_config(spec):

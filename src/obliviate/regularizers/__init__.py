@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 
 from .base import REGULARIZERS, Regularizer, register_regularizer
-from . import drift  # noqa: F401  (registers l1sp, l2sp)
+from . import drift, ewc, merge, projection, selective  # noqa: F401,E402  (register the built-ins)
 
 
 def get_regularizer(name: str) -> type[Regularizer]:
