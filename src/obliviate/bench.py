@@ -52,7 +52,7 @@ def parse_method_options(items: list[str]) -> dict[str, dict[str, str]]:
 
 def run_bench(methods: list[str], regularizers: list[str], sequence: str, out: Path, work: Path,
               model: str = "shapes-t2i", method_options: dict[str, dict[str, str]] | None = None,
-              eval_config: EvalConfig = EvalConfig(), echo=print) -> list[dict]:
+              eval_config: EvalConfig = EvalConfig(), judge: str = "shapes-judge", echo=print) -> list[dict]:
     if sequence not in SEQUENCES:
         raise ValueError(f"Unknown sequence {sequence!r}; choose one of {', '.join(SEQUENCES)}.")
     spec = SEQUENCES[sequence]
@@ -66,14 +66,14 @@ def run_bench(methods: list[str], regularizers: list[str], sequence: str, out: P
             continue
         echo(f"run {sequence} / {method} / {regularizer or 'no regularizer'}")
         rows = _run_cell(method, regularizer, sequence, spec, work, model, (method_options or {}).get(method, {}),
-                         eval_config, echo)
+                         eval_config, judge, echo)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"rows": rows, "eval_config": asdict(eval_config)}, indent=2))
         tmp.replace(path)
     return write_tables(out, sequence)
 
 
-def _run_cell(method, regularizer, sequence, spec, work, model, options, eval_config, echo) -> list[dict]:
+def _run_cell(method, regularizer, sequence, spec, work, model, options, eval_config, judge, echo) -> list[dict]:
     rows = []
     cell_dir = work / _cell_name(sequence, method, regularizer)
     shutil.rmtree(cell_dir, ignore_errors=True)
@@ -81,7 +81,7 @@ def _run_cell(method, regularizer, sequence, spec, work, model, options, eval_co
     for step, targets in enumerate(spec["requests"], start=1):
         if store is None or spec["fresh_store_per_request"]:
             store = Store.init(cell_dir / f"store-{step}", model)
-            evaluator = Evaluator.for_store(store, eval_config)
+            evaluator = Evaluator.for_store(store, eval_config, judge)
             forgotten = ()
         forgotten = forgotten + tuple(targets)
         start = time.time()
