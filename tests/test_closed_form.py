@@ -90,3 +90,35 @@ def test_uce_without_preservation_must_be_explicit(tmp_path):
     store.add_request(["a cow"], "uce", {**FAST, "preserve": "none"})
     with pytest.raises(ValueError, match="preserve"):
         store.add_request(["a cow"], "uce", {"preserve": "maybe"})
+
+
+def test_sdwv_changes_no_weight_and_keeps_retained_token_states(tmp_path, tiny_model_dir, monkeypatch):
+    from obliviate.methods import sdwv
+    bases = []
+    original = sdwv._top_directions
+    monkeypatch.setattr(sdwv, "_top_directions", lambda states, rank: bases.append(original(states, rank)) or bases[-1])
+    store = Store.init(tmp_path / "s", tiny_model_dir)
+    store.add_request(["striped"], "sdwv", {"steps": "3", "batch_size": "2", "retain_rank": "32"})
+    store.apply()
+    base, current = store.replay(0), store.load_model().state_tensors()
+    assert all(torch.equal(base[k], current[k]) for k in base)  # every UNet weight untouched
+    matrix = current["text.0000.matrix"]
+    model = store.load_model()
+    raw = model.text_encoder.encode(["a dotted green star", "a striped red triangle"])
+    edited = model.encode(["a dotted green star", "a striped red triangle"])
+    assert not torch.allclose(raw.states[1], edited.states[1])  # the concept's prompt is changed
+    # states inside the protected retained subspace (the first basis the method computed) pass through unchanged
+    protected = bases[0].float()
+    assert protected.shape[1] == 32
+    assert torch.allclose(matrix @ protected, protected, atol=1e-5)
+
+
+def test_sdwv_edits_compose_and_roll_back(tmp_path, tiny_model_dir):
+    store = Store.init(tmp_path / "s", tiny_model_dir)
+    store.add_request(["striped"], "sdwv", {"steps": "0"})
+    store.add_request(["circle"], "sdwv", {"steps": "0"})
+    store.apply()
+    assert sorted(k for k in store.load_model().state_tensors() if k.startswith("text.")) == ["text.0000.matrix", "text.0001.matrix"]
+    store.rollback(1)
+    assert [k for k in store.load_model().state_tensors() if k.startswith("text.")] == ["text.0000.matrix"]
+    assert store.verify() == []
