@@ -122,3 +122,31 @@ def test_sdwv_edits_compose_and_roll_back(tmp_path, tiny_model_dir):
     store.rollback(1)
     assert [k for k in store.load_model().state_tensors() if k.startswith("text.")] == ["text.0000.matrix"]
     assert store.verify() == []
+
+
+def test_erasepro_meets_its_constraint_exactly_and_keeps_earlier_ones(tmp_path, tiny_model_dir):
+    from obliviate.methods.erasepro import KV_PATTERN as EP_KV, unet_depth_order
+    store = Store.init(tmp_path / "s", tiny_model_dir)
+    store.add_request(["striped"], "erasepro", {"erase_prompts": "16", "preserve_prompts": "64", "deep_strength": "0.5"})
+    store.add_request(["circle"], "erasepro", {"erase_prompts": "16", "preserve_prompts": "64", "deep_strength": "0.5"})
+    store.apply()
+    state, base, current = store.method_state(), store.replay(0), store.load_model().state_tensors()
+    basis, anchor = state["erasepro/basis"], state["erasepro/anchor"]
+    assert basis.shape[1] == 16  # 8 directions per request, both requests in force
+    layers = unet_depth_order([k for k in current if EP_KV.search(k)])
+    assert layers[0].startswith("unet.down_blocks") and layers[-1].startswith("unet.up_blocks")
+    for depth, name in enumerate(layers):
+        strength = 1 - 0.5 * depth / (len(layers) - 1)
+        w, w0 = current[name].double(), base[name].double()
+        target = w0 @ (basis + strength * (anchor - basis))
+        residual = (w @ basis - target).norm() / target.norm()
+        assert residual < 1e-5, (name, float(residual))  # zero residual up to float32 storage
+    shallow, deep = layers[0], layers[-1]
+    assert (current[shallow] - base[shallow]).norm() > 0 and (current[deep] - base[deep]).norm() > 0
+
+
+def test_erasepro_refuses_more_constraints_than_dimensions(tmp_path, tiny_model_dir):
+    store = Store.init(tmp_path / "s", tiny_model_dir)
+    store.add_request(["striped"], "erasepro", {"rank": "400"})
+    store.apply()  # rank is capped by the data, never above the text dimension
+    assert store.method_state()["erasepro/basis"].shape[1] < 384

@@ -1,0 +1,109 @@
+"""ErasePro (2025): closed-form erasure with a strict zero-residual constraint and a progressive
+layer-wise schedule.
+
+For each cross-attention key/value projection W (pretrained W0), with U the top directions of the
+concept's token states and A = C^+ U their coefficients, the edit solves
+
+    min_W  lam ||W - W0||^2 + s_p sum_j ||(W - W0) p_j||^2     subject to   W U = T_l
+
+    W = W0 + (T_l - W0 U) (U^T M^-1 U)^-1 U^T M^-1,   M = lam I + s_p sum_j p_j p_j^T
+
+so target features map onto anchor features exactly, not in the least-squares sense of UCE. The
+target of layer l is T_l = W0 (U + s_l (G A - U)): the full anchor features (s_l = 1) at the
+shallowest layer, decaying to ``deep_strength`` at the deepest, so sensitive deep layers move
+least. Every earlier request's constraints stay in the store's state and are solved jointly, so
+earlier erasures remain exact.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .base import Edit, MethodResult, UnlearningMethod, register_method
+from .uce import aligned_token_states, token_states
+
+KV_PATTERN = re.compile(r"attn2\.(to_k|to_v)\.weight$")
+
+
+@dataclass
+class EraseProConfig:
+    rank: int = field(default=8, metadata={"help": "concept directions constrained per request"})
+    lam: float = field(default=0.5, metadata={"help": "pull towards the pretrained weights"})
+    preserve_scale: float = field(default=1.0, metadata={"help": "weight of retained prompts' outputs"})
+    erase_prompts: int = field(default=32, metadata={"help": "prompts showing the targets"})
+    preserve_prompts: int = field(default=256, metadata={"help": "prompts of retained concepts"})
+    deep_strength: float = field(default=0.5, metadata={"help": "share of the anchor shift required at the deepest layer (1 = uniform)"})
+
+    def __post_init__(self):
+        if self.rank <= 0 or self.erase_prompts <= 0 or self.preserve_prompts <= 0:
+            raise ValueError("rank, erase_prompts and preserve_prompts must be positive")
+        if self.lam <= 0 or self.preserve_scale < 0:
+            raise ValueError("lam must be positive and preserve_scale >= 0")
+        if not 0 < self.deep_strength <= 1:
+            raise ValueError(f"deep_strength must lie in (0, 1], got {self.deep_strength}")
+
+
+def unet_depth_order(names: list[str]) -> list[str]:
+    """Layers from shallow to deep along the UNet's path: down blocks, middle, up blocks."""
+    def key(name: str):
+        part = 0 if name.startswith("unet.down_blocks") else 1 if name.startswith("unet.mid_block") else 2
+        numbers = [int(n) for n in re.findall(r"\.(\d+)\.", name)]
+        return part, numbers
+    return sorted(names, key=key)
+
+
+def zero_residual_solve(w0: torch.Tensor, basis: torch.Tensor, targets: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
+    """The W closest to W0 in the ``metric`` norm with W basis = targets exactly."""
+    m_inv_u = torch.linalg.solve(metric, basis)  # M^-1 U
+    gram = basis.T @ m_inv_u  # U^T M^-1 U
+    return w0 + (targets - w0 @ basis) @ torch.linalg.solve(gram, m_inv_u.T)
+
+
+@register_method
+class ErasePro(UnlearningMethod):
+    name = "erasepro"
+    description = "closed form with exact (zero-residual) target-to-anchor mapping, progressive by depth"
+    config_class = EraseProConfig
+
+    def unlearn(self, model, request, context) -> MethodResult:
+        cfg = self.config
+        rng = np.random.default_rng(request.seed)
+        pairs = context.prompts.forget_pairs(tuple(request.targets), request.anchor, cfg.erase_prompts, rng)
+        with torch.no_grad():
+            c, g = aligned_token_states(model, [p.target for p in pairs], [p.anchor for p in pairs])
+            retained = context.prompts.retain_prompts(context.forgotten + tuple(request.targets), cfg.preserve_prompts, rng)
+            p = token_states(model, retained) if retained else torch.zeros(0, c.shape[1], dtype=torch.float64)
+        moved = (c - g).norm(dim=1) > 1e-6 * c.norm(dim=1).max()  # tokens whose state the concept changes
+        c, g = c[moved], g[moved]
+        u, s, vh = torch.linalg.svd(c.T, full_matrices=False)
+        r = min(cfg.rank, int((s > 1e-8 * s[0]).sum()))
+        basis = u[:, :r]
+        anchor_dirs = g.T @ (vh[:r].T / s[:r])  # G A with c^T A = U: where each direction should go
+
+        previous_basis = context.state.get("basis", torch.zeros(c.shape[1], 0, dtype=torch.float64))
+        previous_anchor = context.state.get("anchor", torch.zeros(c.shape[1], 0, dtype=torch.float64))
+        all_basis = torch.cat([previous_basis.double(), basis], 1)
+        all_anchor = torch.cat([previous_anchor.double(), anchor_dirs], 1)
+        if all_basis.shape[1] >= c.shape[1]:
+            raise ValueError(f"ErasePro has {all_basis.shape[1]} exact constraints for {c.shape[1]}-d text states; "
+                             "lower `rank` or roll back earlier requests.")
+        metric = cfg.lam * torch.eye(c.shape[1], dtype=torch.float64) + cfg.preserve_scale * (p.T @ p)
+
+        current = model.state_tensors()
+        layers = unet_depth_order([k for k in current if KV_PATTERN.search(k)])
+        if not layers:
+            raise ValueError("The model has no cross-attention key/value projections for ErasePro to edit.")
+        deltas = {}
+        for depth, name in enumerate(layers):
+            strength = 1 - (1 - cfg.deep_strength) * depth / max(1, len(layers) - 1)
+            w0 = context.base_weights[name].double()
+            targets = w0 @ (all_basis + strength * (all_anchor - all_basis))
+            solved = zero_residual_solve(w0, all_basis, targets, metric)
+            deltas[name] = solved.to(current[name].dtype) - current[name]
+        state = {"basis": all_basis, "anchor": all_anchor}
+        return MethodResult(Edit(deltas=deltas), state, {"constraints": all_basis.shape[1], "edited_layers": len(deltas),
+                                                         "unet_forward_passes": 0, "unet_backward_passes": 0})
