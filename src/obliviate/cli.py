@@ -296,6 +296,26 @@ def eval_store(store: Path = typer.Argument(...), as_json: bool = typer.Option(F
 
 
 @app.command()
+def attack(store: Path = typer.Argument(...), concept: str = typer.Argument(..., help="A (forgotten) concept."),
+           kind: str = typer.Option("relearn", help="relearn, prompt, inversion or probe."),
+           set_: List[str] = typer.Option([], "--set", help="Attack option key=value (repeatable)."),
+           as_json: bool = typer.Option(False, "--json"), seed: int = typer.Option(0)) -> None:
+    """Try to bring a concept back; reports how often the judge sees it before and after."""
+    from .config import parse_assignments
+    from .engine import Store
+    from .evaluation.attacks import get_attack
+    from .models.zoo import load_judge
+    attack_obj = get_attack(kind).from_options(parse_assignments(set_))
+    result = Store(store).attack(attack_obj, concept, load_judge("shapes-judge"), seed=seed)
+    if as_json:
+        _print_json(result.to_dict())
+        return
+    typer.echo(f"{kind} attack on {concept!r}: judge sees it in {result.before:.1%} of images before, {result.after:.1%} after")
+    for steps, rate in result.curve:
+        typer.echo(f"  after {steps} steps: {rate:.1%}")
+
+
+@app.command()
 def export(store: Path = typer.Argument(...), out: Path = typer.Argument(..., help="New folder.")) -> None:
     """Write the current model as a diffusers-loadable folder."""
     from .engine import Store

@@ -31,7 +31,7 @@ CREATE TABLE IF NOT EXISTS events (
 );
 """
 
-EVENT_KINDS = ("init", "add", "apply", "rollback", "evaluate")
+EVENT_KINDS = ("init", "add", "apply", "rollback", "evaluate", "attack")
 
 
 @dataclass(frozen=True)

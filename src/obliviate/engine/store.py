@@ -342,6 +342,18 @@ class Store:
                                    model_hash=state.model_event.model_hash)
         return metrics
 
+    def attack(self, attack, concept: str, judge, record: bool = True, seed: int = 0, wait: float = 0.0):
+        """Run an attack on the current model for ``concept``; with ``record``, log the result."""
+        prompts = self._base_model_prompts()
+        prompts.validate((concept,), None)
+        result = attack.run(self.load_model(check=True), concept, judge, prompts, seed=seed)
+        if record:
+            with self.locked(wait):
+                state = self.state()
+                self.ledger.append("attack", {"after": state.applied[-1] if state.applied else 0, "result": result.to_dict(),
+                                              "config": config_to_dict(attack.config)}, model_hash=state.model_event.model_hash)
+        return result
+
     # ------------------------------------------------------------------ export and status
     def export(self, out: str | Path) -> Path:
         """Write the current model as a folder that diffusers (unet/, scheduler/) and

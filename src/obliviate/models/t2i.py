@@ -190,26 +190,44 @@ class T2IModel:
     def sample(self, prompts: list[str], steps: int = 25, guidance_scale: float | None = None, seed: int = 0,
                solver: str = "ddim", batch_size: int = 128) -> torch.Tensor:
         """Generate one image per prompt, in [0, 1], shape (N, 3, H, W). Deterministic given ``seed``."""
+        return self.sample_encoding(self.encode(prompts), steps, guidance_scale, seed, solver, batch_size)
+
+    @torch.no_grad()
+    def sample_encoding(self, encoding: TextEncoding, steps: int = 25, guidance_scale: float | None = None,
+                        seed: int = 0, solver: str = "ddim", batch_size: int = 128) -> torch.Tensor:
+        """Like ``sample`` but from token states directly (attacks condition on optimised states)."""
         if solver not in SOLVERS:
             raise ValueError(f"Unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}.")
         guidance = self.guidance_scale if guidance_scale is None else guidance_scale
         generator = torch.Generator().manual_seed(seed)
+        n = len(encoding.states)
         shape = (self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
-        noise = torch.randn((len(prompts), *shape), generator=generator)
+        noise = torch.randn((n, *shape), generator=generator)
         images = []
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
-            images.append(self._denoise(noise[start:start + len(chunk)].to(self.device), chunk, steps, guidance, solver).cpu())
+        for start in range(0, n, batch_size):
+            chunk = encoding[start:start + batch_size].to(self.device)
+            images.append(self._denoise(noise[start:start + len(chunk.states)].to(self.device), chunk, steps, guidance, solver).cpu())
         return torch.cat(images)
 
-    def _denoise(self, latents, prompts, steps, guidance, solver):
+    def _denoise(self, latents, cond: TextEncoding, steps, guidance, solver):
         scheduler = SOLVERS[solver].from_config(self.scheduler.config)
         scheduler.set_timesteps(steps)
-        cond = self.encode(prompts)
-        both = TextEncoding.cat([self.encode([""] * len(prompts)), cond])
+        both = TextEncoding.cat([self.encode([""] * len(latents)), cond])
         latents = latents * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
             model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
             uncond_out, cond_out = self.predict(model_in, t.expand(len(model_in)).to(self.device), both).chunk(2)
             latents = scheduler.step(uncond_out + guidance * (cond_out - uncond_out), t, latents).prev_sample
         return self.from_latents(latents)
+
+    def encode_with_embeddings(self, prompts: list[str], replace: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> TextEncoding:
+        """Differentiable encoding where ``replace(input_ids, embeddings)`` may rewrite the input
+        word embeddings (soft prompts, learned tokens); text transforms still apply."""
+        tokens = self.text_encoder.tokenize(prompts).to(self.device)
+        embeddings = replace(tokens["input_ids"], self.text_encoder.embed_tokens(tokens["input_ids"]))
+        mask = tokens["attention_mask"]
+        states = self.text_encoder.forward_embeddings(embeddings, mask)
+        encoding = TextEncoding(states.float(), self.text_encoder.unet_attention_mask(mask).to(states.device))
+        for transform in self.text_transforms:
+            encoding = transform(encoding)
+        return encoding

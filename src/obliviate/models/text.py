@@ -67,12 +67,12 @@ class TextEncoder(nn.Module):
             tokens = self.tokenize(chunk).to(device)
             states = self.model(**tokens).last_hidden_state.float().cpu()
             for i, prompt in enumerate(chunk):
-                self._cache[prompt] = (states[i], self._cache_mask(tokens["attention_mask"][i]).cpu())
+                self._cache[prompt] = (states[i], self.unet_attention_mask(tokens["attention_mask"][i]).cpu())
         states = torch.stack([self._cache[p][0] for p in prompts]).to(device)
         mask = torch.stack([self._cache[p][1] for p in prompts]).to(device)
         return TextEncoding(states, mask)
 
-    def _cache_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+    def unet_attention_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
         return attention_mask.float()
 
 
@@ -111,5 +111,5 @@ class CLIPEncoder(TextEncoder):
         model = CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True)
         return cls(tokenizer, model, tokenizer.model_max_length)
 
-    def _cache_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+    def unet_attention_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
         return torch.ones_like(attention_mask, dtype=torch.float32)

@@ -1,0 +1,54 @@
+import pytest
+import torch
+
+from obliviate.evaluation.attacks import ATTACKS, get_attack
+from obliviate.evaluation.attacks.probe import probe_accuracy
+from obliviate.models.judge import AttributeJudge
+from obliviate.world import DEFAULT_ONTOLOGY, WorldPrompts
+
+QUICK = {"prompts": 1, "images_per_prompt": 2, "sampling_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def random_judge():
+    torch.manual_seed(0)
+    return AttributeJudge({d: len(DEFAULT_ONTOLOGY.in_domain(d)) for d in DEFAULT_ONTOLOGY.domains}).eval()
+
+
+def test_probe_separates_separable_features_and_not_random_ones():
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 2, (200,), generator=gen)
+    separable = torch.randn(200, 8, generator=gen) + 3 * labels[:, None].float()
+    assert probe_accuracy(separable, labels, 200, seed=0) > 0.95
+    noise = torch.randn(200, 8, generator=gen)
+    assert probe_accuracy(noise, labels, 200, seed=0) < 0.7
+
+
+@pytest.mark.parametrize("name,options", [
+    ("relearn", {**QUICK, "renders": 4, "checkpoints": "0,2", "batch_size": 2}),
+    ("prompt", {**QUICK, "iterations": 8, "renders": 4, "batch_size": 4, "learning_rate": 0.05}),
+    ("inversion", {**QUICK, "iterations": 8, "renders": 4, "batch_size": 4, "learning_rate": 0.05}),
+    ("probe", {"samples": 16, "iterations": 20}),
+])
+def test_attacks_leave_the_model_untouched_and_report_rates(tiny_t2i, random_judge, name, options):
+    before = tiny_t2i.state_tensors()
+    attack = get_attack(name).from_options({k: str(v) for k, v in options.items()})
+    result = attack.run(tiny_t2i, "striped", random_judge, WorldPrompts(), seed=0)
+    after = tiny_t2i.state_tensors()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert 0 <= result.before <= 1 and 0 <= result.after <= 1 and result.concept == "striped"
+    if name == "relearn":
+        assert [step for step, _ in result.curve] == [0, 2]
+
+
+@pytest.mark.parametrize("name", ["prompt", "inversion"])
+def test_optimising_attacks_lower_their_own_objective(tiny_t2i, random_judge, name):
+    options = {**{k: str(v) for k, v in QUICK.items()}, "iterations": "30", "renders": "4", "batch_size": "4", "learning_rate": "0.1"}
+    result = get_attack(name).from_options(options).run(tiny_t2i, "striped", random_judge, WorldPrompts(), seed=0)
+    assert result.details["objective_after"] < result.details["objective_before"]
+
+
+def test_unknown_attack_is_a_clear_error():
+    assert {"relearn", "prompt", "inversion", "probe"} <= set(ATTACKS)
+    with pytest.raises(ValueError, match="Did you mean 'prompt'"):
+        get_attack("promt")
