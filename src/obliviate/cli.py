@@ -169,7 +169,8 @@ def _print_quality(result: dict) -> None:
 def demo(out: Path = typer.Option(Path("demo-output")), quick: bool = typer.Option(False, help="Fewer images.")) -> None:
     """The main job on the embedded world: real vs generated images and the judge's table."""
     from .demo import run_demo
-    run_demo(out, quick=quick, echo=typer.echo, print_quality=_print_quality)
+    run_demo(out, quick=quick, echo=typer.echo, print_quality=_print_quality,
+             print_status=lambda store: status(store, as_json=False))
 
 
 # ------------------------------------------------------------------ the continual engine
@@ -313,6 +314,14 @@ def attack(store: Path = typer.Argument(...), concept: str = typer.Argument(...,
     typer.echo(f"{kind} attack on {concept!r}: judge sees it in {result.before:.1%} of images before, {result.after:.1%} after")
     for steps, rate in result.curve:
         typer.echo(f"  after {steps} steps: {rate:.1%}")
+
+
+@app.command()
+def report(store: Path = typer.Argument(...), out: Path = typer.Option(Path("report.html"))) -> None:
+    """Write a self-contained HTML report (plus PNG plots beside it)."""
+    from .engine import Store
+    from .report import write_report
+    typer.echo(f"wrote {write_report(Store(store), out)}")
 
 
 @app.command()

@@ -1,0 +1,125 @@
+"""One self-contained HTML page for a store: the request ledger, metric curves per request,
+before/after image grids for forgotten and retained concepts, and attack results. The plots are
+also written as PNG files beside the page."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+import numpy as np
+
+from .viz import image_grid
+
+METRIC_KEYS = (("ua", "UA (forgotten, mean)"), ("ua_min", "UA (worst target)"), ("ira", "IRA"), ("cra", "CRA"))
+
+
+def _png_bytes(figure_or_image) -> bytes:
+    buffer = io.BytesIO()
+    if hasattr(figure_or_image, "savefig"):
+        figure_or_image.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    else:
+        figure_or_image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _img_tag(data: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+
+
+def metric_curves(status: dict):
+    """Matplotlib figure of UA/IRA/CRA and FD after each applied request (request 0 = base)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    applied = [r for r in status["requests"] if r["status"] == "applied" and r["metrics"]]
+    points = ([("base", status["base_metrics"])] if status.get("base_metrics") else []) + \
+             [(f"{r['id']}: {'+'.join(r['targets'])}", r["metrics"]) for r in applied]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    labels = [p[0] for p in points]
+    for key, name in METRIC_KEYS:
+        values = [p[1].get(key) for p in points]
+        left.plot(range(len(points)), [np.nan if v is None else v for v in values], marker="o", label=name)
+    left.set_ylim(-0.02, 1.02)
+    left.set_title("after each request")
+    left.legend(fontsize=8)
+    right.plot(range(len(points)), [p[1].get("fd", np.nan) for p in points], marker="o", color="black")
+    right.set_title("Fréchet distance to renders (lower is better)")
+    for axis in (left, right):
+        axis.set_xticks(range(len(points)), labels, rotation=30, ha="right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def before_after_grid(store, concepts: list[str], images_per_concept: int = 4, seed: int = 0):
+    """Rows of images for each concept's prompt: the base model, then the current model."""
+    from .world import prompt_for
+    prompts_source = store._base_model_prompts()
+    base, current = store.family.load(store.root / "base"), store.load_model()
+    rows, captions = [], []
+    for concept in concepts:
+        group = prompts_source.target_groups((concept,))[0]
+        labels = prompts_source.sample_labels(images_per_concept, np.random.default_rng(seed), include=[group])
+        texts = [prompt_for(tuple(row)) for row in labels]
+        for name, model in (("base", base), ("now", current)):
+            rows.append(model.sample(texts, steps=20, seed=seed, solver="dpm"))
+            captions += [f"{name}: {t}" for t in texts]
+    import torch
+    return image_grid(torch.cat(rows), captions, columns=images_per_concept, scale=4, caption_height=14)
+
+
+def write_report(store, out: str | Path, retained_examples: int = 2, images_per_concept: int = 4) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    status = store.status()
+    forgotten = list(dict.fromkeys(store.forgotten()))
+    prompts = store._base_model_prompts()
+    gone = {c.name for c in prompts.target_concepts(tuple(forgotten))} if forgotten else set()
+    retained = [c.name for c in prompts.ontology.concepts if c.name not in gone][::7][:retained_examples]
+
+    curves_png = _png_bytes(metric_curves(status))
+    (out.with_name(out.stem + "_metrics.png")).write_bytes(curves_png)
+    sections = [f"<h2>Metrics per request</h2>{_img_tag(curves_png, 'metric curves')}"]
+    for title, concepts in (("Forgotten concepts", forgotten), ("Retained concepts", retained)):
+        if concepts:
+            grid_png = _png_bytes(before_after_grid(store, concepts, images_per_concept))
+            out.with_name(f"{out.stem}_{title.split()[0].lower()}.png").write_bytes(grid_png)
+            sections.append(f"<h2>{title}: base model vs now</h2>{_img_tag(grid_png, title)}")
+
+    rows = "".join(
+        f"<tr><td>{r['id']}</td><td>{html.escape(' + '.join(r['targets']))}</td><td>{r['method']}</td>"
+        f"<td>{', '.join(r['regularizers']) or '-'}</td><td>{r['status']}</td>"
+        f"<td>{(r['model_hash'] or '')[:12]}</td><td>{_fmt(r['metrics'], 'ua')}</td><td>{_fmt(r['metrics'], 'ira')}</td>"
+        f"<td>{_fmt(r['metrics'], 'cra')}</td><td>{_fmt(r['metrics'], 'fd')}</td>"
+        f"<td>{'' if not r['cost'] else round(r['cost']['seconds'], 1)}</td></tr>" for r in status["requests"])
+    attacks = [e for e in store.ledger.events() if e.kind == "attack"]
+    attack_rows = "".join(
+        f"<tr><td>{e.payload['after']}</td><td>{e.payload['result']['attack']}</td><td>{html.escape(e.payload['result']['concept'])}</td>"
+        f"<td>{e.payload['result']['before']:.3f}</td><td>{e.payload['result']['after']:.3f}</td></tr>" for e in attacks)
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>obliviate report: {html.escape(str(store.root))}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}} img{{max-width:100%}}</style></head>
+<body><h1>obliviate report</h1>
+<p>Store <code>{html.escape(str(store.root))}</code>, model <code>{status['model_hash'][:16]}</code>,
+{len(status['applied'])} request(s) applied, {len(status['pending'])} pending.</p>
+<h2 id="requests">Requests</h2>
+<table><tr><th>id</th><th>forget</th><th>method</th><th>regularizers</th><th>status</th><th>model</th>
+<th>UA</th><th>IRA</th><th>CRA</th><th>FD</th><th>seconds</th></tr>{rows}</table>
+{''.join(sections)}
+<h2 id="attacks">Attacks</h2>
+{'<table><tr><th>after request</th><th>attack</th><th>concept</th><th>seen before</th><th>seen after</th></tr>' + attack_rows + '</table>'
+ if attacks else '<p>No attacks recorded; run <code>obliviate attack STORE CONCEPT</code>.</p>'}
+</body></html>
+"""
+    out.write_text(page)
+    return out
+
+
+def _fmt(metrics, key) -> str:
+    if not metrics or metrics.get(key) is None:
+        return ""
+    return f"{metrics[key]:.3f}"
