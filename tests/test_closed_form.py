@@ -125,7 +125,8 @@ def test_sdwv_edits_compose_and_roll_back(tmp_path, tiny_model_dir):
 
 
 def test_erasepro_meets_its_constraint_exactly_and_keeps_earlier_ones(tmp_path, tiny_model_dir):
-    from obliviate.methods.erasepro import KV_PATTERN as EP_KV, unet_depth_order
+    from obliviate.methods.erasepro import unet_depth_order
+    from obliviate.methods.uce import KV_PATTERN as EP_KV
     store = Store.init(tmp_path / "s", tiny_model_dir)
     store.add_request(["striped"], "erasepro", {"erase_prompts": "16", "preserve_prompts": "64", "deep_strength": "0.5"})
     store.add_request(["circle"], "erasepro", {"erase_prompts": "16", "preserve_prompts": "64", "deep_strength": "0.5"})

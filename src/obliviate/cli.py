@@ -190,7 +190,7 @@ def methods_list() -> None:
     from .methods import list_methods
     from .regularizers import REGULARIZERS
     _table("methods", ["name", "description"], [[k, v] for k, v in list_methods().items()])
-    _table("regularizers", ["name", "description"], [[k, c.description] for k, c in sorted(REGULARIZERS.items())])
+    _table("regularizers", ["name", "description"], [[k, c.description] for k, c in REGULARIZERS.items()])
 
 
 @request_app.command("add")

@@ -7,7 +7,7 @@ from . import ablation, erasepro, esd, fdiv, ga, salun, sdwv, sfron, uce  # noqa
 
 
 def list_methods() -> dict[str, str]:
-    return {name: METHODS[name].description for name in sorted(METHODS)}
+    return {name: cls.description for name, cls in METHODS.items()}
 
 
 __all__ = ["METHODS", "Edit", "MethodResult", "UnlearningContext", "UnlearningMethod", "get_method",

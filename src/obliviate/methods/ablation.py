@@ -33,8 +33,13 @@ class ConceptAblation(GradientMethod):
     def image_prompts(self, session):
         return session.anchor_prompts
 
-    def loss(self, session) -> torch.Tensor:
+    def prediction_and_target(self, session) -> tuple[torch.Tensor, torch.Tensor]:
+        """f_theta(x_t, c_target) and sg[f*(x_t, c_anchor)] on a fresh batch."""
         prompts, anchors, _, noisy, t, _ = self.forget_batch(session)
         with torch.no_grad():
             target = session.teacher.predict(noisy, t, session.encode(anchors))
-        return (session.model.predict(noisy, t, session.encode(prompts)) - target).pow(2).mean()
+        return session.model.predict(noisy, t, session.encode(prompts)), target
+
+    def loss(self, session) -> torch.Tensor:
+        prediction, target = self.prediction_and_target(session)
+        return (prediction - target).pow(2).mean()

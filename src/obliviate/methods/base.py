@@ -3,14 +3,13 @@ reads, and the ``UnlearningMethod`` interface with its registry."""
 
 from __future__ import annotations
 
-import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
-from ..config import build_config
+from ..registry import Configurable, Registry
 
 
 @dataclass(frozen=True)
@@ -82,20 +81,11 @@ class MethodResult:
     regularizer_states: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
-class UnlearningMethod(ABC):
-    """Subclasses set ``name``, ``description`` and ``config_class`` and implement ``unlearn``.
-    They are registered with ``@register_method``."""
+class UnlearningMethod(Configurable, ABC):
+    """Subclasses set ``name``, ``description`` and ``config_class``, implement ``unlearn``, and
+    are registered with ``@register_method``."""
 
-    name: ClassVar[str]
-    description: ClassVar[str]
-    config_class: ClassVar[type]
-
-    def __init__(self, config=None):
-        self.config = config if config is not None else self.config_class()
-
-    @classmethod
-    def from_options(cls, options: dict | None = None) -> "UnlearningMethod":
-        return cls(build_config(cls.config_class, options, owner=f"method {cls.name!r}"))
+    kind = "method"
 
     @abstractmethod
     def unlearn(self, model, request, context: UnlearningContext) -> MethodResult:
@@ -103,24 +93,6 @@ class UnlearningMethod(ABC):
         model modified (the store applies the edit)."""
 
 
-METHODS: dict[str, type[UnlearningMethod]] = {}
-
-
-def register_method(cls: type[UnlearningMethod]) -> type[UnlearningMethod]:
-    if not cls.name or cls.name != cls.name.lower():
-        raise ValueError(f"Method name must be lowercase and non-empty, got {cls.name!r}")
-    if cls.name in METHODS:
-        raise ValueError(f"Method {cls.name!r} is registered twice ({METHODS[cls.name].__module__} and {cls.__module__}).")
-    if not dataclasses.is_dataclass(cls.config_class):
-        raise TypeError(f"{cls.__name__}.config_class must be a dataclass")
-    METHODS[cls.name] = cls
-    return cls
-
-
-def get_method(name: str) -> type[UnlearningMethod]:
-    if name not in METHODS:
-        import difflib
-        near = difflib.get_close_matches(name, METHODS, n=1)
-        hint = f" Did you mean {near[0]!r}?" if near else ""
-        raise ValueError(f"Unknown method {name!r}.{hint} Available methods: {', '.join(sorted(METHODS))}.")
-    return METHODS[name]
+METHODS: Registry[UnlearningMethod] = Registry("method")
+register_method = METHODS.register
+get_method = METHODS.get

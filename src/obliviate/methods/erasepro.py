@@ -24,10 +24,7 @@ import numpy as np
 import torch
 
 from .base import Edit, MethodResult, UnlearningMethod, register_method
-from .uce import aligned_token_states, token_states
-
-KV_PATTERN = re.compile(r"attn2\.(to_k|to_v)\.weight$")
-
+from .uce import erase_and_preserve_states, kv_layers
 
 @dataclass
 class EraseProConfig:
@@ -72,11 +69,8 @@ class ErasePro(UnlearningMethod):
     def unlearn(self, model, request, context) -> MethodResult:
         cfg = self.config
         rng = np.random.default_rng(request.seed)
-        pairs = context.prompts.forget_pairs(tuple(request.targets), request.anchor, cfg.erase_prompts, rng)
-        with torch.no_grad():
-            c, g = aligned_token_states(model, [p.target for p in pairs], [p.anchor for p in pairs])
-            retained = context.prompts.retain_prompts(context.forgotten + tuple(request.targets), cfg.preserve_prompts, rng)
-            p = token_states(model, retained) if retained else torch.zeros(0, c.shape[1], dtype=torch.float64)
+        c, g, p = erase_and_preserve_states(model, request, context, cfg.erase_prompts, cfg.preserve_prompts, rng,
+                                            require_preserve=False)
         moved = (c - g).norm(dim=1) > 1e-6 * c.norm(dim=1).max()  # tokens whose state the concept changes
         c, g = c[moved], g[moved]
         u, s, vh = torch.linalg.svd(c.T, full_matrices=False)
@@ -94,9 +88,7 @@ class ErasePro(UnlearningMethod):
         metric = cfg.lam * torch.eye(c.shape[1], dtype=torch.float64) + cfg.preserve_scale * (p.T @ p)
 
         current = model.state_tensors()
-        layers = unet_depth_order([k for k in current if KV_PATTERN.search(k)])
-        if not layers:
-            raise ValueError("The model has no cross-attention key/value projections for ErasePro to edit.")
+        layers = unet_depth_order(kv_layers(current))
         deltas = {}
         for depth, name in enumerate(layers):
             strength = 1 - (1 - cfg.deep_strength) * depth / max(1, len(layers) - 1)

@@ -23,7 +23,8 @@ import torch
 from torch.nn import functional as F
 
 from .base import register_method
-from .training import GradientConfig, GradientMethod
+from .ablation import ConceptAblation
+from .training import GradientConfig
 
 DIVERGENCES = ("kl", "hellinger", "js", "alpha")
 _NODES, _WEIGHTS = np.polynomial.hermite_e.hermegauss(40)  # probabilists' Hermite: weight exp(-z^2/2)
@@ -66,18 +67,14 @@ class FDivConfig(GradientConfig):
 
 
 @register_method
-class FDivergence(GradientMethod):
+class FDivergence(ConceptAblation):
+    """Concept ablation's objective with the MSE replaced by an f-divergence."""
+
     name = "fdiv"
     description = "anchor objective under an f-divergence (kl = MSE, hellinger, js, alpha)"
     config_class = FDivConfig
 
-    def image_prompts(self, session):
-        return session.anchor_prompts
-
     def loss(self, session) -> torch.Tensor:
-        prompts, anchors, _, noisy, t, _ = self.forget_batch(session)
-        with torch.no_grad():
-            target = session.teacher.predict(noisy, t, session.encode(anchors))
-        prediction = session.model.predict(noisy, t, session.encode(prompts))
+        prediction, target = self.prediction_and_target(session)
         gap = self.config.scale * (prediction - target).pow(2).flatten(1).mean(1)
         return f_divergence(gap, self.config.divergence, self.config.alpha).mean()

@@ -165,7 +165,7 @@ class GradientMethod(UnlearningMethod):
         session.anchor_prompts = [p.anchor for p in pairs]
         session.forget_latents = self._draw_forget_latents(session)
 
-        regularizers = [get_regularizer(spec.name)(self._reg_config(spec)) for spec in request.regularizers]
+        regularizers = [get_regularizer(spec.name).from_options(spec.config) for spec in request.regularizers]
         for reg in regularizers:
             reg.setup(session)
         self.setup(session)
@@ -214,12 +214,6 @@ class GradientMethod(UnlearningMethod):
                  "first_loss": losses[0] if losses else None,
                  "trained_parameters": sum(p.numel() for p in params.values())}
         return MethodResult(Edit(deltas=deltas), {}, stats, regularizer_states)
-
-    @staticmethod
-    def _reg_config(spec):
-        from ..config import build_config
-        from ..regularizers import get_regularizer
-        return build_config(get_regularizer(spec.name).config_class, spec.config)
 
     def image_prompts(self, session: TrainingSession) -> list[str]:
         """Prompts whose images serve as x_0: the targets' by default (data-free, as in ESD)."""

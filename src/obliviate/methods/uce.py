@@ -86,6 +86,28 @@ def token_states(model, prompts: list[str]) -> torch.Tensor:
     return encoding.states[encoding.mask.bool()].double().cpu()
 
 
+def erase_and_preserve_states(model, request, context, erase_prompts: int, preserve_prompts: int, rng,
+                              require_preserve: bool = True):
+    """Aligned (target, anchor) token states of prompts showing the targets, and token states of
+    prompts of what is still retained (empty when the store names nothing to retain)."""
+    pairs = context.prompts.forget_pairs(tuple(request.targets), request.anchor, erase_prompts, rng)
+    with torch.no_grad():
+        c, g = aligned_token_states(model, [p.target for p in pairs], [p.anchor for p in pairs])
+        retained = context.prompts.retain_prompts(context.forgotten + tuple(request.targets), preserve_prompts, rng)
+        if not retained and require_preserve:
+            raise ValueError(f"{request.method} has no retained concepts to preserve; give the store a --retain list or "
+                             "set preserve=none to erase without preservation.")
+        p = token_states(model, retained) if retained else torch.zeros(0, c.shape[1], dtype=torch.float64)
+    return c, g, p
+
+
+def kv_layers(weights: dict[str, torch.Tensor]) -> list[str]:
+    layers = [k for k in weights if KV_PATTERN.search(k)]
+    if not layers:
+        raise ValueError("The model has no cross-attention key/value projections (attn2.to_k / attn2.to_v) to edit.")
+    return layers
+
+
 def uce_solve(w0: torch.Tensor, erase_values: torch.Tensor, erase_gram: torch.Tensor, preserve_gram: torch.Tensor,
               config: UCEConfig) -> torch.Tensor:
     """The closed form for one layer; ``erase_values`` is sum W0 g c^T (out x in)."""
@@ -104,31 +126,19 @@ class UCE(UnlearningMethod):
     def unlearn(self, model, request, context) -> MethodResult:
         cfg = self.config
         rng = np.random.default_rng(request.seed)
-        pairs = context.prompts.forget_pairs(tuple(request.targets), request.anchor, cfg.erase_prompts, rng)
-        with torch.no_grad():
-            c, g = aligned_token_states(model, [p.target for p in pairs], [p.anchor for p in pairs])
-            if cfg.preserve == "retained":
-                retained = context.prompts.retain_prompts(context.forgotten + tuple(request.targets), cfg.preserve_prompts, rng)
-                if not retained:
-                    raise ValueError("UCE has no retained concepts to preserve; give the store a --retain list or set "
-                                     "preserve=none to erase without preservation.")
-                p = token_states(model, retained)
-                preserve_gram = p.T @ p
-            else:
-                preserve_gram = torch.zeros(c.shape[1], c.shape[1], dtype=torch.float64)
+        c, g, p = erase_and_preserve_states(model, request, context, cfg.erase_prompts, cfg.preserve_prompts, rng,
+                                            require_preserve=cfg.preserve == "retained")
+        preserve_gram = p.T @ p if cfg.preserve == "retained" else torch.zeros(c.shape[1], c.shape[1], dtype=torch.float64)
         erase_gram = context.state.get("erase_gram", torch.zeros_like(preserve_gram)).double() + c.T @ c
         state, deltas = {"erase_gram": erase_gram}, {}
         current = model.state_tensors()
-        for name, weight in current.items():
-            if not KV_PATTERN.search(name):
-                continue
+        for name in kv_layers(current):
+            weight = current[name]
             w0 = context.base_weights[name].double()
             key = f"erase_values.{name}"
             erase_values = context.state.get(key, torch.zeros_like(w0)).double() + w0 @ (g.T @ c)
             state[key] = erase_values
             solved = uce_solve(w0, erase_values, erase_gram, preserve_gram, cfg).to(weight.dtype)
             deltas[name] = solved - weight
-        if not deltas:
-            raise ValueError("The model has no cross-attention key/value projections (attn2.to_k / attn2.to_v) for UCE to edit.")
         return MethodResult(Edit(deltas=deltas), state, {"erase_tokens": len(c), "edited_layers": len(deltas),
                                                          "unet_forward_passes": 0, "unet_backward_passes": 0})

@@ -7,19 +7,13 @@ rewrite the final edit (``finalize``, e.g. merging) and keep state across reques
 
 from __future__ import annotations
 
-import dataclasses
-from typing import ClassVar
-
 import torch
 
+from ..registry import Configurable, Registry
 
-class Regularizer:
-    name: ClassVar[str]
-    description: ClassVar[str]
-    config_class: ClassVar[type]
 
-    def __init__(self, config=None):
-        self.config = config if config is not None else self.config_class()
+class Regularizer(Configurable):
+    kind = "regularizer"
 
     def setup(self, session) -> None:
         """Called once before the first step with the training session."""
@@ -41,13 +35,6 @@ class Regularizer:
         return {}
 
 
-REGULARIZERS: dict[str, type[Regularizer]] = {}
-
-
-def register_regularizer(cls: type[Regularizer]) -> type[Regularizer]:
-    if cls.name in REGULARIZERS:
-        raise ValueError(f"Regularizer {cls.name!r} is registered twice.")
-    if not dataclasses.is_dataclass(cls.config_class):
-        raise TypeError(f"{cls.__name__}.config_class must be a dataclass")
-    REGULARIZERS[cls.name] = cls
-    return cls
+REGULARIZERS: Registry[Regularizer] = Registry("regularizer")
+register_regularizer = REGULARIZERS.register
+get_regularizer = REGULARIZERS.get

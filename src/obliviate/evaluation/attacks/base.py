@@ -4,15 +4,13 @@ changes the model it is given."""
 
 from __future__ import annotations
 
-import difflib
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from typing import ClassVar
 
 import numpy as np
 import torch
 
-from ...config import build_config
+from ...registry import Configurable, Registry
 from ...world import WorldPrompts, render, sample_scenes
 from ..evaluator import _shows_target
 from ..quality import generate_and_judge
@@ -31,17 +29,8 @@ class AttackResult:
         return asdict(self)
 
 
-class Attack(ABC):
-    name: ClassVar[str]
-    description: ClassVar[str]
-    config_class: ClassVar[type]
-
-    def __init__(self, config=None):
-        self.config = config if config is not None else self.config_class()
-
-    @classmethod
-    def from_options(cls, options: dict | None = None) -> "Attack":
-        return cls(build_config(cls.config_class, options, owner=f"attack {cls.name!r}"))
+class Attack(Configurable, ABC):
+    kind = "attack"
 
     @abstractmethod
     def run(self, model, concept: str, judge, prompts: WorldPrompts, seed: int = 0) -> AttackResult:
@@ -95,19 +84,6 @@ def concept_renders(prompts: WorldPrompts, concept: str, n: int, seed: int):
     return torch.from_numpy(render(scenes, prompts.ontology)), [_prompt(prompts, row) for row in labels]
 
 
-ATTACKS: dict[str, type[Attack]] = {}
-
-
-def register_attack(cls: type[Attack]) -> type[Attack]:
-    if cls.name in ATTACKS:
-        raise ValueError(f"Attack {cls.name!r} is registered twice.")
-    ATTACKS[cls.name] = cls
-    return cls
-
-
-def get_attack(name: str) -> type[Attack]:
-    if name not in ATTACKS:
-        near = difflib.get_close_matches(name, ATTACKS, n=1)
-        hint = f" Did you mean {near[0]!r}?" if near else ""
-        raise ValueError(f"Unknown attack {name!r}.{hint} Available: {', '.join(sorted(ATTACKS))}.")
-    return ATTACKS[name]
+ATTACKS: Registry[Attack] = Registry("attack")
+register_attack = ATTACKS.register
+get_attack = ATTACKS.get
