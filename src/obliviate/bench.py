@@ -52,13 +52,14 @@ def parse_method_options(items: list[str]) -> dict[str, dict[str, str]]:
 
 def run_bench(methods: list[str], regularizers: list[str], sequence: str, out: Path, work: Path,
               model: str = "shapes-t2i", method_options: dict[str, dict[str, str]] | None = None,
-              eval_config: EvalConfig = EvalConfig(), judge: str = "shapes-judge", echo=print) -> list[dict]:
+              eval_config: EvalConfig = EvalConfig(), judge: str = "shapes-judge", oracles: Path | None = None,
+              echo=print) -> list[dict]:
     if sequence not in SEQUENCES:
         raise ValueError(f"Unknown sequence {sequence!r}; choose one of {', '.join(SEQUENCES)}.")
     spec = SEQUENCES[sequence]
     out, work = Path(out), Path(work)
     (out / "cells").mkdir(parents=True, exist_ok=True)
-    cells = [("base", "")] + [(m, r) for m in methods for r in (regularizers or [""])]
+    cells = [("base", ""), ("oracle", "")] + [(m, r) for m in methods for r in (regularizers or [""])]
     for method, regularizer in cells:
         path = out / "cells" / f"{_cell_name(sequence, method, regularizer)}.json"
         if path.is_file():
@@ -66,14 +67,20 @@ def run_bench(methods: list[str], regularizers: list[str], sequence: str, out: P
             continue
         echo(f"run {sequence} / {method} / {regularizer or 'no regularizer'}")
         rows = _run_cell(method, regularizer, sequence, spec, work, model, (method_options or {}).get(method, {}),
-                         eval_config, judge, echo)
+                         eval_config, judge, echo, oracles)
+        if not rows:
+            continue
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"rows": rows, "eval_config": asdict(eval_config)}, indent=2))
         tmp.replace(path)
     return write_tables(out, sequence)
 
 
-def _run_cell(method, regularizer, sequence, spec, work, model, options, eval_config, judge, echo) -> list[dict]:
+def _run_cell(method, regularizer, sequence, spec, work, model, options, eval_config, judge, echo,
+              oracles: Path | None = None) -> list[dict]:
+    """Rows of one cell. ``base`` evaluates the unedited model; ``oracle`` the model retrained
+    without the forgotten concepts, where one exists for every step (else no rows)."""
+    from .models.zoo import find_oracle
     rows = []
     cell_dir = work / _cell_name(sequence, method, regularizer)
     shutil.rmtree(cell_dir, ignore_errors=True)
@@ -87,6 +94,12 @@ def _run_cell(method, regularizer, sequence, spec, work, model, options, eval_co
         start = time.time()
         if method == "base":
             metrics, cost = evaluator(store.load_model(), store, forgotten=forgotten), {}
+        elif method == "oracle":
+            folder = find_oracle(forgotten, oracles) if oracles else None
+            if folder is None:
+                echo(f"  no retrain oracle for {', '.join(forgotten)} in {oracles}; oracle rows skipped")
+                return []
+            metrics, cost = evaluator(store.family.load(folder), store, forgotten=forgotten), {}
         else:
             regs = (RegularizerSpec(regularizer),) if regularizer else ()
             store.add_request(list(targets), method, options, regularizers=regs)

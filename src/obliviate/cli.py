@@ -80,12 +80,18 @@ def zoo_list() -> None:
 def zoo_train(name: str = typer.Argument(..., help="shapes-t2i or shapes-judge"),
               out: Path = typer.Option(None, help="Run folder (default runs/NAME); resumes if it holds a run."),
               steps: Optional[int] = typer.Option(None, help="Override the recipe's step count."),
+              exclude: List[str] = typer.Option([], help="Concepts to leave out of the data: trains the retrain "
+                                                         "oracle for them (shapes-t2i; repeatable)."),
+              oracles: Path = typer.Option(Path("runs/oracles"), help="Where oracles go when --exclude is given."),
               seed: int = typer.Option(0)) -> None:
     """Train a zoo model from its recipe (resumable for shapes-t2i)."""
-    out = out or Path("runs") / name
+    from .models.zoo import oracle_key
+    out = out or (oracles / oracle_key(exclude) if exclude else Path("runs") / name)
     if name == "shapes-t2i":
         from .models.train_t2i import T2IRecipe, train_t2i
-        recipe = T2IRecipe(seed=seed, **({"steps": steps} if steps else {}))
+        from .world import DEFAULT_ONTOLOGY
+        excluded = tuple(c.name for term in exclude for c in DEFAULT_ONTOLOGY.resolve(term))
+        recipe = T2IRecipe(seed=seed, exclude=excluded, **({"steps": steps} if steps else {}))
         train_t2i(recipe, out)
         typer.echo(f"model written to {out / 'model'}")
     elif name == "shapes-judge":
@@ -339,12 +345,13 @@ def bench(methods: List[str] = typer.Option(["esd"], "--method", help="Method to
           work: Path = typer.Option(Path("runs/bench"), help="Scratch folder for the stores."),
           model: str = typer.Option("shapes-t2i"),
           set_: List[str] = typer.Option([], "--set", help="METHOD.option=value (repeatable)."),
-          images_per_prompt: int = typer.Option(4)) -> None:
+          images_per_prompt: int = typer.Option(4),
+          oracles: Path = typer.Option(Path("runs/oracles"), help="Retrain oracles (`zoo train shapes-t2i --exclude`).")) -> None:
     """Run a resumable benchmark matrix; prints and writes a table to OUT/SEQUENCE.md (and .csv)."""
     from .bench import markdown_table, parse_method_options, run_bench
     from .evaluation.evaluator import EvalConfig
     rows = run_bench(list(methods), list(regularizers), sequence, out, work, model, parse_method_options(set_),
-                     EvalConfig(images_per_prompt=images_per_prompt), echo=typer.echo)
+                     EvalConfig(images_per_prompt=images_per_prompt), oracles=oracles, echo=typer.echo)
     typer.echo(markdown_table(rows, sequence))
 
 

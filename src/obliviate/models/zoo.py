@@ -63,3 +63,14 @@ def load_t2i(name_or_path: str | Path):
 def load_judge(name_or_path: str | Path = "shapes-judge"):
     from .judge import AttributeJudge
     return AttributeJudge.load(resolve_model_path(name_or_path))
+
+
+def oracle_key(concepts) -> str:
+    """Folder name of the retrain oracle for a set of forgotten concepts (order does not matter)."""
+    return "without-" + "-".join(sorted({c.strip().lower().replace(" ", "_") for c in concepts}))
+
+
+def find_oracle(concepts, oracles_dir: str | Path) -> Path | None:
+    """The oracle model folder for exactly these forgotten concepts, if one was trained."""
+    folder = Path(oracles_dir) / oracle_key(concepts) / "model"
+    return folder if folder.is_dir() else None
