@@ -183,10 +183,15 @@ def demo(out: Path = typer.Option(Path("demo-output")), quick: bool = typer.Opti
 @app.command()
 def init(store: Path = typer.Argument(..., help="New store folder."),
          model: str = typer.Option("shapes-t2i", help="Zoo name or model folder (obliviate or diffusers)."),
-         retain: List[str] = typer.Option([], help="Concepts to protect (Stable Diffusion stores; repeatable).")) -> None:
+         retain: List[str] = typer.Option([], help="Concepts to protect (Stable Diffusion stores; repeatable)."),
+         evaluate: bool = typer.Option(False, help="Evaluate after every applied request (embedded world)."),
+         images_per_prompt: int = typer.Option(4, help="Evaluation images per prompt.")) -> None:
     """Create a store: the base model and an empty request ledger."""
+    from dataclasses import asdict
     from .engine import Store
-    s = Store.init(store, model, tuple(retain))
+    from .evaluation.evaluator import EvalConfig
+    evaluation = asdict(EvalConfig(images_per_prompt=images_per_prompt)) if evaluate else None
+    s = Store.init(store, model, tuple(retain), evaluation)
     typer.echo(f"created store {s.root} from {model} (model {s.state().model_event.model_hash[:12]})")
 
 
@@ -221,13 +226,15 @@ def request_add(store: Path = typer.Argument(...),
 
 @app.command()
 def apply(store: Path = typer.Argument(...), wait: float = typer.Option(0.0, help="Seconds to wait for a busy store."),
-          evaluate: bool = typer.Option(False, help="Evaluate after each request (UA/IRA/CRA/FD)."),
+          evaluate: Optional[bool] = typer.Option(None, help="Evaluate after each request (UA/IRA/CRA/FD); "
+                                                             "default: as configured at init."),
           limit: Optional[int] = typer.Option(None, help="Apply at most this many pending requests.")) -> None:
     """Apply pending requests in order; each is all-or-nothing."""
     from .engine import Store
     from .progress import RequestProgress
     s = Store(store)
-    evaluator = _default_evaluator(s) if evaluate else None
+    configured = s.info.get("evaluation")
+    evaluator = _default_evaluator(s, configured) if (evaluate if evaluate is not None else configured) else None
     with RequestProgress(echo=typer.echo) as progress:
         outcomes = s.apply(evaluator=evaluator, wait=wait, on_start=progress.start, progress=progress.advance, limit=limit)
     for o in outcomes:
@@ -238,9 +245,9 @@ def apply(store: Path = typer.Argument(...), wait: float = typer.Option(0.0, hel
         typer.echo("nothing pending")
 
 
-def _default_evaluator(store):
-    from .evaluation.evaluator import Evaluator
-    return Evaluator.for_store(store)
+def _default_evaluator(store, configured: dict | None):
+    from .evaluation.evaluator import EvalConfig, Evaluator
+    return Evaluator.for_store(store, EvalConfig(**configured) if configured else EvalConfig())
 
 
 @app.command()

@@ -74,9 +74,12 @@ class Store:
 
     # ------------------------------------------------------------------ creation
     @classmethod
-    def init(cls, root: str | Path, model: str | Path = "shapes-t2i", retain: tuple[str, ...] = ()) -> "Store":
+    def init(cls, root: str | Path, model: str | Path = "shapes-t2i", retain: tuple[str, ...] = (),
+             evaluation: dict | None = None) -> "Store":
         """Create a store holding ``model`` (a zoo name or a model folder) and an empty ledger.
-        The store is built beside ``root`` and renamed into place, so it appears whole or not at all."""
+        ``evaluation`` (EvalConfig fields) configures the evaluator `apply` runs after each
+        request. The store is built beside ``root`` and renamed into place, so it appears whole
+        or not at all."""
         from ..models.zoo import resolve_model_path
 
         root = Path(root)
@@ -90,7 +93,8 @@ class Store:
             bundle = T2IModel.load(source)
             bundle.save(staging / "base")
             base_hash = tensor_hash(bundle.state_tensors())
-            info = {"format": FORMAT_VERSION, "kind": "t2i", "model_source": str(model), "retain": list(retain)}
+            info = {"format": FORMAT_VERSION, "kind": "t2i", "model_source": str(model), "retain": list(retain),
+                    "evaluation": evaluation}
             (staging / STORE_FILE).write_text(json.dumps(info, indent=2))
             ledger = Ledger(staging / "ledger.sqlite")
             ledger.append("init", {"model_source": str(model), "base_hash": base_hash, "weights_file": None},

@@ -1,0 +1,53 @@
+import json
+
+from typer.testing import CliRunner
+
+from obliviate.cli import app
+
+runner = CliRunner()
+FAST = ["--set", "steps=1", "--set", "forget_images=2", "--set", "sampling_steps=2", "--set", "batch_size=2"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_store_workflow_from_the_command_line(tmp_path, tiny_model_dir):
+    store = tmp_path / "store"
+    assert invoke("init", store, "--model", tiny_model_dir).exit_code == 0
+    assert invoke("request", "add", store, "striped", "--method", "esd", *FAST).exit_code == 0
+    assert invoke("request", "add", store, "triangle", "--method", "ablation", "--anchor", "square", *FAST).exit_code == 0
+    assert invoke("request", "add", store, "red", "--method", "esd", "--regularizer", "l2sp:weight=10", *FAST).exit_code == 0
+    result = invoke("apply", store)
+    assert result.exit_code == 0 and result.output.count("applying request") == 3
+    status = json.loads(invoke("status", store, "--json").output)
+    assert status["applied"] == [1, 2, 3] and status["requests"][2]["regularizers"] == ["l2sp"]
+    assert "rolled back to request 1" in invoke("rollback", store, "--to", 1).output
+    assert json.loads(invoke("status", store, "--json").output)["applied"] == [1]
+    assert invoke("verify", store).output.startswith("ok")
+    assert invoke("export", store, tmp_path / "exported").exit_code == 0
+    assert (tmp_path / "exported" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    result = invoke("sample", store, "a striped red triangle", "--n", "2", "--steps", "2", "--out", tmp_path / "s.png")
+    assert result.exit_code == 0 and (tmp_path / "s.png").is_file()
+
+
+def test_bad_input_exits_with_a_clear_message(tmp_path, tiny_model_dir):
+    store = tmp_path / "store"
+    invoke("init", store, "--model", tiny_model_dir)
+    result = runner.invoke(app, ["request", "add", str(store), "stripped"])
+    assert result.exit_code != 0 and "Did you mean: striped" in str(result.exception)
+    result = runner.invoke(app, ["request", "add", str(store), "striped", "--set", "steps"])
+    assert result.exit_code != 0 and "key=value" in str(result.exception)
+
+
+def test_verify_exit_code_reports_tampering(tmp_path, tiny_model_dir):
+    store = tmp_path / "store"
+    invoke("init", store, "--model", tiny_model_dir)
+    invoke("request", "add", store, "striped", *FAST)
+    invoke("apply", store)
+    edit = next((store / "edits").iterdir())
+    data = bytearray(edit.read_bytes())
+    data[-1] ^= 0xFF
+    edit.write_bytes(bytes(data))
+    result = runner.invoke(app, ["verify", str(store)])
+    assert result.exit_code == 1 and "FAIL" in result.output and edit.name in result.output
