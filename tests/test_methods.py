@@ -277,3 +277,36 @@ def test_ewc_penalty_gradient_matches_its_formula(tiny_t2i):
     reg.penalty(Session).backward()
     for n, p in params.items():
         assert torch.allclose(p.grad, 3.0 * reg.fisher[n] * (p.detach() - reg.start[n]), atol=1e-7)
+
+
+def test_fgoriu_protects_its_subspaces_and_adapts_them_across_requests(tmp_path, tiny_model_dir):
+    from obliviate.engine import Store
+    from obliviate.regularizers.orthogonal import FGOrIU
+    captured = []
+    original = FGOrIU.setup
+
+    def setup(self, session):
+        original(self, session)
+        captured.append(self)
+    FGOrIU.setup = setup
+    try:
+        store = Store.init(tmp_path / "s", tiny_model_dir)
+        options = {"remain_rank": "24", "min_remain_rank": "8", "contract": "0.5", "prompts": "16", "forget_rank": "3"}
+        for target in ("striped", "circle"):
+            store.add_request([target], "esd", {**{k: str(v) for k, v in FAST.items()}, "steps": "3", "learning_rate": "0.01"},
+                              regularizers=(RegularizerSpec("fgoriu", options),))
+        store.apply()
+    finally:
+        FGOrIU.setup = original
+    first, second = captured
+    assert first.remain.shape[1] == 24 and second.remain.shape[1] == 12  # the remaining subspace contracts
+    assert second.forget.shape[1] == first.forget.shape[1] + 3  # forgetting subspaces merge
+    assert torch.allclose(first.forget.T @ second.forget @ (second.forget.T @ first.forget), torch.eye(3, dtype=torch.float64), atol=1e-6)
+    # request 2's update leaves retained directions and request 1's forgotten directions untouched
+    edit = store.replay(2)
+    before = store.replay(1)
+    for name in (k for k in edit if "attn2.to_k.weight" in k or "attn2.to_v.weight" in k):
+        delta = (edit[name] - before[name]).double()
+        assert (delta @ second.protected.double()).abs().max() < 1e-5 * max(1.0, float(delta.abs().max()))
+    state = store.method_state()
+    assert int(state["reg.fgoriu/requests"]) == 2
