@@ -30,6 +30,15 @@ def test_bench_writes_tables_and_resumes(tmp_path, tiny_model_dir):
     assert cells == {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
 
 
+def test_method_variants_are_separate_cells():
+    from obliviate.bench import _cell_name, split_method_spec
+    assert split_method_spec("uce:incremental=false,lam=1") == ("uce", {"incremental": "false", "lam": "1"})
+    assert split_method_spec("esd") == ("esd", {})
+    assert _cell_name("s1", "uce:incremental=false", "") != _cell_name("s1", "uce", "")
+    with pytest.raises(ValueError, match="METHOD:key=value"):
+        split_method_spec("uce:lam")
+
+
 def test_bench_rejects_unknown_sequence_and_bad_options(tmp_path):
     with pytest.raises(ValueError, match="Unknown sequence"):
         run_bench(["esd"], [], "s99", tmp_path, tmp_path)

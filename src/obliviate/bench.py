@@ -35,7 +35,17 @@ COLUMNS = ["sequence", "method", "regularizer", "step", "targets", "ua", "ua_min
 
 
 def _cell_name(sequence: str, method: str, regularizer: str) -> str:
-    return f"{sequence}__{method}__{regularizer or 'none'}"
+    return f"{sequence}__{method.replace(':', '@').replace('=', '-').replace(',', '+')}__{regularizer or 'none'}"
+
+
+def split_method_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """``"uce:incremental=false,lam=1"`` -> ``("uce", {"incremental": "false", "lam": "1"})``: a
+    method with options of its own, so one bench can compare variants of a method."""
+    name, _, options = spec.partition(":")
+    pairs = [o.split("=", 1) for o in options.split(",") if o]
+    if any(len(p) != 2 for p in pairs):
+        raise ValueError(f"Expected METHOD:key=value,key=value, got {spec!r}.")
+    return name.strip(), {k.strip(): v.strip() for k, v in pairs}
 
 
 def parse_method_options(items: list[str]) -> dict[str, dict[str, str]]:
@@ -66,8 +76,9 @@ def run_bench(methods: list[str], regularizers: list[str], sequence: str, out: P
             echo(f"skip {path.name} (done)")
             continue
         echo(f"run {sequence} / {method} / {regularizer or 'no regularizer'}")
-        rows = _run_cell(method, regularizer, sequence, spec, work, model, (method_options or {}).get(method, {}),
-                         eval_config, judge, echo, oracles)
+        name, own_options = split_method_spec(method)
+        options = {**(method_options or {}).get(name, {}), **own_options}
+        rows = _run_cell(method, regularizer, sequence, spec, work, model, options, eval_config, judge, echo, oracles)
         if not rows:
             continue
         tmp = path.with_suffix(".tmp")
@@ -102,7 +113,7 @@ def _run_cell(method, regularizer, sequence, spec, work, model, options, eval_co
             metrics, cost = evaluator(store.family.load(folder), store, forgotten=forgotten), {}
         else:
             regs = (RegularizerSpec(regularizer),) if regularizer else ()
-            store.add_request(list(targets), method, options, regularizers=regs)
+            store.add_request(list(targets), split_method_spec(method)[0], options, regularizers=regs)
             outcome = store.apply(evaluator=evaluator)[0]
             metrics, cost = outcome.metrics, outcome.cost
         row = {"sequence": sequence, "method": method, "regularizer": regularizer or "-", "step": step,

@@ -38,6 +38,9 @@ class UCEConfig:
     preserve_prompts: int = field(default=256, metadata={"help": "prompts of retained concepts (more keeps them better)"})
     preserve: str = field(default="retained", metadata={
         "help": "'retained': keep the outputs of retained concepts; 'none': erase with no preservation (explicit choice)"})
+    incremental: bool = field(default=True, metadata={
+        "help": "keep running sums across requests (false: solve each request alone from the current weights, "
+                "as the reference code does; for comparison)"})
 
     def __post_init__(self):
         if self.lam <= 0:
@@ -129,15 +132,19 @@ class UCE(UnlearningMethod):
         c, g, p = erase_and_preserve_states(model, request, context, cfg.erase_prompts, cfg.preserve_prompts, rng,
                                             require_preserve=cfg.preserve == "retained")
         preserve_gram = p.T @ p if cfg.preserve == "retained" else torch.zeros(c.shape[1], c.shape[1], dtype=torch.float64)
-        erase_gram = context.state.get("erase_gram", torch.zeros_like(preserve_gram)).double() + c.T @ c
-        state, deltas = {"erase_gram": erase_gram}, {}
+        memory = context.state if cfg.incremental else {}
+        erase_gram = memory.get("erase_gram", torch.zeros_like(preserve_gram)).double() + c.T @ c
+        state: dict[str, torch.Tensor] = {"erase_gram": erase_gram} if cfg.incremental else {}
+        deltas: dict[str, torch.Tensor] = {}
         current = model.state_tensors()
         for name in kv_layers(current):
             weight = current[name]
-            w0 = context.base_weights[name].double()
+            # incremental: every solve starts from the pretrained weights with all erasures so far
+            w0 = (context.base_weights[name] if cfg.incremental else weight).double()
             key = f"erase_values.{name}"
-            erase_values = context.state.get(key, torch.zeros_like(w0)).double() + w0 @ (g.T @ c)
-            state[key] = erase_values
+            erase_values = memory.get(key, torch.zeros_like(w0)).double() + w0 @ (g.T @ c)
+            if cfg.incremental:
+                state[key] = erase_values
             solved = uce_solve(w0, erase_values, erase_gram, preserve_gram, cfg).to(weight.dtype)
             deltas[name] = solved - weight
         return MethodResult(Edit(deltas=deltas), state, {"erase_tokens": len(c), "edited_layers": len(deltas),
