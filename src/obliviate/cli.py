@@ -367,4 +367,4 @@ def main() -> None:
         app()
     except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as error:
         console.print(f"[red]error:[/red] {error}")
-        raise SystemExit(2)
+        raise SystemExit(2) from None

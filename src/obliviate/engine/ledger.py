@@ -51,10 +51,6 @@ def _event_hash(seq, kind, request_id, payload_text, model_hash, at, prev_hash) 
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-class LedgerCorrupted(RuntimeError):
-    pass
-
-
 class Ledger:
     def __init__(self, path: str | Path):
         self.path = Path(path)

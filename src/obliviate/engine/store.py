@@ -32,7 +32,7 @@ import torch
 from ..config import build_config, config_to_dict
 from ..methods.base import Edit, UnlearningContext, get_method
 from ..models.t2i import T2IModel
-from .files import TMP_SUFFIX, atomic_save_tensors, atomic_write_text, load_tensors
+from .files import TMP_SUFFIX, atomic_save_tensors, load_tensors
 from .hashing import file_hash, tensor_hash
 from .ledger import Ledger, LedgerState, derive_state
 from .lock import exclusive_lock

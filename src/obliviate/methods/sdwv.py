@@ -94,7 +94,7 @@ class SDWV(UnlearningMethod):
         drawn = pairs[:cfg.batch_size * 2]  # x_0: the model's own images of the anchors (data-free)
         with torch.no_grad():
             anchor_latents = model.to_latents(model.sample([p.anchor for p in drawn], steps=10, seed=int(rng.integers(2**31))))
-        for step in range(cfg.steps):
+        for _step in range(cfg.steps):
             index = rng.integers(0, len(drawn), cfg.batch_size)
             target_enc = model.encode([drawn[i].target for i in index])
             with torch.no_grad():
