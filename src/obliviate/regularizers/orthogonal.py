@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .base import Regularizer, register_regularizer
-from .projection import KV_WEIGHT
+from .base import register_regularizer
+from .projection import SubspaceProtection
 
 
 @dataclass
@@ -55,7 +55,7 @@ def orthonormal_columns(matrix: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 @register_regularizer
-class FGOrIU(Regularizer):
+class FGOrIU(SubspaceProtection):
     name = "fgoriu"
     description = "FG-OrIU: dynamic forgetting/remaining subspaces, orthogonal gradients and features"
     config_class = FGOrIUConfig
@@ -78,14 +78,7 @@ class FGOrIU(Regularizer):
         off_forget = torch.eye(dim, dtype=torch.float64) - self.forget @ self.forget.T
         self.remain = orthonormal_columns(off_forget @ retained.T, remain_rank)
         self.requests = requests
-        protected = orthonormal_columns(torch.cat([self.remain, old_forget], 1), dim) if old_forget.numel() else self.remain
-        self.complement = (torch.eye(dim, dtype=torch.float64) - protected @ protected.T).float()
-        self.protected = protected.float()
-        self.targets = {n: p for n, p in session.params.items() if KV_WEIGHT.search(n)}
-        if not self.targets:
-            raise ValueError("fgoriu acts on cross-attention to_k/to_v weights, but none of them train; "
-                             "use a trainable set that includes them (e.g. trainable=xattn).")
-        self.start = {n: p.detach().clone() for n, p in self.targets.items()}
+        self.protect(session, orthonormal_columns(torch.cat([self.remain, old_forget], 1), dim))
         self.forget_features = concept[:256].float()
 
     def penalty(self, session) -> torch.Tensor | None:
@@ -98,16 +91,6 @@ class FGOrIU(Regularizer):
             basis, _ = torch.linalg.qr(retained_out)
             total = total + (basis.T @ change).pow(2).mean()
         return self.config.feature_weight * total
-
-    def transform_gradients(self, session) -> None:
-        for p in self.targets.values():
-            if p.grad is not None:
-                p.grad.copy_(p.grad @ self.complement.to(p.grad))
-
-    @torch.no_grad()
-    def after_step(self, session) -> None:
-        for n, p in self.targets.items():
-            p.copy_(self.start[n] + (p - self.start[n]) @ self.complement.to(p))
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"forget": self.forget, "remain": self.remain, "requests": torch.tensor(self.requests)}

@@ -58,21 +58,18 @@ def orthonormal_basis(states: torch.Tensor, rank: int) -> torch.Tensor:
     return u[:, :min(rank, u.shape[1])]
 
 
-@register_regularizer
-class GradientProjection(Regularizer):
-    name = "gradproj"
-    description = "project to_k/to_v updates off the token subspace of concepts close to the target"
-    config_class = ProjectionConfig
+class SubspaceProtection(Regularizer):
+    """Shared mechanics: confine to_k/to_v updates to the orthogonal complement of a protected
+    subspace of text states, in the gradient and (exactly, whatever the optimizer) in the
+    request's accumulated update."""
 
-    def setup(self, session) -> None:
-        encoding = session.model.encode(protected_prompts(session, self.config.prompts, self.config.sibling_share))
-        states = encoding.states[encoding.mask.bool()].T  # (dim, tokens)
-        basis = orthonormal_basis(states, self.config.rank)
-        self.complement = (torch.eye(basis.shape[0], dtype=torch.float64) - basis @ basis.T).float()
-        self.basis = basis.float()
+    def protect(self, session, protected: torch.Tensor) -> None:
+        """``protected``: (dim, k) orthonormal columns whose outputs must not change."""
+        self.protected = protected.float()
+        self.complement = (torch.eye(protected.shape[0], dtype=torch.float64) - protected.double() @ protected.double().T).float()
         self.targets = {n: p for n, p in session.params.items() if KV_WEIGHT.search(n)}
         if not self.targets:
-            raise ValueError("gradproj protects cross-attention to_k/to_v weights, but none of them train; "
+            raise ValueError(f"{self.name} protects cross-attention to_k/to_v weights, but none of them train; "
                              "use a trainable set that includes them (e.g. trainable=xattn).")
         self.start = {n: p.detach().clone() for n, p in self.targets.items()}
 
@@ -85,3 +82,16 @@ class GradientProjection(Regularizer):
     def after_step(self, session) -> None:
         for n, p in self.targets.items():
             p.copy_(self.start[n] + (p - self.start[n]) @ self.complement.to(p))
+
+
+@register_regularizer
+class GradientProjection(SubspaceProtection):
+    name = "gradproj"
+    description = "project to_k/to_v updates off the token subspace of concepts close to the target"
+    config_class = ProjectionConfig
+
+    def setup(self, session) -> None:
+        encoding = session.model.encode(protected_prompts(session, self.config.prompts, self.config.sibling_share))
+        states = encoding.states[encoding.mask.bool()].T  # (dim, tokens)
+        self.basis = orthonormal_basis(states, self.config.rank).float()
+        self.protect(session, self.basis)
