@@ -151,3 +151,21 @@ def test_erasepro_refuses_more_constraints_than_dimensions(tmp_path, tiny_model_
     store.add_request(["striped"], "erasepro", {"rank": "400"})
     store.apply()  # rank is capped by the data, never above the text dimension
     assert store.method_state()["erasepro/basis"].shape[1] < 384
+
+
+@pytest.mark.parametrize("method", ["uce", "erasepro"])
+def test_closed_forms_keep_other_methods_edits_of_the_same_layers(tmp_path, tiny_model_dir, method):
+    store = Store.init(tmp_path / "s", tiny_model_dir)
+    store.add_request(["striped"], method, {"erase_prompts": "8", "preserve_prompts": "32"})
+    store.add_request(["dotted"], "esd", {"variant": "x-strict", "steps": "2", "forget_images": "2", "sampling_steps": "2",
+                                          "batch_size": "2", "learning_rate": "0.01"})
+    store.add_request(["circle"], method, {"erase_prompts": "8", "preserve_prompts": "32"})
+    store.apply()
+    w1, w2, w3 = store.replay(1), store.replay(2), store.replay(3)
+    esd_edit = {k: w2[k] - w1[k] for k in w2 if "attn2.to_k" in k or "attn2.to_v" in k}
+    assert any(v.abs().max() > 0 for v in esd_edit.values())
+    # request 3 changes the layers by its own closed-form update only: ESD's edit is carried along, not undone
+    state = store.method_state()
+    for name, esd_delta in esd_edit.items():
+        own = state[f"{method}/own_delta.{name}"].float()
+        assert torch.allclose(w3[name], store.replay(0)[name] + esd_delta + own, atol=1e-5), name

@@ -192,14 +192,16 @@ class Store:
     def _apply_one(self, rid: int, evaluator, progress) -> ApplyOutcome:
         state = self.state()
         request = state.requests[rid]
-        model = self.load_model(check=False)
+        model = self._base_model()
+        base_weights = model.state_tensors()
+        model.load_state_tensors(self._weights_at(state))
         weights_before = model.state_tensors()
         method = get_method(request.method).from_options(request.method_config)
         previous_state = self._method_state(state)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         context = UnlearningContext(
             prompts=model.prompt_source(tuple(self.info.get("retain", ()))),
-            base_weights=self._base_model().state_tensors(),
+            base_weights=base_weights,
             state=_namespace(previous_state, request.method),
             regularizer_states={r.name: _namespace(previous_state, f"reg.{r.name}") for r in request.regularizers},
             forgotten=tuple(t for r in state.applied for t in state.requests[r].targets),

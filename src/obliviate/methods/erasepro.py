@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .base import Edit, MethodResult, UnlearningMethod, register_method
-from .uce import erase_and_preserve_states, kv_layers
+from .uce import erase_and_preserve_states, kv_layers, other_edits
 
 @dataclass
 class EraseProConfig:
@@ -89,13 +89,14 @@ class ErasePro(UnlearningMethod):
 
         current = model.state_tensors()
         layers = unet_depth_order(kv_layers(current))
-        deltas = {}
+        deltas, state = {}, {"basis": all_basis, "anchor": all_anchor}
         for depth, name in enumerate(layers):
             strength = 1 - (1 - cfg.deep_strength) * depth / max(1, len(layers) - 1)
             w0 = context.base_weights[name].double()
             targets = w0 @ (all_basis + strength * (all_anchor - all_basis))
             solved = zero_residual_solve(w0, all_basis, targets, metric)
+            state[f"own_delta.{name}"] = solved - w0
+            solved = solved + other_edits(current[name], w0, context.state.get(f"own_delta.{name}"))
             deltas[name] = solved.to(current[name].dtype) - current[name]
-        state = {"basis": all_basis, "anchor": all_anchor}
         return MethodResult(Edit(deltas=deltas), state, {"constraints": all_basis.shape[1], "edited_layers": len(deltas),
                                                          "unet_forward_passes": 0, "unet_backward_passes": 0})

@@ -111,6 +111,13 @@ def kv_layers(weights: dict[str, torch.Tensor]) -> list[str]:
     return layers
 
 
+def other_edits(current: torch.Tensor, pretrained: torch.Tensor, own_delta: torch.Tensor | None) -> torch.Tensor:
+    """What other requests (other methods) changed in a layer: current - pretrained - our own
+    share. A closed form solved from the pretrained weights adds this back, so it never undoes
+    another method's edit of the same layer."""
+    return current.double() - pretrained.double() - (own_delta.double() if own_delta is not None else 0)
+
+
 def uce_solve(w0: torch.Tensor, erase_values: torch.Tensor, erase_gram: torch.Tensor, preserve_gram: torch.Tensor,
               config: UCEConfig) -> torch.Tensor:
     """The closed form for one layer; ``erase_values`` is sum W0 g c^T (out x in)."""
@@ -143,9 +150,11 @@ class UCE(UnlearningMethod):
             w0 = (context.base_weights[name] if cfg.incremental else weight).double()
             key = f"erase_values.{name}"
             erase_values = memory.get(key, torch.zeros_like(w0)).double() + w0 @ (g.T @ c)
+            solved = uce_solve(w0, erase_values, erase_gram, preserve_gram, cfg)
             if cfg.incremental:
                 state[key] = erase_values
-            solved = uce_solve(w0, erase_values, erase_gram, preserve_gram, cfg).to(weight.dtype)
-            deltas[name] = solved - weight
+                state[f"own_delta.{name}"] = solved - w0
+                solved = solved + other_edits(weight, w0, memory.get(f"own_delta.{name}"))
+            deltas[name] = solved.to(weight.dtype) - weight
         return MethodResult(Edit(deltas=deltas), state, {"erase_tokens": len(c), "edited_layers": len(deltas),
                                                          "unet_forward_passes": 0, "unet_backward_passes": 0})
