@@ -353,12 +353,14 @@ def bench(methods: List[str] = typer.Option(["esd"], "--method", help="Method to
           model: str = typer.Option("shapes-t2i"),
           set_: List[str] = typer.Option([], "--set", help="METHOD.option=value (repeatable)."),
           images_per_prompt: int = typer.Option(4),
+          forget_prompts: int = typer.Option(8, help="Prompts per forgotten target and split."),
           oracles: Path = typer.Option(Path("runs/oracles"), help="Retrain oracles (`zoo train shapes-t2i --exclude`).")) -> None:
     """Run a resumable benchmark matrix; prints and writes a table to OUT/SEQUENCE.md (and .csv)."""
     from .bench import markdown_table, parse_method_options, run_bench
     from .evaluation.evaluator import EvalConfig
     rows = run_bench(list(methods), list(regularizers), sequence, out, work, model, parse_method_options(set_),
-                     EvalConfig(images_per_prompt=images_per_prompt), oracles=oracles, echo=typer.echo)
+                     EvalConfig(images_per_prompt=images_per_prompt, forget_prompts=forget_prompts), oracles=oracles,
+                     echo=typer.echo)
     typer.echo(markdown_table(rows, sequence))
 
 
