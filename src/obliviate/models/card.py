@@ -43,7 +43,7 @@ pixel space at 32x32, v-prediction with a cosine schedule, EMA weights.
 | training steps | {state['step']} x batch {recipe['batch_size']} (fresh renders every step) |
 | learning rate | {recipe['learning_rate']} (AdamW, warm-up {recipe['warmup_steps']}, cosine to 10%), EMA {recipe['ema_decay']} |
 | prompt dropout | {recipe['prompt_dropout']} (for classifier-free guidance, scale {recipe['guidance_scale']}) |
-| wall time | {state['seconds'] / 60:.1f} min on {state['device']} |
+| wall time | {state['seconds'] / 60:.1f} min on {state['device']} (as measured; other load on the machine counts) |
 | hardware | {_hardware()} |
 | seed | {recipe['seed']} |
 
