@@ -310,3 +310,11 @@ def test_fgoriu_protects_its_subspaces_and_adapts_them_across_requests(tmp_path,
         assert (delta @ second.protected.double()).abs().max() < 1e-5 * max(1.0, float(delta.abs().max()))
     state = store.method_state()
     assert int(state["reg.fgoriu/requests"]) == 2
+
+
+def test_esd_anchor_guide_negates_only_the_target_direction(tiny_t2i, fixed_batch):
+    cond = predict(tiny_t2i, fixed_batch, fixed_batch.prompts)
+    anchor = predict(tiny_t2i, fixed_batch, fixed_batch.anchors)
+    expected = 4.0 * (cond - anchor).pow(2).mean()  # eta = 2 against the anchor prediction
+    result = run(tiny_t2i, "esd", {"guide": "anchor", "steps": 1})
+    assert result.stats["first_loss"] == pytest.approx(float(expected), rel=1e-4)

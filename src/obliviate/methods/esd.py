@@ -6,6 +6,11 @@ prediction into the conditional one,
 where f is the UNet output. x_t comes from images the frozen model draws for the targets. The
 combination has weights summing to one, so it is the same whether the UNet predicts noise or
 velocity (both are affine in each other at fixed x_t and t).
+
+``guide="anchor"`` is the attribute-erasure form (the reference code's ``--erase_from``): the
+unconditional prediction is replaced by the prediction for the same prompt with the target
+dropped (or replaced by the request's anchor), so only the target's direction is negated and the
+rest of the prompt (colour, shape, ...) is kept.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ class ESDConfig(GradientConfig):
     variant: str = field(default="x", metadata={
         "help": "x: cross-attention; x-strict: cross-attention keys/values; u: everything outside cross-attention"})
     negative_guidance: float = field(default=2.0, metadata={"help": "eta; 2 in the current reference code (= 1 in the old form)"})
+    guide: str = field(default="unconditional", metadata={
+        "help": "'unconditional' (ESD) or 'anchor': guide against the prompt without the target (attribute erasure)"})
     trainable: str = field(default="", metadata={"help": "override the variant's parameters (preset or regex)"})
     steps: int = field(default=40, metadata={"help": "optimizer steps"})
     learning_rate: float = field(default=5e-4, metadata={"help": "Adam learning rate"})
@@ -33,6 +40,8 @@ class ESDConfig(GradientConfig):
     def __post_init__(self):
         if self.variant not in ESD_VARIANTS:
             raise ValueError(f"Unknown ESD variant {self.variant!r}; choose one of {', '.join(ESD_VARIANTS)}.")
+        if self.guide not in ("unconditional", "anchor"):
+            raise ValueError(f"guide must be 'unconditional' or 'anchor', got {self.guide!r}")
         super().__post_init__()
 
     @property
@@ -51,10 +60,11 @@ class ESD(GradientMethod):
     config_class = ESDConfig
 
     def loss(self, session) -> torch.Tensor:
-        prompts, _, _, noisy, t, _ = self.forget_batch(session)
+        prompts, anchors, _, noisy, t, _ = self.forget_batch(session)
         cond = session.encode(prompts)
+        guides = anchors if self.config.guide == "anchor" else [""] * len(prompts)
         with torch.no_grad():
-            both = TextEncoding.cat([cond, session.encode([""] * len(prompts))])
+            both = TextEncoding.cat([cond, session.encode(guides)])
             teacher_cond, teacher_uncond = session.teacher.predict(torch.cat([noisy, noisy]), torch.cat([t, t]), both).chunk(2)
             target = esd_target(teacher_cond, teacher_uncond, self.config.negative_guidance)
         return (session.model.predict(noisy, t, cond) - target).pow(2).mean()
