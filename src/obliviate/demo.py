@@ -47,7 +47,7 @@ def run_demo(out: Path, quick: bool = False, echo=print, print_quality=None, pri
     images, captions = real_vs_generated(model, balanced_combinations(8 if quick else 24, DEFAULT_ONTOLOGY))
     image_grid(images, captions, columns=8, scale=4, caption_height=14).save(out / "real_vs_generated.png")
     echo(f"wrote {out / 'real_vs_generated.png'} (pairs: a render, then the model's image for its prompt)")
-    quality = judge_t2i(model, judge, n_prompts=10 if quick else 40, images_per_prompt=2 if quick else 8)
+    quality = judge_t2i(model, judge, n_prompts=10 if quick else 20, images_per_prompt=2 if quick else 4)
     (out / "quality.json").write_text(json.dumps(quality, indent=2))
     if print_quality:
         print_quality(quality)
@@ -56,7 +56,7 @@ def run_demo(out: Path, quick: bool = False, echo=print, print_quality=None, pri
     store_dir = out / "store"
     shutil.rmtree(store_dir, ignore_errors=True)
     store = Store.init(store_dir, "shapes-t2i")
-    eval_config = EvalConfig(forget_prompts=4, retain_prompts=16, images_per_prompt=2) if quick else EvalConfig()
+    eval_config = EvalConfig(forget_prompts=4 if quick else 8, retain_prompts=16 if quick else 40, images_per_prompt=2)
     evaluator = Evaluator.for_store(store, eval_config)
     store.evaluate(evaluator)  # the base model's row
     for target, method, options in DEMO_REQUESTS[:1] if quick else DEMO_REQUESTS:
