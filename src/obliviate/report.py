@@ -57,7 +57,7 @@ def metric_curves(status: dict):
 def before_after_grid(store, concepts: list[str], images_per_concept: int = 4, seed: int = 0):
     """Rows of images for each concept's prompt: the base model, then the current model."""
     from .world import prompt_for
-    prompts_source = store._base_model_prompts()
+    prompts_source = store.prompts()
     base, current = store.family.load(store.root / "base"), store.load_model()
     rows, captions = [], []
     for concept in concepts:
@@ -76,7 +76,7 @@ def write_report(store, out: str | Path, retained_examples: int = 2, images_per_
     out.parent.mkdir(parents=True, exist_ok=True)
     status = store.status()
     forgotten = list(dict.fromkeys(store.forgotten()))
-    prompts = store._base_model_prompts()
+    prompts = store.prompts()
     gone = {c.name for c in prompts.target_concepts(tuple(forgotten))} if forgotten else set()
     retained = [c.name for c in prompts.ontology.concepts if c.name not in gone][::7][:retained_examples]
 

@@ -115,6 +115,11 @@ class LedgerState:
     metrics: dict[int, dict]  # latest evaluation per applied request (by request id; 0 = base)
 
     @property
+    def forgotten(self) -> tuple[str, ...]:
+        """Targets of the requests now in the model, in order."""
+        return tuple(t for rid in self.applied for t in self.requests[rid].targets)
+
+    @property
     def pending(self) -> tuple[int, ...]:
         return tuple(i for i in sorted(self.requests) if self.status[i] == "pending")
 

@@ -137,12 +137,12 @@ class Store:
         model.load_state_tensors(self._weights_at(state))
         return model.eval()
 
-    def replay(self, upto: int | None = None) -> dict[str, torch.Tensor]:
+    def replay(self, upto: int | None = None, base: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Weights after applied request ``upto`` (the latest when None; 0 = base), rebuilt from
         base and edits. Bit-identical to what was recorded, by construction."""
         state = self.state()
         stack = state.applied if upto is None else state.applied[:state.applied.index(upto) + 1] if upto else ()
-        weights = self._base_model().state_tensors()
+        weights = base if base is not None else self._base_model().state_tensors()
         for rid in stack:
             weights = Edit.from_tensors(load_tensors(self.root / state.apply_events[rid].payload["edit_file"])).apply(weights)
         return weights
@@ -157,8 +157,7 @@ class Store:
         config = config_to_dict(build_config(method_cls.config_class, method_config, owner=f"method {method!r}"))
         checked_regs = tuple(self._check_regularizer(r) for r in regularizers)
         request = Request(targets, method, config, anchor, checked_regs, seed)
-        prompts = self._base_model_prompts()
-        prompts.validate(targets, anchor)
+        self.prompts().validate(targets, anchor)
         with self.locked(wait):
             next_id = max(self.state().requests, default=0) + 1
             self.ledger.append("add", {"request": request.to_json()}, request_id=next_id)
@@ -170,9 +169,11 @@ class Store:
         return RegularizerSpec(spec.name, config_to_dict(build_config(reg_cls.config_class, spec.config,
                                                                       owner=f"regularizer {spec.name!r}")))
 
-    def _base_model_prompts(self):
-        meta = json.loads((self.root / "base" / "obliviate.json").read_text())
+    def prompts(self):
+        """Where methods, the evaluator and attacks get prompts: the embedded world's ground truth
+        for a MiniLM model, free text (with the store's retain list) otherwise."""
         from ..world import FreeTextPrompts, WorldPrompts
+        meta = json.loads((self.root / "base" / "obliviate.json").read_text())
         return WorldPrompts() if meta["text_encoder"] == "minilm" else FreeTextPrompts(tuple(self.info.get("retain", ())))
 
     # ------------------------------------------------------------------ apply
@@ -200,11 +201,11 @@ class Store:
         previous_state = self._method_state(state)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         context = UnlearningContext(
-            prompts=model.prompt_source(tuple(self.info.get("retain", ()))),
+            prompts=self.prompts(),
             base_weights=base_weights,
             state=_namespace(previous_state, request.method),
             regularizer_states={r.name: _namespace(previous_state, f"reg.{r.name}") for r in request.regularizers},
-            forgotten=tuple(t for r in state.applied for t in state.requests[r].targets),
+            forgotten=state.forgotten,
             device=device, progress=progress)
         start = time.time()
         if device.type == "cuda":
@@ -290,7 +291,8 @@ class Store:
         if not events or events[0].kind != "init":
             return problems + ["ledger has no init row"]
         state = derive_state(events)
-        base_hash = tensor_hash(self._base_model().state_tensors())
+        base_weights = self._base_model().state_tensors()
+        base_hash = tensor_hash(base_weights)
         if base_hash != events[0].payload["base_hash"]:
             problems.append(f"base model weights in {self.root / 'base'} do not match the hash recorded at init")
         for rid in state.applied:
@@ -311,7 +313,7 @@ class Store:
                 problems.append(f"{path} (current weights) does not match the hash in ledger row {current.seq}")
         elif current.model_hash != base_hash:
             problems.append(f"ledger row {current.seq} expects weights {current.model_hash[:12]} but the base model is current")
-        if replay and not problems and tensor_hash(self.replay()) != current.model_hash:
+        if replay and not problems and tensor_hash(self.replay(base=base_weights)) != current.model_hash:
             problems.append("replaying base + edits does not reproduce the current weights recorded in the ledger")
         return problems
 
@@ -334,8 +336,7 @@ class Store:
 
     # ------------------------------------------------------------------ evaluation
     def forgotten(self) -> tuple[str, ...]:
-        state = self.state()
-        return tuple(t for rid in state.applied for t in state.requests[rid].targets)
+        return self.state().forgotten
 
     def evaluate(self, evaluator: Callable, record: bool = True, wait: float = 0.0) -> dict:
         """Evaluate the current model; with ``record``, append the result to the ledger."""
@@ -350,7 +351,7 @@ class Store:
 
     def attack(self, attack, concept: str, judge, record: bool = True, seed: int = 0, wait: float = 0.0):
         """Run an attack on the current model for ``concept``; with ``record``, log the result."""
-        prompts = self._base_model_prompts()
+        prompts = self.prompts()
         prompts.validate((concept,), None)
         result = attack.run(self.load_model(check=True), concept, judge, prompts, seed=seed)
         if record:

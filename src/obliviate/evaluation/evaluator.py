@@ -65,7 +65,7 @@ class Evaluator:
     @classmethod
     def for_store(cls, store, config: EvalConfig = EvalConfig(), judge: str = "shapes-judge") -> "Evaluator":
         from ..models.zoo import load_judge
-        if store.info["kind"] != "t2i" or store._base_model_prompts().__class__ is not WorldPrompts:
+        if store.info["kind"] != "t2i" or not isinstance(store.prompts(), WorldPrompts):
             raise ValueError("The built-in evaluator judges the embedded world; this store holds another model. "
                              "Evaluate Stable Diffusion stores with your own classifier through Evaluator(judge=...).")
         return cls(load_judge(judge), config, cache_dir=store.root / "cache" / "eval")

@@ -104,9 +104,6 @@ class TrainingSession:
     retain_prompt_list: list[str] = field(default_factory=list)
     retain_latents: torch.Tensor | None = None
 
-    def batch_indices(self) -> np.ndarray:
-        return self.rng.integers(0, len(self.forget_prompts), self.config.batch_size)
-
     def encode(self, prompts: list[str]) -> TextEncoding:
         return self.model.encode(prompts)
 

@@ -135,12 +135,6 @@ class T2IModel:
     def next_text_transform_key(self) -> str:
         return f"{TEXT_PREFIX}{len(self.text_transforms):04d}.matrix"
 
-    def prompt_source(self, retain: tuple[str, ...] = ()):
-        """Where methods get prompts: the embedded world's ground truth, or free text for SD."""
-        from ..world import WorldPrompts
-        from ..world.targets import FreeTextPrompts
-        return WorldPrompts() if self.text_encoder.kind == "minilm" else FreeTextPrompts(tuple(retain))
-
     # ---------------------------------------------------------------- diffusion pieces
     def encode(self, prompts: list[str]) -> TextEncoding:
         encoding = self.text_encoder.encode(prompts)
