@@ -358,7 +358,8 @@ def bench(methods: List[str] = typer.Option(["esd"], "--method", help="Method to
     """Run a resumable benchmark matrix; prints and writes a table to OUT/SEQUENCE.md (and .csv)."""
     from .bench import markdown_table, parse_method_options, run_bench
     from .evaluation.evaluator import EvalConfig
-    rows = run_bench(list(methods), list(regularizers), sequence, out, work, model, parse_method_options(set_),
+    plain_or_named = ["" if r == "none" else r for r in regularizers]
+    rows = run_bench(list(methods), plain_or_named, sequence, out, work, model, parse_method_options(set_),
                      EvalConfig(images_per_prompt=images_per_prompt, forget_prompts=forget_prompts), oracles=oracles,
                      echo=typer.echo)
     typer.echo(markdown_table(rows, sequence))

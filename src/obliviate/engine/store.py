@@ -32,6 +32,7 @@ import torch
 from ..config import build_config, config_to_dict
 from ..methods.base import Edit, UnlearningContext, get_method
 from ..models.t2i import T2IModel
+from ..classifiers.models import ClassifierModel
 from .files import TMP_SUFFIX, atomic_save_tensors, load_tensors
 from .hashing import file_hash, tensor_hash
 from .ledger import Ledger, LedgerState, derive_state
@@ -40,7 +41,14 @@ from .request import RegularizerSpec, Request
 
 STORE_FILE = "store.json"
 FORMAT_VERSION = 1
-MODEL_FAMILIES = {"t2i": T2IModel}
+MODEL_FAMILIES = {"t2i": T2IModel, "classifier": ClassifierModel}
+
+
+def model_family(folder: Path) -> str:
+    """``classifier`` for a folder saved by ClassifierModel, else ``t2i`` (obliviate T2I bundles
+    and Stable Diffusion folders)."""
+    bundle = folder / "obliviate.json"
+    return json.loads(bundle.read_text()).get("kind", "t2i") if bundle.is_file() else "t2i"
 
 
 def _namespace(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -90,10 +98,11 @@ class Store:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         try:
-            bundle = T2IModel.load(source)
+            kind = model_family(source)
+            bundle = MODEL_FAMILIES[kind].load(source)
             bundle.save(staging / "base")
             base_hash = tensor_hash(bundle.state_tensors())
-            info = {"format": FORMAT_VERSION, "kind": "t2i", "model_source": str(model), "retain": list(retain),
+            info = {"format": FORMAT_VERSION, "kind": kind, "model_source": str(model), "retain": list(retain),
                     "evaluation": evaluation}
             (staging / STORE_FILE).write_text(json.dumps(info, indent=2))
             ledger = Ledger(staging / "ledger.sqlite")
@@ -118,7 +127,7 @@ class Store:
             self._remove_leftovers()
             yield
 
-    def _base_model(self) -> T2IModel:
+    def _base_model(self):
         return self.family.load(self.root / "base")
 
     def _weights_at(self, state: LedgerState) -> dict[str, torch.Tensor]:
@@ -127,7 +136,7 @@ class Store:
             return self._base_model().state_tensors()
         return load_tensors(self.root / event.payload["weights_file"])
 
-    def load_model(self, check: bool = True) -> T2IModel:
+    def load_model(self, check: bool = True):
         """The current model. With ``check``, refuse if the weights on disk are not the ones the
         ledger recorded."""
         if check:
@@ -153,7 +162,7 @@ class Store:
                     wait: float = 0.0) -> int:
         """Validate and record a pending request; returns its id. Nothing is written if invalid."""
         targets = tuple(t.strip() for t in targets)
-        method_cls = get_method(method)
+        method_cls = get_method(method, self.info["kind"])
         config = config_to_dict(build_config(method_cls.config_class, method_config, owner=f"method {method!r}"))
         checked_regs = tuple(self._check_regularizer(r) for r in regularizers)
         request = Request(targets, method, config, anchor, checked_regs, seed)
@@ -170,11 +179,9 @@ class Store:
                                                                       owner=f"regularizer {spec.name!r}")))
 
     def prompts(self):
-        """Where methods, the evaluator and attacks get prompts: the embedded world's ground truth
-        for a MiniLM model, free text (with the store's retain list) otherwise."""
-        from ..world import FreeTextPrompts, WorldPrompts
-        meta = json.loads((self.root / "base" / "obliviate.json").read_text())
-        return WorldPrompts() if meta["text_encoder"] == "minilm" else FreeTextPrompts(tuple(self.info.get("retain", ())))
+        """What request targets may name and where methods, the evaluator and attacks get their
+        inputs: prompts for a text-to-image model, the training data for a classifier."""
+        return self.family.request_vocabulary(self.root / "base", tuple(self.info.get("retain", ())))
 
     # ------------------------------------------------------------------ apply
     def apply(self, evaluator: Callable | None = None, wait: float = 0.0, on_start: Callable | None = None,
@@ -197,7 +204,7 @@ class Store:
         base_weights = model.state_tensors()
         model.load_state_tensors(self._weights_at(state))
         weights_before = model.state_tensors()
-        method = get_method(request.method).from_options(request.method_config)
+        method = get_method(request.method, self.info["kind"]).from_options(request.method_config)
         previous_state = self._method_state(state)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         context = UnlearningContext(

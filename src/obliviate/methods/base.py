@@ -86,6 +86,7 @@ class UnlearningMethod(Configurable, ABC):
     are registered with ``@register_method``."""
 
     kind = "method"
+    family: str = "t2i"  # the model family it edits: "t2i" or "classifier"
 
     @abstractmethod
     def unlearn(self, model, request, context: UnlearningContext) -> MethodResult:
@@ -93,6 +94,16 @@ class UnlearningMethod(Configurable, ABC):
         model modified (the store applies the edit)."""
 
 
-METHODS: Registry[UnlearningMethod] = Registry("method")
-register_method = METHODS.register
-get_method = METHODS.get
+# One registry per model family, so a classifier's ``ga`` and a diffusion model's ``ga`` coexist.
+METHODS: dict[str, Registry[UnlearningMethod]] = {
+    "t2i": Registry("text-to-image method"), "classifier": Registry("classifier method")}
+
+
+def register_method(cls: type[UnlearningMethod]) -> type[UnlearningMethod]:
+    if cls.family not in METHODS:
+        raise ValueError(f"{cls.__name__}.family is {cls.family!r}; expected one of {', '.join(METHODS)}.")
+    return METHODS[cls.family].register(cls)
+
+
+def get_method(name: str, family: str = "t2i") -> type[UnlearningMethod]:
+    return METHODS[family].get(name)

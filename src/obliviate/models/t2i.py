@@ -47,6 +47,7 @@ class T2IModel:
     guidance_scale: float = 2.0
     # Text-space edits (e.g. sdwv) transform prompt encodings before the UNet sees them.
     text_transforms: list[Callable[[TextEncoding], TextEncoding]] = field(default_factory=list)
+    kind = "t2i"
 
     # ---------------------------------------------------------------- construction and files
     @classmethod
@@ -94,6 +95,15 @@ class T2IModel:
         if self.text_encoder.kind == "clip" and self.vae is not None:
             (folder / "model_index.json").write_text(json.dumps(_SD_MODEL_INDEX, indent=2))
         (folder / BUNDLE_FILE).write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def request_vocabulary(cls, folder: str | Path, retain: tuple[str, ...] = ()):
+        """Prompts for request targets: the embedded world's ground truth for a MiniLM model,
+        free text (with the user's retain list) for anything else."""
+        from ..world import FreeTextPrompts, WorldPrompts
+        meta_file = Path(folder) / BUNDLE_FILE
+        minilm = meta_file.is_file() and json.loads(meta_file.read_text())["text_encoder"] == "minilm"
+        return WorldPrompts() if minilm else FreeTextPrompts(tuple(retain))
 
     @property
     def device(self) -> torch.device:

@@ -1,0 +1,158 @@
+"""Evaluation of a classifier after each request, against the retrain oracle.
+
+- UA: 1 - accuracy on the forget set (training data forgotten so far); ``ua_test`` the same on
+  test images of forgotten classes (class deletion only).
+- RA / TA: accuracy on retained training data / on test images of classes still known.
+- MIA: membership-inference efficacy on the forget set, as in SalUn's ``SVC_MIA``: an SVM
+  learns to tell retained training examples (members) from test examples (non-members) by the
+  model's confidence in the true label; MIA is the share of forget examples it calls
+  non-members (higher = more forgotten).
+- Relearn: SGD steps on the forget set until its accuracy is back to ``relearn_accuracy``.
+- Probe: a linear probe trained on penultimate features of all training data (forgotten classes
+  included) and tested on forgotten classes' test images: the information features still hold.
+- Gap: mean absolute difference to the retrain oracle over UA, RA, TA and MIA, in points, the
+  number the classification unlearning literature reports.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from .metrics import Accuracy
+
+GAP_KEYS = ("ua", "ra", "ta", "mia")
+
+
+@dataclass(frozen=True)
+class ClassifierEvalConfig:
+    oracle: bool = field(default=True, metadata={"help": "retrain without the forgotten data and report the gap to it"})
+    relearn: bool = field(default=True, metadata={"help": "measure relearn steps"})
+    relearn_accuracy: float = field(default=0.9, metadata={"help": "forget-set accuracy that counts as relearned"})
+    relearn_max_steps: int = field(default=100, metadata={"help": "give up relearning after this many steps"})
+    probe: bool = field(default=True, metadata={"help": "linear probe on penultimate features"})
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0 < self.relearn_accuracy <= 1 or self.relearn_max_steps <= 0:
+            raise ValueError("relearn_accuracy must lie in (0, 1] and relearn_max_steps be positive")
+
+
+def accuracy(model, x: torch.Tensor, y: torch.Tensor) -> float | None:
+    if len(y) == 0:
+        return None
+    metric = Accuracy()
+    metric.update(model.predict(x), y)
+    return metric.compute()
+
+
+@torch.no_grad()
+def true_label_confidence(model, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    model.net.eval()
+    probabilities = F.softmax(model.net(x.to(model.device)), dim=1).cpu()
+    return probabilities[torch.arange(len(y)), y].numpy()
+
+
+def mia_efficacy(model, members: tuple, non_members: tuple, forget: tuple, seed: int = 0) -> float:
+    """Share of forget examples a confidence-based membership attack calls non-members."""
+    from sklearn.svm import SVC
+    rng = np.random.default_rng(seed)
+    member_conf = true_label_confidence(model, *members)
+    other_conf = true_label_confidence(model, *non_members)
+    n = min(len(member_conf), len(other_conf))
+    features = np.concatenate([rng.choice(member_conf, n, replace=False), rng.choice(other_conf, n, replace=False)])
+    labels = np.concatenate([np.ones(n), np.zeros(n)])
+    attack = SVC(C=3, gamma="auto", kernel="rbf").fit(features[:, None], labels)
+    return float(1.0 - attack.predict(true_label_confidence(model, *forget)[:, None]).mean())
+
+
+def relearn_steps(model, x: torch.Tensor, y: torch.Tensor, target_accuracy: float, max_steps: int,
+                  learning_rate: float = 0.01, batch_size: int = 32, seed: int = 0) -> int:
+    """SGD steps on (x, y) until its accuracy reaches ``target_accuracy`` (``max_steps`` if never)."""
+    student = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(student.net.parameters(), lr=learning_rate, momentum=0.9)
+    generator = torch.Generator().manual_seed(seed)
+    for step in range(max_steps):
+        if accuracy(student, x, y) >= target_accuracy:
+            return step
+        index = torch.randint(0, len(x), (batch_size,), generator=generator)
+        student.net.train()
+        loss = F.cross_entropy(student.net(x[index].to(student.device)), y[index].to(student.device))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return max_steps
+
+
+@torch.no_grad()
+def probe_accuracy(model, train: tuple, test: tuple, seed: int = 0) -> float | None:
+    """Accuracy of a linear probe on penultimate features over ``test`` (forgotten classes)."""
+    from sklearn.linear_model import LogisticRegression
+    if len(test[1]) == 0:
+        return None
+    model.net.eval()
+    features = lambda x: model.net.features(x.to(model.device)).cpu().numpy()  # noqa: E731
+    probe = LogisticRegression(max_iter=2000, random_state=seed).fit(features(train[0]), train[1].numpy())
+    return float((probe.predict(features(test[0])) == test[1].numpy()).mean())
+
+
+@functools.lru_cache(maxsize=16)
+def _oracle(recipe_json: str, forgotten: tuple[str, ...]):
+    from ..classifiers.train import ClassifierRecipe, train_classifier
+    recipe = {k: v for k, v in json.loads(recipe_json).items() if k != "train_seconds"}
+    start = time.time()
+    model = train_classifier(ClassifierRecipe(**recipe), exclude=forgotten)
+    return model, time.time() - start
+
+
+def retrain_oracle(model, forgotten: tuple[str, ...]):
+    """The model's recipe rerun without ``forgotten`` (cached per process); (model, seconds)."""
+    if not model.recipe:
+        raise ValueError("This classifier carries no training recipe, so its retrain oracle cannot be built; "
+                         "evaluate with oracle=False.")
+    return _oracle(json.dumps(model.recipe, sort_keys=True), tuple(sorted(forgotten)))
+
+
+class ClassifierEvaluator:
+    """``evaluator(model, store=None, forgotten=(...)) -> metrics`` for classifier stores."""
+
+    def __init__(self, config: ClassifierEvalConfig = ClassifierEvalConfig()):
+        self.config = config
+
+    def __call__(self, model, store=None, forgotten: tuple[str, ...] = ()) -> dict:
+        from ..classifiers.targets import DataTargets
+        targets = DataTargets(model.dataset)
+        split = targets.split(tuple(forgotten))
+        out = {"forgotten": list(forgotten), "eval_config": asdict(self.config), **self.measure(model, split)}
+        if self.config.oracle and forgotten:
+            oracle, seconds = retrain_oracle(model, tuple(forgotten))
+            reference = self.measure(oracle, split)
+            out["oracle"] = {**reference, "retrain_seconds": round(seconds, 3)}
+            out["gap"] = round(float(np.mean([abs(out[k] - reference[k]) for k in GAP_KEYS])) * 100, 3)
+        return out
+
+    def measure(self, model, split) -> dict:
+        cfg = self.config
+        model.eval()
+        out = {"ra": accuracy(model, split.retain_x, split.retain_y), "ta": accuracy(model, split.test_x, split.test_y)}
+        if len(split.forget_y):
+            out["ua"] = 1.0 - accuracy(model, split.forget_x, split.forget_y)
+            forgotten_test = accuracy(model, split.forget_test_x, split.forget_test_y)
+            out["ua_test"] = None if forgotten_test is None else 1.0 - forgotten_test
+            out["mia"] = mia_efficacy(model, (split.retain_x, split.retain_y), (split.test_x, split.test_y),
+                                      (split.forget_x, split.forget_y), cfg.seed)
+            if cfg.relearn:
+                out["relearn_steps"] = relearn_steps(model, split.forget_x, split.forget_y, cfg.relearn_accuracy,
+                                                     cfg.relearn_max_steps, seed=cfg.seed)
+            if cfg.probe:
+                all_x = torch.cat([split.retain_x, split.forget_x])
+                all_y = torch.cat([split.retain_y, split.forget_y])
+                out["probe"] = probe_accuracy(model, (all_x, all_y), (split.forget_test_x, split.forget_test_y), cfg.seed)
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}

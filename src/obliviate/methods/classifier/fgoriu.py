@@ -1,0 +1,156 @@
+"""FG-OrIU (feature-gradient orthogonality for incremental unlearning, ICCV 2025).
+
+For every weight layer (``nn.Linear``, ``nn.Conv2d``; a convolution's inputs are its unfolded
+patches) the SVD of its inputs splits input space into a *remaining* subspace U_r (inputs on
+retained data) and a *forgetting* subspace U_f (inputs on the forget set, outside U_r), each
+keeping the directions that hold ``energy`` of the squared singular values.
+
+- Feature level: the forget set's penultimate features are driven orthogonal to both the
+  remaining and the forgetting subspace of the head's inputs, ``L = |[U_r U_f]^T phi(x_f)|^2 /
+  |phi_0(x_f)|^2``, so nothing the head reads is left of them (deep, not superficial, forgetting).
+- Gradient level: every weight gradient is projected as ``G <- G (I - B B^T)`` with B spanning
+  U_r and the forgetting subspaces of earlier requests, so retained inputs keep their outputs
+  and earlier forgotten data cannot be pulled back.
+- Dynamic subspace adaptation: the forgetting bases are merged across requests and the
+  remaining bases contracted (recomputed on the shrinking retained data, then with every
+  forgetting direction removed); both live in the store's method state.
+
+Only weight matrices train: a bias or LayerNorm change would shift retained outputs too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..base import register_method
+from .base import ClassifierConfig, ClassifierMethod
+
+
+@dataclass
+class FGOrIUConfig(ClassifierConfig):
+    epochs: int = field(default=30, metadata={"help": "passes over the forget set"})
+    learning_rate: float = field(default=0.05, metadata={"help": "SGD learning rate"})
+    energy: float = field(default=0.97, metadata={"help": "share of squared singular values a subspace keeps"})
+    samples: int = field(default=512, metadata={"help": "examples (or patches per layer) used to estimate subspaces"})
+    feature_energy: float = field(default=0.95, metadata={"help": "energy of the head-input subspaces the forget features must leave"})
+    trainable: str = field(default=r"weight$", metadata={"help": "regex over parameter names (weight matrices only)"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not (0 < self.energy <= 1 and 0 < self.feature_energy <= 1):
+            raise ValueError(f"energy and feature_energy must lie in (0, 1], got {self.energy} and {self.feature_energy}")
+
+
+def energy_basis(rows: torch.Tensor, energy: float, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """Orthonormal (dim, k) basis of the span of ``rows`` (n, dim) keeping ``energy`` of the
+    spectrum, after removing the directions in ``exclude``."""
+    matrix = rows.double().T
+    if exclude is not None and exclude.shape[1]:
+        matrix = matrix - exclude @ (exclude.T @ matrix)
+    u, s, _ = torch.linalg.svd(matrix, full_matrices=False)
+    if s.numel() == 0 or s[0] <= 1e-12:
+        return torch.zeros(matrix.shape[0], 0, dtype=torch.float64)
+    share = (s ** 2).cumsum(0) / (s ** 2).sum()
+    k = int((share < energy).sum().item()) + 1
+    return u[:, :k]
+
+
+def merge_bases(*bases: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
+    """Orthonormal basis of the union of spans."""
+    stacked = torch.cat([b for b in bases if b.shape[1]], dim=1) if any(b.shape[1] for b in bases) else bases[0]
+    if stacked.shape[1] == 0:
+        return stacked
+    u, s, _ = torch.linalg.svd(stacked, full_matrices=False)
+    return u[:, s > tol * s[0]]
+
+
+def weight_layers(net: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+
+
+@torch.no_grad()
+def layer_inputs(net: nn.Module, x: torch.Tensor, samples: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Each weight layer's inputs on ``x`` as rows (n, fan_in), subsampled to ``samples`` rows."""
+    rows, handles = {}, []
+
+    def keep(name, module):
+        def hook(_, args, __):
+            inp = args[0]
+            if isinstance(module, nn.Conv2d):
+                inp = F.unfold(inp, module.kernel_size, module.dilation, module.padding, module.stride).transpose(1, 2)
+            inp = inp.reshape(-1, inp.shape[-1])
+            pick = torch.randperm(len(inp), generator=generator)[:samples].to(inp.device)
+            rows[name] = inp[pick].cpu()
+        return hook
+
+    for name, module in weight_layers(net).items():
+        handles.append(module.register_forward_hook(keep(name, module)))
+    try:
+        net(x[torch.randperm(len(x), generator=generator)[:samples].to(x.device)])
+    finally:
+        for h in handles:
+            h.remove()
+    return rows
+
+
+@register_method
+class FGOrIU(ClassifierMethod):
+    name = "fgoriu"
+    description = "FG-OrIU: feature and gradient orthogonal projection with subspaces that adapt across requests"
+    config_class = FGOrIUConfig
+
+    def run(self, session):
+        cfg = self.config
+        layers = weight_layers(session.net)
+        head = _head_name(session.net, layers)
+        retain = layer_inputs(session.net, session.retain_x, cfg.samples, session.generator)
+        forget = layer_inputs(session.net, session.forget_x, cfg.samples, session.generator)
+        old_forget = {n: session.context.state.get(f"forget/{n}") for n in layers}
+        state, complements = {}, {}
+        for name in layers:
+            previous = old_forget[name].double() if old_forget[name] is not None else torch.zeros(retain[name].shape[1], 0, dtype=torch.float64)
+            # contract: directions forgotten by earlier requests leave the remaining subspace
+            remaining = energy_basis(retain[name], cfg.energy, exclude=previous)
+            # merge: what the forget set's inputs hold beyond the remaining subspace joins the forgetting one
+            merged_forget = merge_bases(previous, energy_basis(forget[name], cfg.energy, exclude=remaining))
+            state[f"forget/{name}"] = merged_forget.float()
+            state[f"remain/{name}"] = remaining.float()
+            protected = merge_bases(remaining, previous)
+            complements[name] = (torch.eye(protected.shape[0], dtype=torch.float64) - protected @ protected.T).float()
+        # feature level: the head-input subspaces of retained and forgotten data, both of which
+        # the forget set's features must leave
+        head_remaining = energy_basis(retain[head], cfg.feature_energy)
+        feature_basis = merge_bases(head_remaining, energy_basis(forget[head], cfg.feature_energy, exclude=head_remaining)).float()
+        device = session.forget_x.device
+        feature_basis, complements = feature_basis.to(device), {n: c.to(device) for n, c in complements.items()}
+        with torch.no_grad():
+            scale = session.teacher.features(session.forget_x).pow(2).sum(1).mean().clamp_min(1e-8)
+        weights = {n: layers[n].weight for n in layers if layers[n].weight.requires_grad}
+        hooks = [w.register_hook(lambda g, c=complements[n], w=w: _project(g, c, w)) for n, w in weights.items()]
+        try:
+            for _ in range(cfg.epochs):
+                for x, _ in session.batches(session.forget_x, session.forget_y):
+                    residual = session.net.features(x) @ feature_basis
+                    session.counter.forward += 1
+                    session.step(residual.pow(2).sum(1).mean() / scale)
+        finally:
+            for h in hooks:
+                h.remove()
+        return state
+
+
+def _head_name(net: nn.Module, layers: dict[str, nn.Module]) -> str:
+    for name, module in layers.items():
+        if module is getattr(net, "head", None):
+            return name
+    raise ValueError("fgoriu needs a network with a linear `head` reading the features.")
+
+
+def _project(gradient: torch.Tensor, complement: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Right-multiply a weight gradient by the complement projector (conv kernels as matrices)."""
+    flat = gradient.reshape(gradient.shape[0], -1)
+    return (flat @ complement).reshape(weight.shape)
