@@ -1,11 +1,10 @@
 from obliviate.bench import SEQUENCES, parse_method_options, run_bench
-from obliviate.evaluation.evaluator import EvalConfig
 from obliviate.models.judge import AttributeJudge
 from obliviate.world import DEFAULT_ONTOLOGY
 
 import pytest
 
-TINY_EVAL = EvalConfig(forget_prompts=1, retain_prompts=2, images_per_prompt=1, steps=2)
+TINY_EVAL = {"forget_prompts": 1, "retain_prompts": 2, "images_per_prompt": 1, "steps": 2}
 
 
 def test_bench_writes_tables_and_resumes(tmp_path, tiny_model_dir):
@@ -14,8 +13,8 @@ def test_bench_writes_tables_and_resumes(tmp_path, tiny_model_dir):
     options = parse_method_options(["esd.steps=1", "esd.forget_images=2", "esd.sampling_steps=2", "esd.batch_size=2"])
     out = tmp_path / "bench"
     lines = []
-    rows = run_bench(["esd"], ["", "l2sp"], "s3", out, tmp_path / "work", str(tiny_model_dir), options, TINY_EVAL,
-                     str(judge_dir), echo=lines.append)
+    rows = run_bench(["esd"], ["", "l2sp"], "s3", out, tmp_path / "work", str(tiny_model_dir), options,
+                     {**TINY_EVAL, "judge": str(judge_dir)}, echo=lines.append)
     assert len(rows) == 3 * len(SEQUENCES["s3"]["requests"])  # base, esd, esd+l2sp
     assert {r["method"] for r in rows} == {"base", "esd"}
     table = (out / "s3.md").read_text()
@@ -24,8 +23,8 @@ def test_bench_writes_tables_and_resumes(tmp_path, tiny_model_dir):
 
     cells = {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
     lines.clear()
-    run_bench(["esd"], ["", "l2sp"], "s3", out, tmp_path / "work", str(tiny_model_dir), options, TINY_EVAL,
-              str(judge_dir), echo=lines.append)
+    run_bench(["esd"], ["", "l2sp"], "s3", out, tmp_path / "work", str(tiny_model_dir), options,
+              {**TINY_EVAL, "judge": str(judge_dir)}, echo=lines.append)
     assert sum(line.startswith("skip") for line in lines) == 3
     assert cells == {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
 

@@ -12,26 +12,59 @@ import csv
 import json
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 
-from .engine import RegularizerSpec, Store
-from .evaluation.evaluator import EvalConfig, Evaluator
+from .engine import RegularizerSpec, Request, Store
 
-# Each sequence is a list of requests; a request is a tuple of target terms.
+# Each sequence is a list of requests (a request is a tuple of targets) and the model it runs on.
 SEQUENCES: dict[str, dict] = {
-    "s1": {"fresh_store_per_request": True, "requests": [("striped",), ("triangle",), ("red",)],
+    "s1": {"model": "shapes-t2i", "fresh_store_per_request": True, "requests": [("striped",), ("triangle",), ("red",)],
            "about": "one request per domain, each on a fresh copy of the base model"},
-    "s3": {"fresh_store_per_request": False, "requests": [("striped",), ("triangle",), ("red",)],
+    "s3": {"model": "shapes-t2i", "fresh_store_per_request": False, "requests": [("striped",), ("triangle",), ("red",)],
            "about": "the s1 requests applied one after another"},
-    "s10": {"fresh_store_per_request": False,
+    "s10": {"model": "shapes-t2i", "fresh_store_per_request": False,
             "requests": [("striped",), ("triangle",), ("red",), ("dotted",), ("circle",), ("blue",), ("star",),
                          ("checkered",), ("yellow",), ("heart",)],
             "about": "ten requests mixing the three domains, applied one after another"},
+    "d5": {"model": "digits-cnn", "fresh_store_per_request": False, "requests": [("3",), ("8",), ("1",), ("5",), ("0",)],
+           "about": "five digit classes forgotten one after another"},
+    "d5-samples": {"model": "digits-cnn", "fresh_store_per_request": False,
+                   "requests": lambda: random_sample_requests("digits", requests=5, per_request=40),
+                   "about": "five requests, each forgetting 40 random training samples of the digits"},
 }
 
-COLUMNS = ["sequence", "method", "regularizer", "step", "targets", "ua", "ua_min", "ua_heldout_template",
-           "ua_heldout_synonym", "ira", "cra", "fd", "seconds", "unet_forward_passes", "unet_backward_passes", "edit_bytes"]
+
+def random_sample_requests(dataset: str, requests: int, per_request: int, seed: int = 0) -> list[tuple[str, ...]]:
+    """Disjoint random training samples per request (``sample:INDEX`` targets), fixed by ``seed``."""
+    import numpy as np
+    from .classifiers.data import load_dataset
+    order = np.random.default_rng(seed).permutation(len(load_dataset(dataset).train_y))
+    return [tuple(f"sample:{i}" for i in sorted(order[k * per_request:(k + 1) * per_request])) for k in range(requests)]
+
+
+def sequence_requests(sequence: str) -> list[tuple[str, ...]]:
+    requests = SEQUENCES[sequence]["requests"]
+    return requests() if callable(requests) else requests
+
+
+# Columns of each model family's tables: (header, row key, decimals).
+T2I_COLUMNS = [("UA", "ua", 3), ("UA min", "ua_min", 3), ("UA held-out tmpl", "ua_heldout_template", 3),
+               ("UA held-out syn", "ua_heldout_synonym", 3), ("IRA", "ira", 3), ("CRA", "cra", 3), ("FD", "fd", 2)]
+CLASSIFIER_COLUMNS = [("UA", "ua", 3), ("UA test", "ua_test", 3), ("RA", "ra", 3), ("TA", "ta", 3), ("MIA", "mia", 3),
+                      ("gap", "gap", 2), ("relearn", "relearn_steps", 0), ("oracle relearn", "oracle_relearn_steps", 0),
+                      ("probe", "probe", 3), ("oracle probe", "oracle_probe", 3), ("retrain s", "retrain_seconds", 2)]
+FAMILY_COLUMNS = {"t2i": T2I_COLUMNS, "classifier": CLASSIFIER_COLUMNS}
+COST_COLUMNS = ["seconds", "forward_passes", "backward_passes", "edit_bytes"]
+LEGENDS = {
+    "t2i": "UA: share of images for forgotten prompts the judge does not see as the target (mean over targets so far; "
+           "min = worst target). IRA/CRA: judge accuracy on retained prompts in / outside the targets' domains. "
+           "FD: Fréchet distance of judge features to renders. Passes: UNet forward / backward calls.",
+    "classifier": "UA: 1 - accuracy on all training data forgotten so far (UA test: on forgotten classes' test images). "
+                  "RA/TA: accuracy on retained training data / test images of known classes. MIA: share of forget examples "
+                  "a confidence-based membership attack calls non-members. gap: mean |UA, RA, TA, MIA - retrain oracle| in "
+                  "points. relearn: SGD steps on the forget set until 90% accuracy. probe: linear-probe accuracy on "
+                  "forgotten classes' test images from penultimate features. Passes: network forward / backward calls.",
+}
 
 
 def _cell_name(sequence: str, method: str, regularizer: str) -> str:
@@ -61,12 +94,14 @@ def parse_method_options(items: list[str]) -> dict[str, dict[str, str]]:
 
 
 def run_bench(methods: list[str], regularizers: list[str], sequence: str, out: Path, work: Path,
-              model: str = "shapes-t2i", method_options: dict[str, dict[str, str]] | None = None,
-              eval_config: EvalConfig = EvalConfig(), judge: str = "shapes-judge", oracles: Path | None = None,
-              echo=print) -> list[dict]:
+              model: str | None = None, method_options: dict[str, dict[str, str]] | None = None,
+              eval_options: dict | None = None, oracles: Path | None = None, echo=print) -> list[dict]:
+    """``eval_options`` are the fields of the family's evaluation config (EvalConfig or
+    ClassifierEvalConfig); ``model`` defaults to the sequence's."""
     if sequence not in SEQUENCES:
         raise ValueError(f"Unknown sequence {sequence!r}; choose one of {', '.join(SEQUENCES)}.")
     spec = SEQUENCES[sequence]
+    model = model or spec["model"]
     out, work = Path(out), Path(work)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     cells = [("base", ""), ("oracle", "")] + [(m, r) for m in methods for r in (regularizers or [""])]
@@ -78,29 +113,33 @@ def run_bench(methods: list[str], regularizers: list[str], sequence: str, out: P
         echo(f"run {sequence} / {method} / {regularizer or 'no regularizer'}")
         name, own_options = split_method_spec(method)
         options = {**(method_options or {}).get(name, {}), **own_options}
-        rows = _run_cell(method, regularizer, sequence, spec, work, model, options, eval_config, judge, echo, oracles)
+        rows = _run_cell(method, regularizer, sequence, spec, work, model, options, eval_options or {}, echo, oracles)
         if not rows:
             continue
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"rows": rows, "eval_config": asdict(eval_config)}, indent=2))
+        tmp.write_text(json.dumps({"rows": rows, "eval_options": eval_options or {}}, indent=2))
         tmp.replace(path)
     return write_tables(out, sequence)
 
 
-def _run_cell(method, regularizer, sequence, spec, work, model, options, eval_config, judge, echo,
+def _run_cell(method, regularizer, sequence, spec, work, model, options, eval_options, echo,
               oracles: Path | None = None) -> list[dict]:
     """Rows of one cell. ``base`` evaluates the unedited model; ``oracle`` the model retrained
-    without the forgotten concepts, where one exists for every step (else no rows)."""
+    without the forgotten concepts, where one exists for every step (else no rows). Classifier
+    rows carry their oracle's numbers already, so they have no oracle cell."""
+    from .evaluation import evaluator_for
     from .models.zoo import find_oracle
     rows = []
     cell_dir = work / _cell_name(sequence, method, regularizer)
     shutil.rmtree(cell_dir, ignore_errors=True)
     store, forgotten = None, ()
-    for step, targets in enumerate(spec["requests"], start=1):
+    for step, targets in enumerate(sequence_requests(sequence), start=1):
         if store is None or spec["fresh_store_per_request"]:
             store = Store.init(cell_dir / f"store-{step}", model)
-            evaluator = Evaluator.for_store(store, eval_config, judge)
+            evaluator = evaluator_for(store, eval_options)
             forgotten = ()
+            if method == "oracle" and store.info["kind"] == "classifier":
+                return []
         forgotten = forgotten + tuple(targets)
         start = time.time()
         if method == "base":
@@ -116,14 +155,19 @@ def _run_cell(method, regularizer, sequence, spec, work, model, options, eval_co
             store.add_request(list(targets), split_method_spec(method)[0], options, regularizers=regs)
             outcome = store.apply(evaluator=evaluator)[0]
             metrics, cost = outcome.metrics, outcome.cost
+        oracle = metrics.get("oracle", {})
         row = {"sequence": sequence, "method": method, "regularizer": regularizer or "-", "step": step,
-               "targets": "+".join(targets), **{k: metrics.get(k) for k in ("ua", "ua_min", "ua_heldout_template",
-                                                                               "ua_heldout_synonym", "ira", "cra", "fd")},
-               "seconds": cost.get("seconds"), "unet_forward_passes": cost.get("unet_forward_passes"),
-               "unet_backward_passes": cost.get("unet_backward_passes"), "edit_bytes": cost.get("edit_bytes")}
+               "targets": Request(tuple(targets), "-").label,
+               **{key: metrics.get(key) for columns in FAMILY_COLUMNS.values() for _, key, _ in columns},
+               "oracle_relearn_steps": oracle.get("relearn_steps"), "oracle_probe": oracle.get("probe"),
+               "retrain_seconds": oracle.get("retrain_seconds"), "seconds": cost.get("seconds"),
+               "forward_passes": cost.get("unet_forward_passes", cost.get("forward_passes")),
+               "backward_passes": cost.get("unet_backward_passes", cost.get("backward_passes")),
+               "edit_bytes": cost.get("edit_bytes")}
         rows.append(row)
-        echo(f"  step {step} {row['targets']}: ua {row['ua']} ira {row['ira']} cra {row['cra']} fd {row['fd']} "
-             f"({time.time() - start:.0f}s)")
+        shown = FAMILY_COLUMNS[store.info["kind"]]
+        echo(f"  step {step} {row['targets']}: " + " ".join(f"{h} {row[k]}" for h, k, _ in shown if row[k] is not None)
+             + f" ({time.time() - start:.0f}s)")
     return rows
 
 
@@ -131,12 +175,20 @@ def write_tables(out: Path, sequence: str) -> list[dict]:
     rows = []
     for path in sorted((out / "cells").glob(f"{sequence}__*.json")):
         rows.extend(json.loads(path.read_text())["rows"])
+    family = "classifier" if SEQUENCES[sequence]["model"] in _classifier_zoo() else "t2i"
+    keys = [k for _, k, _ in FAMILY_COLUMNS[family]]
     with open(out / f"{sequence}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=["sequence", "method", "regularizer", "step", "targets", *keys, *COST_COLUMNS],
+                                extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     (out / f"{sequence}.md").write_text(markdown_table(rows, sequence))
     return rows
+
+
+def _classifier_zoo() -> set[str]:
+    from .models.zoo import ZOO
+    return {name for name, entry in ZOO.items() if entry.kind == "classifier"}
 
 
 def _fmt(value, digits=3) -> str:
@@ -147,16 +199,14 @@ def _fmt(value, digits=3) -> str:
 
 def markdown_table(rows: list[dict], sequence: str) -> str:
     spec = SEQUENCES[sequence]
-    lines = [f"# Benchmark `{sequence}`: {spec['about']}", "",
-             "UA: share of images for forgotten prompts the judge does not see as the target (mean over targets so far; "
-             "min = worst target). IRA/CRA: judge accuracy on retained prompts in / outside the targets' domains. "
-             "FD: Fréchet distance of judge features to renders. Passes: UNet forward / backward calls.", ""]
-    header = ["method", "regularizer", "step", "targets", "UA", "UA min", "UA held-out tmpl", "UA held-out syn", "IRA", "CRA",
-              "FD", "seconds", "passes f/b"]
+    family = "classifier" if spec["model"] in _classifier_zoo() else "t2i"
+    columns = FAMILY_COLUMNS[family]
+    lines = [f"# Benchmark `{sequence}`: {spec['about']}", "", LEGENDS[family], ""]
+    header = ["method", "regularizer", "step", "targets", *(h for h, _, _ in columns), "seconds", "passes f/b"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        passes = f"{r['unet_forward_passes']}/{r['unet_backward_passes']}" if r["unet_forward_passes"] is not None else "-"
-        lines.append("| " + " | ".join([r["method"], r["regularizer"], str(r["step"]), r["targets"], _fmt(r["ua"]),
-                                        _fmt(r["ua_min"]), _fmt(r["ua_heldout_template"]), _fmt(r["ua_heldout_synonym"]),
-                                        _fmt(r["ira"]), _fmt(r["cra"]), _fmt(r["fd"], 2), _fmt(r["seconds"], 1), passes]) + " |")
+        passes = f"{r['forward_passes']}/{r['backward_passes']}" if r.get("forward_passes") is not None else "-"
+        cells = [r["method"], r["regularizer"], str(r["step"]), r["targets"], *(_fmt(r.get(k), d) for _, k, d in columns),
+                 _fmt(r["seconds"], 2), passes]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

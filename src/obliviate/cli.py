@@ -21,6 +21,11 @@ app.add_typer(request_app, name="request")
 console = Console()
 
 
+def _sequence_names() -> list[str]:
+    from .bench import SEQUENCES
+    return list(SEQUENCES)
+
+
 def _print_json(data) -> None:
     typer.echo(json.dumps(data, indent=2, default=str))
 
@@ -77,14 +82,15 @@ def zoo_list() -> None:
 
 
 @zoo_app.command("train")
-def zoo_train(name: str = typer.Argument(..., help="shapes-t2i or shapes-judge"),
+def zoo_train(name: str = typer.Argument(..., help="A zoo name (`obliviate zoo list`)."),
               out: Path = typer.Option(None, help="Run folder (default runs/NAME); resumes if it holds a run."),
-              steps: Optional[int] = typer.Option(None, help="Override the recipe's step count."),
+              steps: Optional[int] = typer.Option(None, help="Override the recipe's step count (epochs for classifiers)."),
               exclude: List[str] = typer.Option([], help="Concepts to leave out of the data: trains the retrain "
                                                          "oracle for them (shapes-t2i; repeatable)."),
               oracles: Path = typer.Option(Path("runs/oracles"), help="Where oracles go when --exclude is given."),
               seed: int = typer.Option(0)) -> None:
     """Train a zoo model from its recipe (resumable for shapes-t2i)."""
+    from .classifiers.train import ZOO_RECIPES, train_classifier
     from .models.zoo import oracle_key
     out = out or (oracles / oracle_key(exclude) if exclude else Path("runs") / name)
     if name == "shapes-t2i":
@@ -99,16 +105,24 @@ def zoo_train(name: str = typer.Argument(..., help="shapes-t2i or shapes-judge")
         judge, card = train_judge(JudgeRecipe(seed=seed, **({"steps": steps} if steps else {})))
         judge.save(out, card)
         typer.echo(f"judge written to {out}")
+    elif name in ZOO_RECIPES:
+        import dataclasses
+        recipe = dataclasses.replace(ZOO_RECIPES[name], seed=seed, **({"epochs": steps} if steps else {}))
+        train_classifier(recipe, exclude=tuple(exclude), log=typer.echo).save(out / "model")
+        typer.echo(f"model written to {out / 'model'}")
     else:
-        raise typer.BadParameter(f"no recipe for {name!r}; choose shapes-t2i or shapes-judge")
+        raise typer.BadParameter(f"no recipe for {name!r}; choose one of shapes-t2i, shapes-judge, {', '.join(ZOO_RECIPES)}")
 
 
 @zoo_app.command("install")
-def zoo_install(name: str = typer.Argument(..., help="shapes-t2i or shapes-judge"),
+def zoo_install(name: str = typer.Argument(..., help="A zoo name (`obliviate zoo list`)."),
                 run: Path = typer.Option(..., help="The run folder `zoo train` wrote.")) -> None:
     """Copy a trained run into the package's weights and write its model card (with quality numbers)."""
     from .models import card
-    if name == "shapes-judge":
+    from .models.zoo import ZOO
+    if name in ZOO and ZOO[name].kind == "classifier":
+        typer.echo(f"installed {card.install_classifier(name, run)}")
+    elif name == "shapes-judge":
         typer.echo(f"installed {card.install_judge(run)}")
     elif name == "shapes-t2i":
         from .evaluation.quality import judge_t2i
@@ -118,7 +132,7 @@ def zoo_install(name: str = typer.Argument(..., help="shapes-t2i or shapes-judge
         _print_quality(quality)
         typer.echo(f"installed {card.install_t2i(run, quality)}")
     else:
-        raise typer.BadParameter(f"no zoo model {name!r}; choose shapes-t2i or shapes-judge")
+        raise typer.BadParameter(f"no zoo model {name!r}; `obliviate zoo list` shows them")
 
 
 # ------------------------------------------------------------------ models
@@ -182,17 +196,19 @@ def demo(out: Path = typer.Option(Path("demo-output")), quick: bool = typer.Opti
 # ------------------------------------------------------------------ the continual engine
 @app.command()
 def init(store: Path = typer.Argument(..., help="New store folder."),
-         model: str = typer.Option("shapes-t2i", help="Zoo name or model folder (obliviate or diffusers)."),
+         model: str = typer.Option("shapes-t2i", help="Zoo name or model folder (obliviate, diffusers or a classifier)."),
          retain: List[str] = typer.Option([], help="Concepts to protect (Stable Diffusion stores; repeatable)."),
-         evaluate: bool = typer.Option(False, help="Evaluate after every applied request (embedded world)."),
-         images_per_prompt: int = typer.Option(4, help="Evaluation images per prompt.")) -> None:
+         evaluate: bool = typer.Option(False, help="Evaluate after every applied request (embedded world or classifier)."),
+         set_: List[str] = typer.Option([], "--eval-set", help="Evaluation option key=value (repeatable), "
+                                                                 "e.g. images_per_prompt=2 or oracle=false.")) -> None:
     """Create a store: the base model and an empty request ledger."""
-    from dataclasses import asdict
+    from .config import parse_assignments
     from .engine import Store
-    from .evaluation.evaluator import EvalConfig
-    evaluation = asdict(EvalConfig(images_per_prompt=images_per_prompt)) if evaluate else None
-    s = Store.init(store, model, tuple(retain), evaluation)
-    typer.echo(f"created store {s.root} from {model} (model {s.state().model_event.model_hash[:12]})")
+    s = Store.init(store, model, tuple(retain), parse_assignments(set_) if evaluate else None)
+    if evaluate:
+        from .evaluation import evaluator_for
+        evaluator_for(s, s.info["evaluation"])  # fail now, not at the first apply, on a bad option
+    typer.echo(f"created {s.info['kind']} store {s.root} from {model} (model {s.state().model_event.model_hash[:12]})")
 
 
 @app.command("methods")
@@ -200,28 +216,42 @@ def methods_list() -> None:
     """List the unlearning methods and regularizers."""
     from .methods import list_methods
     from .regularizers import REGULARIZERS
-    _table("methods", ["name", "description"], [[k, v] for k, v in list_methods().items()])
+    _table("text-to-image methods", ["name", "description"], [[k, v] for k, v in list_methods("t2i").items()])
+    _table("classifier methods", ["name", "description"], [[k, v] for k, v in list_methods("classifier").items()])
     _table("regularizers", ["name", "description"], [[k, c.description] for k, c in REGULARIZERS.items()])
 
 
 @request_app.command("add")
 def request_add(store: Path = typer.Argument(...),
-                concepts: List[str] = typer.Argument(..., help="What to forget: concepts, supertypes or combinations."),
+                concepts: List[str] = typer.Argument(None, help="What to forget: concepts, supertypes or combinations; "
+                                                               "for a classifier, class names or sample:INDEX."),
                 method: str = typer.Option("esd", help="Unlearning method (`obliviate methods`)."),
                 anchor: Optional[str] = typer.Option(None, help="What the targets should become instead."),
                 set_: List[str] = typer.Option([], "--set", help="Method option key=value (repeatable)."),
                 regularizer: List[str] = typer.Option([], help="NAME or NAME:key=value,key=value (repeatable)."),
+                samples: Optional[Path] = typer.Option(None, help="Classifier stores: a file of training-sample indices "
+                                                                    "to forget (whitespace or comma separated)."),
                 seed: int = typer.Option(0),
                 wait: float = typer.Option(0.0, help="Seconds to wait for a busy store.")) -> None:
     """Record a pending deletion request (validated now, applied by `obliviate apply`)."""
     from .config import parse_assignments
     from .engine import RegularizerSpec, Store
+    concepts = list(concepts or [])
+    if samples is not None:
+        words = samples.read_text().replace(",", " ").split()
+        bad = [w for w in words if not w.isdigit()]
+        if bad:
+            raise typer.BadParameter(f"{samples} holds {bad[0]!r}, not a sample index; write non-negative integers.")
+        concepts += [f"sample:{w}" for w in words]
+    if not concepts:
+        raise typer.BadParameter("Name what to forget: concepts (or classes) as arguments, or --samples FILE.")
     regs = []
     for spec in regularizer:
         name, _, options = spec.partition(":")
         regs.append(RegularizerSpec(name.strip(), parse_assignments([o for o in options.split(",") if o])))
     rid = Store(store).add_request(concepts, method, parse_assignments(set_), anchor, tuple(regs), seed, wait=wait)
-    typer.echo(f"request {rid} added (pending): forget {' + '.join(concepts)} with {method}")
+    what = " + ".join(concepts) if len(concepts) <= 6 else f"{len(concepts)} targets ({', '.join(concepts[:3])}, ...)"
+    typer.echo(f"request {rid} added (pending): forget {what} with {method}")
 
 
 @app.command()
@@ -231,23 +261,26 @@ def apply(store: Path = typer.Argument(...), wait: float = typer.Option(0.0, hel
           limit: Optional[int] = typer.Option(None, help="Apply at most this many pending requests.")) -> None:
     """Apply pending requests in order; each is all-or-nothing."""
     from .engine import Store
+    from .evaluation import evaluator_for
     from .progress import RequestProgress
     s = Store(store)
     configured = s.info.get("evaluation")
-    evaluator = _default_evaluator(s, configured) if (evaluate if evaluate is not None else configured) else None
+    enabled = evaluate if evaluate is not None else configured is not None
+    evaluator = evaluator_for(s, configured) if enabled else None
     with RequestProgress(echo=typer.echo) as progress:
         outcomes = s.apply(evaluator=evaluator, wait=wait, on_start=progress.start, progress=progress.advance, limit=limit)
     for o in outcomes:
         typer.echo(f"  request {o.request_id}: {o.cost['seconds']:.1f}s, "
-                   f"{o.cost.get('unet_forward_passes', 0)} forward / {o.cost.get('unet_backward_passes', 0)} backward passes, "
+                   f"{_passes(o.cost)} forward / backward passes, "
                    f"model {o.model_hash[:12]}" + (f", metrics {json.dumps(o.metrics)}" if o.metrics else ""))
     if not outcomes:
         typer.echo("nothing pending")
 
 
-def _default_evaluator(store, configured: dict | None):
-    from .evaluation.evaluator import EvalConfig, Evaluator
-    return Evaluator.for_store(store, EvalConfig(**configured) if configured else EvalConfig())
+def _passes(cost: dict) -> str:
+    """Forward/backward passes: UNet calls for diffusion, network calls for classifiers."""
+    forward = cost.get("unet_forward_passes", cost.get("forward_passes", 0))
+    return f"{forward} / {cost.get('unet_backward_passes', cost.get('backward_passes', 0))}"
 
 
 @app.command()
@@ -263,9 +296,10 @@ def status(store: Path = typer.Argument(...), as_json: bool = typer.Option(False
     for r in info["requests"]:
         cost = r["cost"] or {}
         metrics = r["metrics"] or {}
-        rows.append([r["id"], " + ".join(r["targets"]), r["method"], ",".join(r["regularizers"]) or "-", r["status"],
+        rows.append([r["id"], r["label"], r["method"], ",".join(r["regularizers"]) or "-", r["status"],
                      (r["model_hash"] or "")[:12], f"{cost['seconds']:.1f}" if cost else "",
-                     " ".join(f"{k}={metrics[k]:.3f}" for k in ("ua", "ira", "cra", "fd") if k in metrics)])
+                     " ".join(f"{k}={metrics[k]:.3f}" for k in ("ua", "ira", "cra", "fd", "ra", "ta", "mia", "gap")
+                              if metrics.get(k) is not None)])
     _table("requests", ["id", "forget", "method", "regularizers", "status", "model", "seconds", "metrics"], rows)
 
 
@@ -292,18 +326,23 @@ def verify(store: Path = typer.Argument(...), quick: bool = typer.Option(False, 
 
 @app.command("eval")
 def eval_store(store: Path = typer.Argument(...), as_json: bool = typer.Option(False, "--json"),
-               images_per_prompt: int = typer.Option(4), steps: int = typer.Option(20),
+               set_: List[str] = typer.Option([], "--set", help="Evaluation option key=value (repeatable), e.g. "
+                                                                  "images_per_prompt=2, steps=20; oracle=false for classifiers."),
                record: bool = typer.Option(True, help="Append the result to the ledger.")) -> None:
-    """Evaluate the store's current model: UA (per forgotten target), IRA, CRA, FD."""
+    """Evaluate the store's current model: UA (per forgotten target), IRA, CRA, FD for text-to-image;
+    UA, RA, TA, MIA and the gap to the retrain oracle for classifiers."""
+    from .config import parse_assignments
     from .engine import Store
-    from .evaluation.evaluator import EvalConfig, Evaluator
+    from .evaluation import evaluator_for
     s = Store(store)
-    evaluator = Evaluator.for_store(s, EvalConfig(images_per_prompt=images_per_prompt, steps=steps))
+    evaluator = evaluator_for(s, {**(s.info.get("evaluation") or {}), **parse_assignments(set_)})
     metrics = s.evaluate(evaluator, record=record)
     if as_json:
         _print_json(metrics)
         return
-    rows = [[k, metrics[k]] for k in ("ua", "ua_heldout_template", "ua_heldout_synonym", "ira", "cra", "fd") if k in metrics]
+    shown = ("ua", "ua_heldout_template", "ua_heldout_synonym", "ira", "cra", "fd", "ua_test", "ra", "ta", "mia",
+             "relearn_steps", "probe", "gap")
+    rows = [[k, metrics[k]] for k in shown if metrics.get(k) is not None]
     _table("evaluation of the current model", ["metric", "value"], rows)
     for target, per_split in metrics.get("ua_per_target", {}).items():
         typer.echo(f"UA {target}: " + ", ".join(f"{k} {v:.3f}" for k, v in per_split.items()))
@@ -345,23 +384,27 @@ def export(store: Path = typer.Argument(...), out: Path = typer.Argument(..., he
 
 
 @app.command()
-def bench(methods: List[str] = typer.Option(["esd"], "--method", help="Method to run (repeatable)."),
+def bench(methods: List[str] = typer.Option(["esd"], "--method", help="Method to run (repeatable); METHOD:key=value,... "
+                                                                        "runs a variant."),
           regularizers: List[str] = typer.Option([], "--regularizer", help="Regularizer (repeatable); none = plain."),
-          sequence: str = typer.Option("s1", help="Named request sequence: s1, s3, s10."),
+          sequence: str = typer.Option("s1", help="Named request sequence: " + ", ".join(_sequence_names()) + "."),
           out: Path = typer.Option(Path("benchmarks"), help="Where tables and finished cells go."),
           work: Path = typer.Option(Path("runs/bench"), help="Scratch folder for the stores."),
-          model: str = typer.Option("shapes-t2i"),
+          model: Optional[str] = typer.Option(None, help="Model to run on (default: the sequence's)."),
           set_: List[str] = typer.Option([], "--set", help="METHOD.option=value (repeatable)."),
-          images_per_prompt: int = typer.Option(4),
-          forget_prompts: int = typer.Option(8, help="Prompts per forgotten target and split."),
+          eval_set: List[str] = typer.Option([], "--eval-set", help="Evaluation option key=value (repeatable)."),
+          images_per_prompt: Optional[int] = typer.Option(None, help="Text-to-image evaluation: images per prompt."),
+          forget_prompts: Optional[int] = typer.Option(None, help="Text-to-image evaluation: prompts per forgotten target and split."),
           oracles: Path = typer.Option(Path("runs/oracles"), help="Retrain oracles (`zoo train shapes-t2i --exclude`).")) -> None:
     """Run a resumable benchmark matrix; prints and writes a table to OUT/SEQUENCE.md (and .csv)."""
     from .bench import markdown_table, parse_method_options, run_bench
-    from .evaluation.evaluator import EvalConfig
+    from .config import parse_assignments
+    eval_options = parse_assignments(eval_set)
+    eval_options.update({k: v for k, v in (("images_per_prompt", images_per_prompt), ("forget_prompts", forget_prompts))
+                         if v is not None})
     plain_or_named = ["" if r == "none" else r for r in regularizers]
     rows = run_bench(list(methods), plain_or_named, sequence, out, work, model, parse_method_options(set_),
-                     EvalConfig(images_per_prompt=images_per_prompt, forget_prompts=forget_prompts), oracles=oracles,
-                     echo=typer.echo)
+                     eval_options, oracles=oracles, echo=typer.echo)
     typer.echo(markdown_table(rows, sequence))
 
 

@@ -55,3 +55,11 @@ def train_classifier(recipe: ClassifierRecipe, exclude: tuple[str, ...] = (), de
             log(f"epoch {epoch + 1}/{recipe.epochs} loss {loss.item():.3f} ({time.time() - start:.1f}s)")
     model.recipe["train_seconds"] = round(time.time() - start, 3)
     return model.to("cpu").eval()
+
+
+# The recipes of the classifiers in the zoo (``obliviate zoo train NAME``).
+ZOO_RECIPES = {
+    "digits-cnn": ClassifierRecipe(dataset="digits", arch="cnn"),
+    "digits-vit": ClassifierRecipe(dataset="digits", arch="vit"),
+    "shapes-cnn": ClassifierRecipe(dataset="shapes", arch="cnn", epochs=60, learning_rate=3e-3),
+}

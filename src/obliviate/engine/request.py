@@ -49,4 +49,7 @@ class Request:
 
     @property
     def label(self) -> str:
-        return " + ".join(self.targets)
+        """The targets for messages; long lists (sample deletions) are summarised."""
+        if len(self.targets) <= 4:
+            return " + ".join(self.targets)
+        return f"{len(self.targets)} targets ({', '.join(self.targets[:3])}, ...)"

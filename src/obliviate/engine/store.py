@@ -384,7 +384,7 @@ class Store:
         return {
             "store": str(self.root), "model_source": self.info["model_source"], "kind": self.info["kind"],
             "model_hash": current.model_hash, "applied": list(state.applied), "pending": list(state.pending),
-            "requests": [{"id": rid, "targets": list(r.targets), "method": r.method, "anchor": r.anchor,
+            "requests": [{"id": rid, "targets": list(r.targets), "label": r.label, "method": r.method, "anchor": r.anchor,
                           "regularizers": [x.name for x in r.regularizers], "status": state.status[rid],
                           "model_hash": state.apply_events[rid].model_hash if rid in state.apply_events else None,
                           "cost": state.apply_events[rid].payload["cost"] if rid in state.apply_events else None,

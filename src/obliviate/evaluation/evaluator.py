@@ -31,6 +31,7 @@ class EvalConfig:
     images_per_prompt: int = field(default=4, metadata={"help": "images sampled per prompt"})
     steps: int = field(default=20, metadata={"help": "sampler steps"})
     solver: str = field(default="dpm", metadata={"help": "ddim or dpm"})
+    judge: str = field(default="shapes-judge", metadata={"help": "zoo name or folder of the attribute judge"})
     seed: int = 0
 
     def __post_init__(self):
@@ -63,12 +64,12 @@ class Evaluator:
         self.cache_dir = cache_dir
 
     @classmethod
-    def for_store(cls, store, config: EvalConfig = EvalConfig(), judge: str = "shapes-judge") -> "Evaluator":
+    def for_store(cls, store, config: EvalConfig = EvalConfig()) -> "Evaluator":
         from ..models.zoo import load_judge
         if store.info["kind"] != "t2i" or not isinstance(store.prompts(), WorldPrompts):
             raise ValueError("The built-in evaluator judges the embedded world; this store holds another model. "
                              "Evaluate Stable Diffusion stores with your own classifier through Evaluator(judge=...).")
-        return cls(load_judge(judge), config, cache_dir=store.root / "cache" / "eval")
+        return cls(load_judge(config.judge), config, cache_dir=store.root / "cache" / "eval")
 
     def __call__(self, model, store=None, forgotten: tuple[str, ...] = ()) -> dict:
         key = self._cache_key(model, forgotten)

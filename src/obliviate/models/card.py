@@ -95,3 +95,39 @@ Reproduce: `obliviate zoo train shapes-judge --out runs/shapes-judge` then
 `obliviate zoo install shapes-judge --run runs/shapes-judge`.
 """)
     return target
+
+
+def install_classifier(name: str, run: Path) -> Path:
+    """Copy ``run/model`` (a ClassifierModel) into the package's weights with a card stating its
+    recipe and accuracy on the dataset's fixed splits."""
+    from ..classifiers.models import ClassifierModel
+    from ..classifiers.targets import DataTargets
+    from ..evaluation.classifier import accuracy
+    target = ZOO[name].path
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(run / "model", target)
+    model = ClassifierModel.load(target)
+    split = DataTargets(model.dataset).split(())
+    params = sum(p.numel() for p in model.net.parameters())
+    recipe = "\n".join(f"| {k} | {v} |" for k, v in model.recipe.items())
+    card = f"""# {name}
+
+{ZOO[name].description}. Architecture `{model.arch}` ({params:,} parameters), dataset
+`{model.dataset}` with obliviate's fixed stratified split. Reproduce with
+`obliviate zoo train {name}` then `obliviate zoo install {name} --run runs/{name}`.
+
+| split | accuracy |
+|---|---|
+| train ({len(split.retain_y)}) | {accuracy(model, split.retain_x, split.retain_y):.4f} |
+| test ({len(split.test_y)}) | {accuracy(model, split.test_x, split.test_y):.4f} |
+
+Recipe (also stored in `obliviate.json`; the retrain oracle reruns it without the forgotten data):
+
+| option | value |
+|---|---|
+{recipe}
+
+Trained on {_hardware()}.
+"""
+    (target / "MODEL_CARD.md").write_text(card)
+    return target

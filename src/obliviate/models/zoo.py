@@ -1,8 +1,9 @@
 """The model zoo: models that ship inside the package, found by name.
 
 ``shapes-t2i`` is the embedded text-to-image model and ``shapes-judge`` the attribute judge;
-both are trained on the embedded world by ``obliviate zoo train NAME`` and their weights are
-committed under ``obliviate/weights/NAME``.
+``digits-*`` and ``shapes-cnn`` are classifiers for the classifier side of the engine. All are
+trained by ``obliviate zoo train NAME`` and their weights are committed under
+``obliviate/weights/NAME``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 @dataclass(frozen=True)
 class ZooEntry:
     name: str
-    kind: str  # "t2i" or "judge"
+    kind: str  # "t2i", "judge" or "classifier"
     description: str
 
     @property
@@ -31,6 +32,9 @@ class ZooEntry:
 ZOO: dict[str, ZooEntry] = {e.name: e for e in (
     ZooEntry("shapes-t2i", "t2i", "2.7M-parameter pixel-space UNet, MiniLM tokens, v-prediction; draws the embedded world"),
     ZooEntry("shapes-judge", "judge", "attribute classifier, one head per domain (shape, colour, texture)"),
+    ZooEntry("digits-cnn", "classifier", "45k-parameter CNN on scikit-learn's handwritten digits (10 classes, 8x8)"),
+    ZooEntry("digits-vit", "classifier", "100k-parameter ViT (2x2 patches, 3 blocks) on the handwritten digits"),
+    ZooEntry("shapes-cnn", "classifier", "CNN classifying the embedded world's renders by shape (9 classes, 32x32)"),
 )}
 
 

@@ -130,6 +130,9 @@ class FGOrIU(ClassifierMethod):
         with torch.no_grad():
             scale = session.teacher.features(session.forget_x).pow(2).sum(1).mean().clamp_min(1e-8)
         weights = {n: layers[n].weight for n in layers if layers[n].weight.requires_grad}
+        if not set(weights) - {head}:
+            raise ValueError("fgoriu changes the features the head reads, so some weight below the head must train; "
+                             f"trainable={cfg.trainable!r} selects none.")
         hooks = [w.register_hook(lambda g, c=complements[n], w=w: _project(g, c, w)) for n, w in weights.items()]
         try:
             for _ in range(cfg.epochs):
