@@ -8,9 +8,11 @@ keeping the directions that hold ``energy`` of the squared singular values.
 - Feature level: the forget set's penultimate features are driven orthogonal to both the
   remaining and the forgetting subspace of the head's inputs, ``L = |[U_r U_f]^T phi(x_f)|^2 /
   |phi_0(x_f)|^2``, so nothing the head reads is left of them (deep, not superficial, forgetting).
+- A feature-distillation term on retained data catches what the energy threshold lets through.
 - Gradient level: every weight gradient is projected as ``G <- G (I - B B^T)`` with B spanning
   U_r and the forgetting subspaces of earlier requests, so retained inputs keep their outputs
-  and earlier forgotten data cannot be pulled back.
+  and earlier forgotten data cannot be pulled back. The forgetting subspace is taken from the
+  forget set's inputs after the update, i.e. where forgetting left them.
 - Dynamic subspace adaptation: the forgetting bases are merged across requests and the
   remaining bases contracted (recomputed on the shrinking retained data, then with every
   forgetting direction removed); both live in the store's method state.
@@ -36,6 +38,7 @@ class FGOrIUConfig(ClassifierConfig):
     learning_rate: float = field(default=0.05, metadata={"help": "SGD learning rate"})
     energy: float = field(default=0.97, metadata={"help": "share of squared singular values a subspace keeps"})
     samples: int = field(default=512, metadata={"help": "examples (or patches per layer) used to estimate subspaces"})
+    retain_weight: float = field(default=1.0, metadata={"help": "weight of keeping retained features where they were (0: projection only)"})
     feature_energy: float = field(default=0.95, metadata={"help": "energy of the head-input subspaces the forget features must leave"})
     trainable: str = field(default=r"weight$", metadata={"help": "regex over parameter names (weight matrices only)"})
 
@@ -107,42 +110,54 @@ class FGOrIU(ClassifierMethod):
         cfg = self.config
         layers = weight_layers(session.net)
         head = _head_name(session.net, layers)
-        retain = layer_inputs(session.net, session.retain_x, cfg.samples, session.generator)
-        forget = layer_inputs(session.net, session.forget_x, cfg.samples, session.generator)
-        old_forget = {n: session.context.state.get(f"forget/{n}") for n in layers}
-        state, complements = {}, {}
-        for name in layers:
-            previous = old_forget[name].double() if old_forget[name] is not None else torch.zeros(retain[name].shape[1], 0, dtype=torch.float64)
-            # contract: directions forgotten by earlier requests leave the remaining subspace
-            remaining = energy_basis(retain[name], cfg.energy, exclude=previous)
-            # merge: what the forget set's inputs hold beyond the remaining subspace joins the forgetting one
-            merged_forget = merge_bases(previous, energy_basis(forget[name], cfg.energy, exclude=remaining))
-            state[f"forget/{name}"] = merged_forget.float()
-            state[f"remain/{name}"] = remaining.float()
-            protected = merge_bases(remaining, previous)
-            complements[name] = (torch.eye(protected.shape[0], dtype=torch.float64) - protected @ protected.T).float()
-        # feature level: the head-input subspaces of retained and forgotten data, both of which
-        # the forget set's features must leave
-        head_remaining = energy_basis(retain[head], cfg.feature_energy)
-        feature_basis = merge_bases(head_remaining, energy_basis(forget[head], cfg.feature_energy, exclude=head_remaining)).float()
-        device = session.forget_x.device
-        feature_basis, complements = feature_basis.to(device), {n: c.to(device) for n, c in complements.items()}
-        with torch.no_grad():
-            scale = session.teacher.features(session.forget_x).pow(2).sum(1).mean().clamp_min(1e-8)
         weights = {n: layers[n].weight for n in layers if layers[n].weight.requires_grad}
         if not set(weights) - {head}:
             raise ValueError("fgoriu changes the features the head reads, so some weight below the head must train; "
                              f"trainable={cfg.trainable!r} selects none.")
-        hooks = [w.register_hook(lambda g, c=complements[n], w=w: _project(g, c, w)) for n, w in weights.items()]
+        retain = layer_inputs(session.net, session.retain_x, cfg.samples, session.generator)
+        forget = layer_inputs(session.net, session.forget_x, cfg.samples, session.generator)
+        previous, remaining, complements = {}, {}, {}
+        for name in layers:
+            stored = session.context.state.get(f"forget/{name}")
+            previous[name] = stored.double() if stored is not None else torch.zeros(retain[name].shape[1], 0, dtype=torch.float64)
+            # contract: directions forgotten by earlier requests leave the remaining subspace
+            remaining[name] = energy_basis(retain[name], cfg.energy, exclude=previous[name])
+            protected = merge_bases(remaining[name], previous[name])
+            complements[name] = (torch.eye(protected.shape[0], dtype=torch.float64) - protected @ protected.T).float()
+
+        # feature level: the forget set's features must leave the head-input subspaces of both
+        # the retained and the forgotten data
+        head_remaining = energy_basis(retain[head], cfg.feature_energy)
+        feature_basis = merge_bases(head_remaining, energy_basis(forget[head], cfg.feature_energy, exclude=head_remaining))
+        device = session.forget_x.device
+        feature_basis = feature_basis.float().to(device)
+        with torch.no_grad():
+            scale = session.teacher.features(session.forget_x).pow(2).sum(1).mean().clamp_min(1e-8)
+        hooks = [w.register_hook(lambda g, c=complements[n].to(device), w=w: _project(g, c, w)) for n, w in weights.items()]
         try:
             for _ in range(cfg.epochs):
-                for x, _ in session.batches(session.forget_x, session.forget_y):
-                    residual = session.net.features(x) @ feature_basis
-                    session.counter.forward += 1
-                    session.step(residual.pow(2).sum(1).mean() / scale)
+                for x, y in session.batches(session.forget_x, session.forget_y):
+                    features = session.net.features(x)
+                    loss = (features @ feature_basis).pow(2).sum(1).mean() / scale
+                    if cfg.retain_weight:
+                        kept_x, _ = session.random_batch(session.retain_x, session.retain_y)
+                        with torch.no_grad():
+                            kept = session.teacher.features(kept_x)
+                        loss = loss + cfg.retain_weight * (session.net.features(kept_x) - kept).pow(2).sum(1).mean() / scale
+                    session.counter.forward += 2 if cfg.retain_weight else 1
+                    session.step(loss)
         finally:
             for h in hooks:
                 h.remove()
+
+        # merge: the forget set's inputs *after* forgetting join the forgetting subspace, so later
+        # requests keep them where this one put them instead of pulling the knowledge back
+        forgotten_inputs = layer_inputs(session.net, session.forget_x, cfg.samples, session.generator)
+        state = {}
+        for name in layers:
+            new = energy_basis(forgotten_inputs[name], cfg.energy)
+            state[f"forget/{name}"] = merge_bases(previous[name], new).float()
+            state[f"remain/{name}"] = remaining[name].float()
         return state
 
 
