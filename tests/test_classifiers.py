@@ -118,12 +118,13 @@ def test_only_targeted_parameters_move(name):
 
 def test_fgoriu_explains_a_trainable_set_that_cannot_move_the_features():
     with pytest.raises(ValueError, match="below the head"):
-        run_method("fgoriu", trainable=r"^head\.")
+        run_method("fgoriu", trainable=r"^head\.weight$")
 
 
-@pytest.mark.parametrize("name", ["rl", "salun", "sfron", "ugclu"])
+@pytest.mark.parametrize("name", ["rl", "salun", "sfron", "ugclu", "fgoriu"])
 def test_forgetting_methods_forget_a_class_and_keep_the_rest(name):
-    model, _ = run_method(name, **({"epochs": 2} if name in ("rl", "salun") else {"iterations": 60}))
+    options = {"rl": {"epochs": 2}, "salun": {"epochs": 2}, "fgoriu": {"epochs": 10}}.get(name, {"iterations": 60})
+    model, _ = run_method(name, **options)
     split = DIGITS.split(("3",))
     assert accuracy(model, split.forget_x, split.forget_y) < 0.1
     assert accuracy(model, split.test_x, split.test_y) > 0.85
@@ -191,6 +192,13 @@ def test_energy_basis_keeps_the_requested_energy():
     first = energy_basis(rows, 0.9)
     rest = energy_basis(rows, 0.9, exclude=first)
     assert rest.shape[1] == 1 and abs(float(rest.T @ first)) < 1e-8
+
+
+def test_fgoriu_bias_correction_moves_only_the_forgotten_class():
+    _, result = run_method("fgoriu", trainable=r"^body\.9\.weight$|^head\.bias$")
+    assert set(result.edit.deltas) == {"net.body.9.weight", "net.head.bias"}
+    moved = result.edit.deltas["net.head.bias"].nonzero().flatten().tolist()
+    assert moved == [3] and result.edit.deltas["net.head.bias"][3] < 0
 
 
 def test_fgoriu_keeps_retained_inputs_of_the_first_layer_and_merges_subspaces():

@@ -9,6 +9,9 @@ keeping the directions that hold ``energy`` of the squared singular values.
   remaining and the forgetting subspace of the head's inputs, ``L = |[U_r U_f]^T phi(x_f)|^2 /
   |phi_0(x_f)|^2``, so nothing the head reads is left of them (deep, not superficial, forgetting).
 - A feature-distillation term on retained data catches what the energy threshold lets through.
+- Emptied features leave the head's bias to decide; for class requests the forgotten class's
+  bias is lowered just enough that it no longer wins on the forget set (only its own logit
+  moves, so no retained prediction can flip to it).
 - Gradient level: every weight gradient is projected as ``G <- G (I - B B^T)`` with B spanning
   U_r and the forgetting subspaces of earlier requests, so retained inputs keep their outputs
   and earlier forgotten data cannot be pulled back. The forgetting subspace is taken from the
@@ -17,7 +20,8 @@ keeping the directions that hold ``energy`` of the squared singular values.
   remaining bases contracted (recomputed on the shrinking retained data, then with every
   forgetting direction removed); both live in the store's method state.
 
-Only weight matrices train: a bias or LayerNorm change would shift retained outputs too.
+Only weight matrices train (and the head bias, for the correction above): a bias or LayerNorm change
+would shift retained outputs too.
 """
 
 from __future__ import annotations
@@ -34,13 +38,14 @@ from .base import ClassifierConfig, ClassifierMethod
 
 @dataclass
 class FGOrIUConfig(ClassifierConfig):
-    epochs: int = field(default=30, metadata={"help": "passes over the forget set"})
+    epochs: int = field(default=10, metadata={"help": "passes over the forget set"})
     learning_rate: float = field(default=0.05, metadata={"help": "SGD learning rate"})
     energy: float = field(default=0.97, metadata={"help": "share of squared singular values a subspace keeps"})
     samples: int = field(default=512, metadata={"help": "examples (or patches per layer) used to estimate subspaces"})
     retain_weight: float = field(default=1.0, metadata={"help": "weight of keeping retained features where they were (0: projection only)"})
     feature_energy: float = field(default=0.95, metadata={"help": "energy of the head-input subspaces the forget features must leave"})
-    trainable: str = field(default=r"weight$", metadata={"help": "regex over parameter names (weight matrices only)"})
+    trainable: str = field(default=r"weight$|^head\.bias$", metadata={
+        "help": "regex over parameter names (weight matrices, and the head's bias for the class correction)"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -150,6 +155,9 @@ class FGOrIU(ClassifierMethod):
             for h in hooks:
                 h.remove()
 
+        if "head.bias" in session.params:
+            _lower_forgotten_class_bias(session, layers[head])
+
         # merge: the forget set's inputs *after* forgetting join the forgetting subspace, so later
         # requests keep them where this one put them instead of pulling the knowledge back
         forgotten_inputs = layer_inputs(session.net, session.forget_x, cfg.samples, session.generator)
@@ -166,6 +174,21 @@ def _head_name(net: nn.Module, layers: dict[str, nn.Module]) -> str:
         if module is getattr(net, "head", None):
             return name
     raise ValueError("fgoriu needs a network with a linear `head` reading the features.")
+
+
+@torch.no_grad()
+def _lower_forgotten_class_bias(session, head: nn.Linear, margin: float = 1.0) -> None:
+    """Emptied features leave the head's bias to decide, and it may favour a forgotten class
+    itself. Lower each forgotten class's bias just enough that no forget example still
+    scores it highest; only that class's logit moves, so no retained prediction can flip to it."""
+    targets = session.context.prompts
+    features = session.net.features(session.forget_x)
+    for c in targets.classes(tuple(session.request.targets)):
+        logits = head(features[session.forget_y == c])
+        others = torch.cat([logits[:, :c], logits[:, c + 1:]], dim=1).max(1).values
+        excess = (logits[:, c] - others).max()
+        if excess > -margin:
+            head.bias[c] -= excess + margin
 
 
 def _project(gradient: torch.Tensor, complement: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
