@@ -298,3 +298,16 @@ def test_cli_forgets_samples_from_a_file(tmp_path):
     (tmp_path / "bad.txt").write_text("4 x")
     bad = runner.invoke(app, ["request", "add", str(store), "--samples", str(tmp_path / "bad.txt")])
     assert bad.exit_code != 0 and "not a sample index" in bad.output
+
+
+def test_report_of_a_classifier_store_shows_predictions_and_gap(tmp_path):
+    from obliviate.report import write_report
+    store = Store.init(tmp_path / "s", "digits-cnn")
+    store.add_request(["3"], "rl", {"epochs": 1})
+    store.apply(evaluator=ClassifierEvaluator(ClassifierEvalConfig(relearn=False, probe=False)))
+    page = write_report(store, tmp_path / "r" / "report.html").read_text()
+    assert "Forgotten data: base model" in page and "Retained test data" in page
+    assert "<th>GAP</th>" in page and "<th>IRA</th>" not in page
+    assert (tmp_path / "r" / "report_forgotten.png").is_file()
+    with pytest.raises(ValueError, match="Attacks target text-to-image stores"):
+        store.attack(None, "3", None)

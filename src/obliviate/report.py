@@ -1,6 +1,7 @@
 """One self-contained HTML page for a store: the request ledger, metric curves per request,
-before/after image grids for forgotten and retained concepts, and attack results. The plots are
-also written as PNG files beside the page."""
+before/after image grids for forgotten and retained concepts (for a classifier: forgotten and
+retained test images with the base model's and the current model's predictions), and attack
+results. The plots are also written as PNG files beside the page."""
 
 from __future__ import annotations
 
@@ -13,7 +14,13 @@ import numpy as np
 
 from .viz import image_grid
 
-METRIC_KEYS = (("ua", "UA (forgotten, mean)"), ("ua_min", "UA (worst target)"), ("ira", "IRA"), ("cra", "CRA"))
+# Per model family: the curves of the left panel, the one on the right, and the table's metric columns.
+CURVES = {
+    "t2i": ((("ua", "UA (forgotten, mean)"), ("ua_min", "UA (worst target)"), ("ira", "IRA"), ("cra", "CRA")),
+            ("fd", "Fréchet distance to renders (lower is better)"), ("ua", "ira", "cra", "fd")),
+    "classifier": ((("ua", "UA (forget set)"), ("ra", "RA (retained)"), ("ta", "TA (test)"), ("mia", "MIA efficacy")),
+                   ("gap", "gap to the retrain oracle, points (lower is better)"), ("ua", "ra", "ta", "mia", "gap")),
+}
 
 
 def _png_bytes(figure_or_image) -> bytes:
@@ -30,24 +37,26 @@ def _img_tag(data: bytes, alt: str) -> str:
 
 
 def metric_curves(status: dict):
-    """Matplotlib figure of UA/IRA/CRA and FD after each applied request (request 0 = base)."""
+    """Matplotlib figure of the family's metrics after each applied request (request 0 = base)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     applied = [r for r in status["requests"] if r["status"] == "applied" and r["metrics"]]
     points = ([("base", status["base_metrics"])] if status.get("base_metrics") else []) + \
-             [(f"{r['id']}: {'+'.join(r['targets'])}", r["metrics"]) for r in applied]
+             [(f"{r['id']}: {r['label']}", r["metrics"]) for r in applied]
+    left_keys, (right_key, right_title), _ = CURVES[status["kind"]]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     labels = [p[0] for p in points]
-    for key, name in METRIC_KEYS:
+    for key, name in left_keys:
         values = [p[1].get(key) for p in points]
         left.plot(range(len(points)), [np.nan if v is None else v for v in values], marker="o", label=name)
     left.set_ylim(-0.02, 1.02)
     left.set_title("after each request")
     left.legend(fontsize=8)
-    right.plot(range(len(points)), [p[1].get("fd", np.nan) for p in points], marker="o", color="black")
-    right.set_title("Fréchet distance to renders (lower is better)")
+    right.plot(range(len(points)), [np.nan if p[1].get(right_key) is None else p[1][right_key] for p in points],
+               marker="o", color="black")
+    right.set_title(right_title)
     for axis in (left, right):
         axis.set_xticks(range(len(points)), labels, rotation=30, ha="right", fontsize=8)
     fig.tight_layout()
@@ -71,30 +80,58 @@ def before_after_grid(store, concepts: list[str], images_per_concept: int = 4, s
     return image_grid(torch.cat(rows), captions, columns=images_per_concept, scale=4, caption_height=14)
 
 
-def write_report(store, out: str | Path, retained_examples: int = 2, images_per_concept: int = 4) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    status = store.status()
+def t2i_grids(store, retained_examples: int, images_per_concept: int) -> list[tuple[str, object]]:
     forgotten = list(dict.fromkeys(store.forgotten()))
     prompts = store.prompts()
     gone = {c.name for c in prompts.target_concepts(tuple(forgotten))} if forgotten else set()
     retained = [c.name for c in prompts.ontology.concepts if c.name not in gone][::7][:retained_examples]
+    return [(f"{title}: base model vs now", before_after_grid(store, concepts, images_per_concept))
+            for title, concepts in (("Forgotten concepts", forgotten), ("Retained concepts", retained)) if concepts]
 
+
+def classifier_grids(store, retained_examples: int, images_per_concept: int) -> list[tuple[str, object]]:
+    """Forgotten and retained test images (forgotten training samples for sample requests),
+    captioned with the base model's and the current model's predictions."""
+    import torch
+    targets = store.prompts()
+    split = targets.split(tuple(store.forgotten()))
+    base, current = store.family.load(store.root / "base"), store.load_model()
+    names = targets.dataset.class_names
+    per_row = max(images_per_concept, 8)
+    forgotten_x = split.forget_test_x if len(split.forget_test_y) else split.forget_x
+    grids = []
+    for title, x in (("Forgotten data", forgotten_x[:per_row]), ("Retained test data", split.test_x[:per_row * retained_examples])):
+        if len(x):
+            captions = [f"{names[a]} > {names[b]}" for a, b in zip(base.predict(x).tolist(), current.predict(x).tolist())]
+            images = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+            scale = max(1, 64 // x.shape[-1])
+            grids.append((f"{title}: base model's prediction > now", image_grid(images.clamp(0, 1), captions,
+                                                                                  columns=per_row, scale=scale,
+                                                                                  caption_height=14)))
+    return grids
+
+
+GRIDS = {"t2i": t2i_grids, "classifier": classifier_grids}
+
+
+def write_report(store, out: str | Path, retained_examples: int = 2, images_per_concept: int = 4) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    status = store.status()
     curves_png = _png_bytes(metric_curves(status))
     (out.with_name(out.stem + "_metrics.png")).write_bytes(curves_png)
     sections = [f"<h2>Metrics per request</h2>{_img_tag(curves_png, 'metric curves')}"]
-    for title, concepts in (("Forgotten concepts", forgotten), ("Retained concepts", retained)):
-        if concepts:
-            grid_png = _png_bytes(before_after_grid(store, concepts, images_per_concept))
-            out.with_name(f"{out.stem}_{title.split()[0].lower()}.png").write_bytes(grid_png)
-            sections.append(f"<h2>{title}: base model vs now</h2>{_img_tag(grid_png, title)}")
+    for title, grid in GRIDS[status["kind"]](store, retained_examples, images_per_concept):
+        grid_png = _png_bytes(grid)
+        out.with_name(f"{out.stem}_{title.split()[0].lower()}.png").write_bytes(grid_png)
+        sections.append(f"<h2>{html.escape(title)}</h2>{_img_tag(grid_png, title)}")
 
+    columns = CURVES[status["kind"]][2]
     rows = "".join(
-        f"<tr><td>{r['id']}</td><td>{html.escape(' + '.join(r['targets']))}</td><td>{r['method']}</td>"
-        f"<td>{', '.join(r['regularizers']) or '-'}</td><td>{r['status']}</td>"
-        f"<td>{(r['model_hash'] or '')[:12]}</td><td>{_fmt(r['metrics'], 'ua')}</td><td>{_fmt(r['metrics'], 'ira')}</td>"
-        f"<td>{_fmt(r['metrics'], 'cra')}</td><td>{_fmt(r['metrics'], 'fd')}</td>"
-        f"<td>{'' if not r['cost'] else round(r['cost']['seconds'], 1)}</td></tr>" for r in status["requests"])
+        f"<tr><td>{r['id']}</td><td>{html.escape(r['label'])}</td><td>{r['method']}</td>"
+        f"<td>{', '.join(r['regularizers']) or '-'}</td><td>{r['status']}</td><td>{(r['model_hash'] or '')[:12]}</td>"
+        + "".join(f"<td>{_fmt(r['metrics'], k)}</td>" for k in columns)
+        + f"<td>{'' if not r['cost'] else round(r['cost']['seconds'], 1)}</td></tr>" for r in status["requests"])
     attacks = [e for e in store.ledger.events() if e.kind == "attack"]
     attack_rows = "".join(
         f"<tr><td>{e.payload['after']}</td><td>{e.payload['result']['attack']}</td><td>{html.escape(e.payload['result']['concept'])}</td>"
@@ -108,7 +145,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}} img{{max-width:100
 {len(status['applied'])} request(s) applied, {len(status['pending'])} pending.</p>
 <h2 id="requests">Requests</h2>
 <table><tr><th>id</th><th>forget</th><th>method</th><th>regularizers</th><th>status</th><th>model</th>
-<th>UA</th><th>IRA</th><th>CRA</th><th>FD</th><th>seconds</th></tr>{rows}</table>
+{''.join(f"<th>{k.upper()}</th>" for k in columns)}<th>seconds</th></tr>{rows}</table>
 {''.join(sections)}
 <h2 id="attacks">Attacks</h2>
 {'<table><tr><th>after request</th><th>attack</th><th>concept</th><th>seen before</th><th>seen after</th></tr>' + attack_rows + '</table>'

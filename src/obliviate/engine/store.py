@@ -358,6 +358,9 @@ class Store:
 
     def attack(self, attack, concept: str, judge, record: bool = True, seed: int = 0, wait: float = 0.0):
         """Run an attack on the current model for ``concept``; with ``record``, log the result."""
+        if self.info["kind"] != "t2i":
+            raise ValueError("Attacks target text-to-image stores. For a classifier, `obliviate eval STORE` already "
+                             "measures relearning (relearn_steps) and what the features still hold (probe), next to the oracle.")
         prompts = self.prompts()
         prompts.validate((concept,), None)
         result = attack.run(self.load_model(check=True), concept, judge, prompts, seed=seed)
