@@ -311,3 +311,13 @@ def test_report_of_a_classifier_store_shows_predictions_and_gap(tmp_path):
     assert (tmp_path / "r" / "report_forgotten.png").is_file()
     with pytest.raises(ValueError, match="Attacks target text-to-image stores"):
         store.attack(None, "3", None)
+
+
+def test_oracle_is_cached_on_disk_and_identical(tmp_path):
+    from obliviate.evaluation.classifier import _train_oracle, retrain_oracle
+    model = digits_cnn()
+    first, seconds = retrain_oracle(model, ("3",), tmp_path)
+    _train_oracle.cache_clear()
+    again, cached_seconds = retrain_oracle(model, ("3",), tmp_path)
+    assert cached_seconds == seconds and len(list(tmp_path.iterdir())) == 1
+    assert tensor_hash(again.state_tensors()) == tensor_hash(first.state_tensors())

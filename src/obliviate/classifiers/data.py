@@ -63,7 +63,7 @@ def _digits() -> ImageDataset:
     return ImageDataset("digits", tuple(str(d) for d in range(10)), x[train], y[train], x[test], y[test])
 
 
-def _shapes(per_class: int = 500) -> ImageDataset:
+def _shapes(per_class: int = 1000) -> ImageDataset:
     from ..world import DEFAULT_ONTOLOGY
     from ..world.render import render, sample_scenes
     names = DEFAULT_ONTOLOGY.names("shape")

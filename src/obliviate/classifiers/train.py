@@ -61,5 +61,5 @@ def train_classifier(recipe: ClassifierRecipe, exclude: tuple[str, ...] = (), de
 ZOO_RECIPES = {
     "digits-cnn": ClassifierRecipe(dataset="digits", arch="cnn"),
     "digits-vit": ClassifierRecipe(dataset="digits", arch="vit"),
-    "shapes-cnn": ClassifierRecipe(dataset="shapes", arch="cnn", epochs=40, learning_rate=3e-3),
+    "shapes-cnn": ClassifierRecipe(dataset="shapes", arch="cnn", epochs=30, learning_rate=3e-3),
 }

@@ -10,5 +10,6 @@ def evaluator_for(store, options: dict | None = None):
     from .classifier import ClassifierEvalConfig, ClassifierEvaluator
     from .evaluator import EvalConfig, Evaluator
     if store.info["kind"] == "classifier":
-        return ClassifierEvaluator(build_config(ClassifierEvalConfig, options, owner="classifier evaluation"))
+        return ClassifierEvaluator(build_config(ClassifierEvalConfig, options, owner="classifier evaluation"),
+                                   cache_dir=store.root / "cache" / "oracles")
     return Evaluator.for_store(store, build_config(EvalConfig, options, owner="evaluation"))

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -107,7 +109,7 @@ def probe_accuracy(model, train: tuple, test: tuple, seed: int = 0) -> float | N
 
 
 @functools.lru_cache(maxsize=16)
-def _oracle(recipe_json: str, forgotten: tuple[str, ...]):
+def _train_oracle(recipe_json: str, forgotten: tuple[str, ...]):
     from ..classifiers.train import ClassifierRecipe, train_classifier
     recipe = {k: v for k, v in json.loads(recipe_json).items() if k != "train_seconds"}
     start = time.time()
@@ -115,19 +117,34 @@ def _oracle(recipe_json: str, forgotten: tuple[str, ...]):
     return model, time.time() - start
 
 
-def retrain_oracle(model, forgotten: tuple[str, ...]):
-    """The model's recipe rerun without ``forgotten`` (cached per process); (model, seconds)."""
+def retrain_oracle(model, forgotten: tuple[str, ...], cache_dir: Path | None = None):
+    """The model's recipe rerun without ``forgotten``: (model, seconds). Cached per process
+    and, with ``cache_dir``, on disk by recipe and forgotten set (training is seeded, so a cached
+    oracle is the one a rerun would give)."""
+    from ..classifiers.models import ClassifierModel
     if not model.recipe:
         raise ValueError("This classifier carries no training recipe, so its retrain oracle cannot be built; "
-                         "evaluate with oracle=False.")
-    return _oracle(json.dumps(model.recipe, sort_keys=True), tuple(sorted(forgotten)))
+                         "evaluate with oracle=false.")
+    recipe_json, key = json.dumps(model.recipe, sort_keys=True), tuple(sorted(forgotten))
+    folder = None
+    if cache_dir is not None:
+        digest = hashlib.sha256(json.dumps([recipe_json, key]).encode()).hexdigest()[:20]
+        folder = Path(cache_dir) / digest
+        if (folder / "seconds.json").is_file():
+            return ClassifierModel.load(folder), json.loads((folder / "seconds.json").read_text())["seconds"]
+    oracle, seconds = _train_oracle(recipe_json, key)
+    if folder is not None:
+        oracle.save(folder)
+        (folder / "seconds.json").write_text(json.dumps({"seconds": seconds, "forgotten": list(key)}))
+    return oracle, seconds
 
 
 class ClassifierEvaluator:
     """``evaluator(model, store=None, forgotten=(...)) -> metrics`` for classifier stores."""
 
-    def __init__(self, config: ClassifierEvalConfig = ClassifierEvalConfig()):
+    def __init__(self, config: ClassifierEvalConfig = ClassifierEvalConfig(), cache_dir: Path | None = None):
         self.config = config
+        self.cache_dir = cache_dir  # where retrain oracles are kept between runs
 
     def __call__(self, model, store=None, forgotten: tuple[str, ...] = ()) -> dict:
         from ..classifiers.targets import DataTargets
@@ -135,7 +152,7 @@ class ClassifierEvaluator:
         split = targets.split(tuple(forgotten))
         out = {"forgotten": list(forgotten), "eval_config": asdict(self.config), **self.measure(model, split)}
         if self.config.oracle and forgotten:
-            oracle, seconds = retrain_oracle(model, tuple(forgotten))
+            oracle, seconds = retrain_oracle(model, tuple(forgotten), self.cache_dir)
             reference = self.measure(oracle, split)
             out["oracle"] = {**reference, "retrain_seconds": round(seconds, 3)}
             out["gap"] = round(float(np.mean([abs(out[k] - reference[k]) for k in GAP_KEYS])) * 100, 3)
