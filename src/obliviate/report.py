@@ -92,7 +92,6 @@ def t2i_grids(store, retained_examples: int, images_per_concept: int) -> list[tu
 def classifier_grids(store, retained_examples: int, images_per_concept: int) -> list[tuple[str, object]]:
     """Forgotten and retained test images (forgotten training samples for sample requests),
     captioned with the base model's and the current model's predictions."""
-    import torch
     targets = store.prompts()
     split = targets.split(tuple(store.forgotten()))
     base, current = store.family.load(store.root / "base"), store.load_model()
