@@ -77,3 +77,11 @@ def test_results_are_cached_by_model_hash(judge, tmp_path):
     assert evaluator(Counting(), forgotten=("red",)) == first and len(calls) == sampled
     evaluator(Counting(swap={"red": "blue"}), forgotten=("red",))  # another model: sampled again
     assert len(calls) > sampled
+
+
+def test_ua_splits_choose_what_is_sampled():
+    assert EvalConfig(ua_splits="train").splits == ("train",)
+    assert EvalConfig(ua_splits="heldout_synonym").splits == ("train", "heldout_synonym")
+    assert EvalConfig().splits == ("train", "heldout_template", "heldout_synonym")
+    with pytest.raises(ValueError, match="ua_splits names heldout"):
+        EvalConfig(ua_splits="heldout")

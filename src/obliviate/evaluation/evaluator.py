@@ -32,12 +32,22 @@ class EvalConfig:
     steps: int = field(default=20, metadata={"help": "sampler steps"})
     solver: str = field(default="dpm", metadata={"help": "ddim or dpm"})
     judge: str = field(default="shapes-judge", metadata={"help": "zoo name or folder of the attribute judge"})
+    ua_splits: str = field(default=",".join(SPLITS), metadata={
+        "help": "prompt splits UA is measured on, comma-separated (train is always included); fewer = cheaper"})
     seed: int = 0
 
     def __post_init__(self):
         for name in ("forget_prompts", "retain_prompts", "images_per_prompt", "steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        unknown = set(self.splits) - set(SPLITS)
+        if unknown:
+            raise ValueError(f"ua_splits names {', '.join(sorted(unknown))}; choose from {', '.join(SPLITS)}.")
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        named = {s.strip() for s in self.ua_splits.split(",") if s.strip()} | {"train"}
+        return tuple(s for s in SPLITS if s in named) + tuple(sorted(named - set(SPLITS)))
 
     @property
     def key(self) -> str:
@@ -98,7 +108,7 @@ class Evaluator:
         for target, group in groups.items():
             labels = self.prompts.sample_labels(cfg.forget_prompts, rng, include=[group])
             ua[target] = {}
-            for split in SPLITS:
+            for split in cfg.splits:
                 _, _, predicted, _ = generate_and_judge(model, self.judge, labels, split, cfg.images_per_prompt,
                                                         cfg.seed, cfg.steps, cfg.solver, onto)
                 metric = UnlearningAccuracy()
@@ -128,8 +138,8 @@ class Evaluator:
             ira = [np.mean([per_domain[d] for d in ds]) for ds in target_domains.values()]
             cra = [np.mean([per_domain[d] for d in onto.domains if d not in ds] or [np.nan]) for ds in target_domains.values()]
             out["ua"] = round(float(np.mean([v["train"] for v in ua.values()])), 4)
-            out["ua_heldout_template"] = round(float(np.mean([v["heldout_template"] for v in ua.values()])), 4)
-            out["ua_heldout_synonym"] = round(float(np.mean([v["heldout_synonym"] for v in ua.values()])), 4)
+            for split in cfg.splits[1:]:
+                out[f"ua_{split}"] = round(float(np.mean([v[split] for v in ua.values()])), 4)
             out["ua_min"] = round(float(min(v["train"] for v in ua.values())), 4)
             out["ua_per_target"] = ua
             out["ira"] = round(float(np.mean(ira)), 4)
