@@ -106,6 +106,8 @@ def test_method_changes_the_model_reproducibly(name):
     assert first.edit.deltas.keys() == second.edit.deltas.keys()
     assert all(torch.equal(first.edit.deltas[k], second.edit.deltas[k]) for k in first.edit.deltas)
     assert first.stats["backward_passes"] > 0
+    _, other_seed = run_method(name, seed=1)
+    assert not all(torch.equal(first.edit.deltas[k], other_seed.edit.deltas[k]) for k in first.edit.deltas)
 
 
 @pytest.mark.parametrize("name", CLASSIFIER_METHODS)

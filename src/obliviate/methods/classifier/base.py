@@ -136,7 +136,6 @@ class ClassifierMethod(UnlearningMethod):
                              f"{next(iter(dict(model.net.named_parameters())))!r}.")
         for name, p in model.net.named_parameters():
             p.requires_grad_(name in params)
-        torch.manual_seed(request.seed)
         session = ClassifierSession(
             net=model.net.train(), teacher=copy.deepcopy(model.net).eval().requires_grad_(False), config=self.config,
             request=request, context=context,
