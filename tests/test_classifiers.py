@@ -323,3 +323,15 @@ def test_oracle_is_cached_on_disk_and_identical(tmp_path):
     again, cached_seconds = retrain_oracle(model, ("3",), tmp_path)
     assert cached_seconds == seconds and len(list(tmp_path.iterdir())) == 1
     assert tensor_hash(again.state_tensors()) == tensor_hash(first.state_tensors())
+
+
+def test_methods_that_run_no_regularizer_refuse_one(tmp_path, tiny_model_dir):
+    from obliviate.engine import RegularizerSpec
+    store = Store.init(tmp_path / "c", "digits-cnn")
+    with pytest.raises(ValueError, match="does not run regularizers"):
+        store.add_request(["3"], "salun", regularizers=(RegularizerSpec("l2sp"),))
+    t2i = Store.init(tmp_path / "t", str(tiny_model_dir))
+    with pytest.raises(ValueError, match="does not run regularizers.*esd"):
+        t2i.add_request(["striped"], "uce", regularizers=(RegularizerSpec("gradproj"),))
+    t2i.add_request(["striped"], "esd", regularizers=(RegularizerSpec("gradproj"),))
+    assert not store.state().requests

@@ -51,6 +51,11 @@ def model_family(folder: Path) -> str:
     return json.loads(bundle.read_text()).get("kind", "t2i") if bundle.is_file() else "t2i"
 
 
+def _methods_accepting_regularizers():
+    from ..methods import METHODS
+    return [(n, c) for n, c in METHODS["t2i"].items() if c.accepts_regularizers]
+
+
 def _namespace(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries of one component (``prefix/key``), keyed by ``key``."""
     return {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + "/")}
@@ -163,6 +168,9 @@ class Store:
         """Validate and record a pending request; returns its id. Nothing is written if invalid."""
         targets = tuple(t.strip() for t in targets)
         method_cls = get_method(method, self.info["kind"])
+        if regularizers and not method_cls.accepts_regularizers:
+            raise ValueError(f"Method {method!r} does not run regularizers (they plug into the diffusion gradient methods: "
+                             f"{', '.join(n for n, c in _methods_accepting_regularizers())}); drop --regularizer.")
         config = config_to_dict(build_config(method_cls.config_class, method_config, owner=f"method {method!r}"))
         checked_regs = tuple(self._check_regularizer(r) for r in regularizers)
         request = Request(targets, method, config, anchor, checked_regs, seed)

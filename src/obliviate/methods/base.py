@@ -87,6 +87,7 @@ class UnlearningMethod(Configurable, ABC):
 
     kind = "method"
     family: str = "t2i"  # the model family it edits: "t2i" or "classifier"
+    accepts_regularizers: bool = False  # the shared diffusion training loop runs them; nothing else does
 
     @abstractmethod
     def unlearn(self, model, request, context: UnlearningContext) -> MethodResult:

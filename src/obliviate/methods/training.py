@@ -123,6 +123,7 @@ class GradientMethod(UnlearningMethod):
     """Base of every gradient method: implement ``loss``; optionally ``setup``."""
 
     uses_teacher: bool = True
+    accepts_regularizers = True
     gradient_mask: dict[str, torch.Tensor] | None = None  # set in setup() by masked methods
 
     def setup(self, session: TrainingSession) -> None:
