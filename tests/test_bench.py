@@ -20,6 +20,7 @@ def test_bench_writes_tables_and_resumes(tmp_path, tiny_model_dir):
     table = (out / "s3.md").read_text()
     assert table.count("\n| esd |") == 6 and "| base |" in table
     assert (out / "s3.csv").read_text().count("\n") == len(rows) + 1
+    assert (out / "s3.png").stat().st_size > 10_000  # the sequential plot, one line per cell
 
     cells = {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
     lines.clear()

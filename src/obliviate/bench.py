@@ -183,7 +183,41 @@ def write_tables(out: Path, sequence: str) -> list[dict]:
         writer.writeheader()
         writer.writerows(rows)
     (out / f"{sequence}.md").write_text(markdown_table(rows, sequence))
+    if not SEQUENCES[sequence]["fresh_store_per_request"] and rows:
+        write_plot(rows, family, out / f"{sequence}.png", sequence)
     return rows
+
+
+# What the plot of a sequential benchmark shows per family: (row key, panel title).
+PLOT_PANELS = {"t2i": [("ua_min", "UA, worst forgotten concept"), ("ira", "IRA"), ("cra", "CRA"), ("fd", "FD")],
+               "classifier": [("ua", "UA"), ("ra", "RA"), ("ta", "TA"), ("gap", "gap to retrain (points)")]}
+
+
+def write_plot(rows: list[dict], family: str, path: Path, sequence: str) -> None:
+    """One line per cell (method + regularizer) over the requests, one panel per metric."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells: dict[str, list[dict]] = {}
+    for r in rows:
+        name = r["method"] if r["regularizer"] == "-" else f"{r['method']} + {r['regularizer']}"
+        cells.setdefault(name, []).append(r)
+    panels = PLOT_PANELS[family]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
+    for axis, (key, title) in zip(axes, panels):
+        for name, cell in sorted(cells.items()):
+            steps = [r["step"] for r in cell]
+            values = [float("nan") if r.get(key) is None else r[key] for r in cell]
+            axis.plot(steps, values, marker="o", markersize=3, label=name,
+                      color="black" if name == "base" else None, linewidth=2.5 if name == "base" else 1.2)
+        axis.set_title(title)
+        axis.set_xlabel("request")
+    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle(f"{sequence}: {SEQUENCES[sequence]['about']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
 
 
 def _classifier_zoo() -> set[str]:
