@@ -44,3 +44,12 @@ def test_bench_rejects_unknown_sequence_and_bad_options(tmp_path):
         run_bench(["esd"], [], "s99", tmp_path, tmp_path)
     with pytest.raises(ValueError, match="METHOD.option=value"):
         parse_method_options(["steps=3"])
+
+
+def test_speed_bench_skips_evaluation_and_reference_rows(tmp_path, tiny_model_dir):
+    out = tmp_path / "speed"
+    rows = run_bench(["uce"], [], "s3", out, tmp_path / "work", str(tiny_model_dir), {"uce": {"preserve": "none"}},
+                     evaluate=False, echo=lambda _: None)
+    assert [r["method"] for r in rows] == ["uce"] * 3
+    assert all(r["seconds"] is not None and r["ua"] is None for r in rows)
+    assert not (out / "s3.png").exists()

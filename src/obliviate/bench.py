@@ -95,16 +95,19 @@ def parse_method_options(items: list[str]) -> dict[str, dict[str, str]]:
 
 def run_bench(methods: list[str], regularizers: list[str], sequence: str, out: Path, work: Path,
               model: str | None = None, method_options: dict[str, dict[str, str]] | None = None,
-              eval_options: dict | None = None, oracles: Path | None = None, echo=print) -> list[dict]:
+              eval_options: dict | None = None, oracles: Path | None = None, echo=print,
+              evaluate: bool = True) -> list[dict]:
     """``eval_options`` are the fields of the family's evaluation config (EvalConfig or
-    ClassifierEvalConfig); ``model`` defaults to the sequence's."""
+    ClassifierEvalConfig); ``model`` defaults to the sequence's. Without ``evaluate`` only the
+    cost columns are filled (a speed benchmark), and there are no base or oracle rows."""
     if sequence not in SEQUENCES:
         raise ValueError(f"Unknown sequence {sequence!r}; choose one of {', '.join(SEQUENCES)}.")
     spec = SEQUENCES[sequence]
     model = model or spec["model"]
     out, work = Path(out), Path(work)
     (out / "cells").mkdir(parents=True, exist_ok=True)
-    cells = [("base", ""), ("oracle", "")] + [(m, r) for m in methods for r in (regularizers or [""])]
+    references = [("base", ""), ("oracle", "")] if evaluate else []
+    cells = references + [(m, r) for m in methods for r in (regularizers or [""])]
     for method, regularizer in cells:
         path = out / "cells" / f"{_cell_name(sequence, method, regularizer)}.json"
         if path.is_file():
@@ -113,7 +116,8 @@ def run_bench(methods: list[str], regularizers: list[str], sequence: str, out: P
         echo(f"run {sequence} / {method} / {regularizer or 'no regularizer'}")
         name, own_options = split_method_spec(method)
         options = {**(method_options or {}).get(name, {}), **own_options}
-        rows = _run_cell(method, regularizer, sequence, spec, work, model, options, eval_options or {}, echo, oracles)
+        rows = _run_cell(method, regularizer, sequence, spec, work, model, options, eval_options or {}, echo, oracles,
+                         evaluate)
         if not rows:
             continue
         tmp = path.with_suffix(".tmp")
@@ -123,7 +127,7 @@ def run_bench(methods: list[str], regularizers: list[str], sequence: str, out: P
 
 
 def _run_cell(method, regularizer, sequence, spec, work, model, options, eval_options, echo,
-              oracles: Path | None = None) -> list[dict]:
+              oracles: Path | None = None, evaluate: bool = True) -> list[dict]:
     """Rows of one cell. ``base`` evaluates the unedited model; ``oracle`` the model retrained
     without the forgotten concepts, where one exists for every step (else no rows). Classifier
     rows carry their oracle's numbers already, so they have no oracle cell."""
@@ -136,7 +140,7 @@ def _run_cell(method, regularizer, sequence, spec, work, model, options, eval_op
     for step, targets in enumerate(sequence_requests(sequence), start=1):
         if store is None or spec["fresh_store_per_request"]:
             store = Store.init(cell_dir / f"store-{step}", model)
-            evaluator = evaluator_for(store, eval_options)
+            evaluator = evaluator_for(store, eval_options) if evaluate else None
             forgotten = ()
             if method == "oracle" and store.info["kind"] == "classifier":
                 return []
@@ -183,7 +187,8 @@ def write_tables(out: Path, sequence: str) -> list[dict]:
         writer.writeheader()
         writer.writerows(rows)
     (out / f"{sequence}.md").write_text(markdown_table(rows, sequence))
-    if not SEQUENCES[sequence]["fresh_store_per_request"] and rows:
+    measured = any(r.get(key) is not None for r in rows for key, _ in PLOT_PANELS[family])
+    if not SEQUENCES[sequence]["fresh_store_per_request"] and measured:
         write_plot(rows, family, out / f"{sequence}.png", sequence)
     return rows
 
