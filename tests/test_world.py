@@ -104,3 +104,14 @@ def test_textures_differ_in_high_frequency_energy():
         gray = render(scenes).mean(1)
         energy[texture] = np.abs(np.diff(gray, axis=2)).mean()
     assert energy["solid"] < energy["striped"] and energy["solid"] < energy["checkered"]
+
+
+def test_forget_pairs_avoid_concepts_forgotten_earlier():
+    import numpy as np
+    from obliviate.world import WorldPrompts
+    prompts = WorldPrompts()
+    pairs = prompts.forget_pairs(("dotted",), None, 64, np.random.default_rng(0), avoid=("red", "circle", "dotted"))
+    assert all("dotted" in p.target and "red" not in p.target and "circle" not in p.target for p in pairs)
+    # when nothing can avoid them, the pairs still come (the avoided concept is the only choice)
+    every_colour = tuple(prompts.ontology.names("colour"))
+    assert len(prompts.forget_pairs(("dotted",), None, 4, np.random.default_rng(0), avoid=every_colour)) == 4

@@ -92,8 +92,11 @@ def token_states(model, prompts: list[str]) -> torch.Tensor:
 def erase_and_preserve_states(model, request, context, erase_prompts: int, preserve_prompts: int, rng,
                               require_preserve: bool = True):
     """Aligned (target, anchor) token states of prompts showing the targets, and token states of
-    prompts of what is still retained (empty when the store names nothing to retain)."""
-    pairs = context.prompts.forget_pairs(tuple(request.targets), request.anchor, erase_prompts, rng)
+    prompts of what is still retained (empty when the store names nothing to retain). Erase
+    prompts avoid concepts forgotten earlier: the closed form maps every token of an erase prompt
+    to the *pretrained* outputs of its anchor, which would bring such a concept back."""
+    pairs = context.prompts.forget_pairs(tuple(request.targets), request.anchor, erase_prompts, rng,
+                                         avoid=context.forgotten)
     with torch.no_grad():
         c, g = aligned_token_states(model, [p.target for p in pairs], [p.anchor for p in pairs])
         retained = context.prompts.retain_prompts(context.forgotten + tuple(request.targets), preserve_prompts, rng)

@@ -63,8 +63,11 @@ class WorldPrompts:
                       exclude: list[dict[str, set[int]]] | None = None) -> np.ndarray:
         """(n, 3) label rows that match one of ``include`` (if given) and none of ``exclude``."""
         counts = [len(self.ontology.in_domain(d)) for d in self.ontology.domains]
-        rows = []
+        rows, attempts = [], 0
         while len(rows) < n:
+            attempts += 1
+            if attempts > 1000 * max(n, 1):
+                raise ValueError("No concept combination matches the requested targets without showing an excluded one.")
             row = [int(rng.integers(c)) for c in counts]
             if include:
                 group = include[int(rng.integers(len(include)))]
@@ -78,13 +81,22 @@ class WorldPrompts:
     def words(self, row) -> dict[str, str]:
         return {d: self.ontology.names(d)[i] for d, i in zip(self.ontology.domains, row)}
 
-    def forget_pairs(self, targets: tuple[str, ...], anchor: str | None, n: int, rng: np.random.Generator) -> list[PromptPair]:
-        """Training-template prompts showing a target, each with its anchor prompt."""
+    def forget_pairs(self, targets: tuple[str, ...], anchor: str | None, n: int, rng: np.random.Generator,
+                     avoid: tuple[str, ...] = ()) -> list[PromptPair]:
+        """Training-template prompts showing a target, each with its anchor prompt. Prompts showing
+        a concept in ``avoid`` (e.g. one forgotten earlier) are left out when the world allows."""
         groups = self.target_groups(targets)
         target_domains = {d for g in groups for d in g}
         anchor_concept = self.ontology.get(anchor) if anchor else None
+        targeted = {c.name for c in self.target_concepts(targets)}
+        avoided = [g for term in avoid if not {c.name for c in self.ontology.resolve(term)} & targeted
+                   for g in self.target_groups((term,))]
+        try:
+            rows = self.sample_labels(n, rng, include=groups, exclude=avoided or None)
+        except ValueError:
+            rows = self.sample_labels(n, rng, include=groups)
         pairs = []
-        for row in self.sample_labels(n, rng, include=groups):
+        for row in rows:
             words = self.words(row)
             template = TRAIN_TEMPLATES[int(rng.integers(len(TRAIN_TEMPLATES)))]
             target_prompt = format_prompt(template, words["shape"], words["colour"], words["texture"])
@@ -141,7 +153,7 @@ class FreeTextPrompts:
     def target_concepts(self, targets):
         return ()
 
-    def forget_pairs(self, targets, anchor, n, rng) -> list[PromptPair]:
+    def forget_pairs(self, targets, anchor, n, rng, avoid=()) -> list[PromptPair]:
         pairs = []
         for i in range(n):
             template = FREE_TEXT_TEMPLATES[int(rng.integers(len(FREE_TEXT_TEMPLATES)))]
