@@ -335,3 +335,15 @@ def test_methods_that_run_no_regularizer_refuse_one(tmp_path, tiny_model_dir):
         t2i.add_request(["striped"], "uce", regularizers=(RegularizerSpec("gradproj"),))
     t2i.add_request(["striped"], "esd", regularizers=(RegularizerSpec("gradproj"),))
     assert not store.state().requests
+
+
+@given(st.integers(0, 10_000))
+@settings(max_examples=25, deadline=None)
+def test_random_labels_are_wrong_and_never_a_forgotten_class(seed):
+    from obliviate.methods.classifier.base import ClassifierSession
+    session = ClassifierSession.__new__(ClassifierSession)
+    session.known_classes = torch.tensor([0, 1, 2, 4, 5, 6, 7, 8, 9])  # 3 forgotten
+    session.generator = torch.Generator().manual_seed(seed)
+    truth = torch.randint(0, 10, (64,), generator=torch.Generator().manual_seed(seed + 1))
+    labels = session.random_labels(truth)
+    assert (labels != truth).all() and not (labels == 3).any()
