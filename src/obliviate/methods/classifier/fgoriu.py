@@ -1,13 +1,13 @@
 """FG-OrIU (feature-gradient orthogonality for incremental unlearning, ICCV 2025).
 
 For every weight layer (``nn.Linear``, ``nn.Conv2d``; a convolution's inputs are its unfolded
-patches) the SVD of its inputs splits input space into a *remaining* subspace U_r (inputs on
-retained data) and a *forgetting* subspace U_f (inputs on the forget set, outside U_r), each
-keeping the directions that hold ``energy`` of the squared singular values.
+patches) the SVD of its inputs gives a *remaining* subspace U_r (inputs on retained data) and a
+*forgetting* subspace U_f (inputs on the forget set), each keeping the directions that hold
+``energy`` of the squared singular values.
 
-- Feature level: the forget set's penultimate features are driven orthogonal to both the
-  remaining and the forgetting subspace of the head's inputs, ``L = |[U_r U_f]^T phi(x_f)|^2 /
-  |phi_0(x_f)|^2``, so nothing the head reads is left of them (deep, not superficial, forgetting).
+- Feature level: the forget set's penultimate features are driven orthogonal to the head-input
+  subspaces of both the retained and the forget data, ``L = |[U_r U_f]^T phi(x_f)|^2 /
+  |phi_0(x_f)|^2``, so little the head reads is left of them.
 - A feature-distillation term on retained data catches what the energy threshold lets through.
 - Emptied features leave the head's bias to decide; for class requests the forgotten class's
   bias is lowered just enough that it no longer wins on the forget set (only its own logit
@@ -141,7 +141,7 @@ class FGOrIU(ClassifierMethod):
         hooks = [w.register_hook(lambda g, c=complements[n].to(device), w=w: _project(g, c, w)) for n, w in weights.items()]
         try:
             for _ in range(cfg.epochs):
-                for x, y in session.batches(session.forget_x, session.forget_y):
+                for x, _ in session.batches(session.forget_x, session.forget_y):
                     features = session.net.features(x)
                     loss = (features @ feature_basis).pow(2).sum(1).mean() / scale
                     if cfg.retain_weight:
