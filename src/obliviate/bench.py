@@ -203,6 +203,7 @@ def write_plot(rows: list[dict], family: str, path: Path, sequence: str) -> None
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     cells: dict[str, list[dict]] = {}
     for r in rows:
@@ -210,12 +211,15 @@ def write_plot(rows: list[dict], family: str, path: Path, sequence: str) -> None
         cells.setdefault(name, []).append(r)
     panels = PLOT_PANELS[family]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
+    names = sorted(cells)
+    colours = plt.cm.tab20(np.linspace(0, 1, max(len(names), 2)))  # distinct up to 20 cells
     for axis, (key, title) in zip(axes, panels):
-        for name, cell in sorted(cells.items()):
-            steps = [r["step"] for r in cell]
-            values = [float("nan") if r.get(key) is None else r[key] for r in cell]
-            axis.plot(steps, values, marker="o", markersize=3, label=name,
-                      color="black" if name == "base" else None, linewidth=2.5 if name == "base" else 1.2)
+        for i, name in enumerate(names):
+            steps = [r["step"] for r in cells[name]]
+            values = [float("nan") if r.get(key) is None else r[key] for r in cells[name]]
+            base = name == "base"
+            axis.plot(steps, values, marker="os^vD"[i % 5], markersize=3, label=name, linestyle="-" if base else ("-", "--")[i % 2],
+                      color="black" if base else colours[i], linewidth=2.5 if base else 1.2)
         axis.set_title(title)
         axis.set_xlabel("request")
     axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
