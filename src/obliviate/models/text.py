@@ -46,13 +46,8 @@ class TextEncoder(nn.Module):
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
 
-    # Encoders whose UNet masks padding can run at the longest prompt's length and zero-fill the
-    # rest (2-3x fewer tokens for short prompts); Stable Diffusion attends to padding, so CLIP
-    # encodes every position.
-    encode_padding = "max_length"
-
-    def tokenize(self, prompts: list[str], padding: str = "max_length") -> dict[str, torch.Tensor]:
-        return self.tokenizer(list(prompts), padding=padding, truncation=True,
+    def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return self.tokenizer(list(prompts), padding="max_length", truncation=True,
                               max_length=self.max_length, return_tensors="pt")
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -69,14 +64,10 @@ class TextEncoder(nn.Module):
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         for start in range(0, len(missing), 256):
             chunk = missing[start:start + 256]
-            tokens = self.tokenize(chunk, padding=self.encode_padding).to(device)
+            tokens = self.tokenize(chunk).to(device)
             states = self.model(**tokens).last_hidden_state.float().cpu()
-            attention = tokens["attention_mask"].cpu()
-            pad = self.max_length - states.shape[1]  # only when encoding at the chunk's longest prompt
-            states = torch.nn.functional.pad(states * attention[..., None], (0, 0, 0, pad))
-            attention = torch.nn.functional.pad(attention, (0, pad))
             for i, prompt in enumerate(chunk):
-                self._cache[prompt] = (states[i], self.unet_attention_mask(attention[i]))
+                self._cache[prompt] = (states[i], self.unet_attention_mask(tokens["attention_mask"][i]).cpu())
         states = torch.stack([self._cache[p][0] for p in prompts]).to(device)
         mask = torch.stack([self._cache[p][1] for p in prompts]).to(device)
         return TextEncoding(states, mask)
@@ -90,7 +81,6 @@ class MiniLMEncoder(TextEncoder):
     PyPI package, so it loads offline."""
 
     kind = "minilm"
-    encode_padding = "longest"
 
     @classmethod
     @functools.cache
