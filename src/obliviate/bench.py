@@ -179,7 +179,7 @@ def write_tables(out: Path, sequence: str) -> list[dict]:
     rows = []
     for path in sorted((out / "cells").glob(f"{sequence}__*.json")):
         rows.extend(json.loads(path.read_text())["rows"])
-    family = "classifier" if SEQUENCES[sequence]["model"] in _classifier_zoo() else "t2i"
+    family = _family(sequence)
     keys = [k for _, k, _ in FAMILY_COLUMNS[family]]
     with open(out / f"{sequence}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["sequence", "method", "regularizer", "step", "targets", *keys, *COST_COLUMNS],
@@ -229,9 +229,10 @@ def write_plot(rows: list[dict], family: str, path: Path, sequence: str) -> None
     plt.close(fig)
 
 
-def _classifier_zoo() -> set[str]:
+def _family(sequence: str) -> str:
+    """The model family a sequence's default model belongs to (its tables' columns)."""
     from .models.zoo import ZOO
-    return {name for name, entry in ZOO.items() if entry.kind == "classifier"}
+    return "classifier" if ZOO[SEQUENCES[sequence]["model"]].kind == "classifier" else "t2i"
 
 
 def _fmt(value, digits=3) -> str:
@@ -242,7 +243,7 @@ def _fmt(value, digits=3) -> str:
 
 def markdown_table(rows: list[dict], sequence: str) -> str:
     spec = SEQUENCES[sequence]
-    family = "classifier" if spec["model"] in _classifier_zoo() else "t2i"
+    family = _family(sequence)
     columns = FAMILY_COLUMNS[family]
     lines = [f"# Benchmark `{sequence}`: {spec['about']}", "", LEGENDS[family], ""]
     header = ["method", "regularizer", "step", "targets", *(h for h, _, _ in columns), "seconds", "passes f/b"]

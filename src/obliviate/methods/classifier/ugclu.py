@@ -18,7 +18,7 @@ import torch
 from torch.nn import functional as F
 
 from ..base import register_method
-from .sfron import SFRon, SFRonConfig, diagonal_fisher
+from .sfron import SFRon, SFRonConfig, diagonal_fisher, fisher_ratio_mask
 
 
 @dataclass
@@ -57,7 +57,7 @@ class UGCLU(SFRon):
         if self.learn is not None:
             learn = _normalised(diagonal_fisher(session, *self.learn))
             forget = {n: forget[n] + learn[n] for n in forget}
-        return {n: ((forget[n] + 1e-20) / (retain[n] + 1e-20) >= self.config.gamma).float() for n in forget}
+        return fisher_ratio_mask(forget, retain, self.config.gamma)
 
     def retain_loss(self, session):
         loss = super().retain_loss(session)
