@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from obliviate.engine import Store
-from obliviate.methods.uce import KV_PATTERN, UCEConfig, aligned_token_states, token_states
+from obliviate.methods.closed_form import KV_PATTERN, ErasureMemory, aligned_token_states, token_states
+from obliviate.methods.uce import UCEConfig
 from obliviate.world import WorldPrompts
 
 FAST = {"erase_prompts": "8", "preserve_prompts": "16"}
@@ -38,13 +39,45 @@ def test_uce_satisfies_its_normal_equations_incrementally(tmp_path, tiny_model_d
     model = store.load_model()
     p = token_states(model, retained)
     preserve_gram = p.T @ p
-    erase_gram = state["uce/erase_gram"]
+    memory = ErasureMemory.from_state({k[len("uce/"):]: v for k, v in state.items() if k.startswith("uce/")})
+    assert memory.requests == 2 and bool(memory.active(prompts, ("striped", "circle")).all())
+    c, g = memory.targets.double(), memory.anchors.double()
+    erase_gram = c.T @ c
     eye = torch.eye(erase_gram.shape[0], dtype=torch.float64)
     for name in kv_layers(current):
         w, w0 = current[name].double(), base[name].double()
         lhs = w @ (config.lam * eye + erase_gram + preserve_gram)
-        rhs = config.lam * w0 + state[f"uce/erase_values.{name}"] + w0 @ preserve_gram
+        rhs = config.lam * w0 + w0 @ g.T @ c + w0 @ preserve_gram
         assert torch.allclose(lhs, rhs, rtol=1e-4, atol=1e-3 * rhs.abs().max()), name
+
+
+def test_erase_rows_of_prompts_showing_a_later_forgotten_concept_are_retired():
+    prompts = WorldPrompts()
+    pairs = prompts.forget_pairs(("striped",), None, 64, np.random.default_rng(0))
+    labels = np.array([p.labels for p in pairs])
+    covered = np.repeat(prompts.concept_mask(("striped",))[None], len(pairs), 0)
+    red = labels[:, prompts.ontology.domains.index("colour")] == prompts.ontology.index("red")
+    assert 0 < red.sum() < len(pairs)
+    assert np.array_equal(prompts.shows_uncovered(labels, covered, ("striped", "red")), red)
+    # forgetting a supertype that includes the row's own target retires nothing
+    assert not prompts.shows_uncovered(labels, covered, ("pattern",)).any()
+    # a combination retires only rows showing all of it
+    both = red & (labels[:, prompts.ontology.domains.index("shape")] == prompts.ontology.index("circle"))
+    assert np.array_equal(prompts.shows_uncovered(labels, covered, ("red circle",)), both)
+
+
+def test_uce_retires_earlier_erase_rows_that_show_the_new_target(tmp_path, tiny_model_dir):
+    store = Store.init(tmp_path / "s", tiny_model_dir)
+    store.add_request(["striped"], "uce", {"erase_prompts": "32", "preserve_prompts": "16"})
+    store.add_request(["red"], "uce", {"erase_prompts": "32", "preserve_prompts": "16"})
+    store.apply()
+    memory = ErasureMemory.from_state({k[4:]: v for k, v in store.method_state().items() if k.startswith("uce/")})
+    first = memory.request == 0
+    onto = WorldPrompts().ontology
+    red = memory.labels[:, onto.domains.index("colour")] == onto.index("red")
+    striped = memory.labels[:, onto.domains.index("texture")] == onto.index("striped")
+    assert red[first].any() and red[~first].all() and not striped[~first].any()
+    assert torch.equal(memory.active(WorldPrompts(), ("striped", "red")), ~(first & red))
 
 
 def test_uce_keeps_earlier_erasures_and_preserves_retained_outputs(tmp_path, tiny_model_dir):
@@ -126,7 +159,7 @@ def test_sdwv_edits_compose_and_roll_back(tmp_path, tiny_model_dir):
 
 def test_erasepro_meets_its_constraint_exactly_and_keeps_earlier_ones(tmp_path, tiny_model_dir):
     from obliviate.methods.erasepro import unet_depth_order
-    from obliviate.methods.uce import KV_PATTERN as EP_KV
+    from obliviate.methods.closed_form import KV_PATTERN as EP_KV
     store = Store.init(tmp_path / "s", tiny_model_dir)
     store.add_request(["striped"], "erasepro", {"erase_prompts": "16", "preserve_prompts": "64", "deep_strength": "0.5"})
     store.add_request(["circle"], "erasepro", {"erase_prompts": "16", "preserve_prompts": "64", "deep_strength": "0.5"})

@@ -11,8 +11,9 @@ concept's token states and A = C^+ U their coefficients, the edit solves
 so target features map onto anchor features exactly, not in the least-squares sense of UCE. The
 target of layer l is T_l = W0 (U + s_l (G A - U)): the full anchor features (s_l = 1) at the
 shallowest layer, decaying to ``deep_strength`` at the deepest, so sensitive deep layers move
-least. Every earlier request's constraints stay in the store's state and are solved jointly, so
-earlier erasures remain exact.
+least. Every earlier request's erase rows stay in the store's state and their constraints are
+solved jointly, so earlier erasures remain exact; rows whose prompts show a concept forgotten
+later are retired first (``ErasureMemory``), and the request's directions recomputed without them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import numpy as np
 import torch
 
 from .base import Edit, MethodResult, UnlearningMethod, register_method
-from .uce import erase_and_preserve_states, kv_layers, other_edits
+from .closed_form import ErasureMemory, erase_and_preserve_states, kv_layers, other_edits
+
 
 @dataclass
 class EraseProConfig:
@@ -53,6 +55,16 @@ def unet_depth_order(names: list[str]) -> list[str]:
     return sorted(names, key=key)
 
 
+def concept_directions(c: torch.Tensor, g: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top ``rank`` directions U of a request's target token states (those the concept
+    moves) and G A, where each should go: A = C^+ U, so C^T A = U."""
+    moved = (c - g).norm(dim=1) > 1e-6 * c.norm(dim=1).max()
+    c, g = c[moved], g[moved]
+    u, s, vh = torch.linalg.svd(c.T, full_matrices=False)
+    r = min(rank, int((s > 1e-8 * s[0]).sum()))
+    return u[:, :r], g.T @ (vh[:r].T / s[:r])
+
+
 def zero_residual_solve(w0: torch.Tensor, basis: torch.Tensor, targets: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
     """The W closest to W0 in the ``metric`` norm with W basis = targets exactly."""
     m_inv_u = torch.linalg.solve(metric, basis)  # M^-1 U
@@ -69,27 +81,26 @@ class ErasePro(UnlearningMethod):
     def unlearn(self, model, request, context) -> MethodResult:
         cfg = self.config
         rng = np.random.default_rng(request.seed)
-        c, g, p = erase_and_preserve_states(model, request, context, cfg.erase_prompts, cfg.preserve_prompts, rng,
+        rows, p = erase_and_preserve_states(model, request, context, cfg.erase_prompts, cfg.preserve_prompts, rng,
                                             require_preserve=False)
-        moved = (c - g).norm(dim=1) > 1e-6 * c.norm(dim=1).max()  # tokens whose state the concept changes
-        c, g = c[moved], g[moved]
-        u, s, vh = torch.linalg.svd(c.T, full_matrices=False)
-        r = min(cfg.rank, int((s > 1e-8 * s[0]).sum()))
-        basis = u[:, :r]
-        anchor_dirs = g.T @ (vh[:r].T / s[:r])  # G A with c^T A = U: where each direction should go
-
-        previous_basis = context.state.get("basis", torch.zeros(c.shape[1], 0, dtype=torch.float64))
-        previous_anchor = context.state.get("anchor", torch.zeros(c.shape[1], 0, dtype=torch.float64))
-        all_basis = torch.cat([previous_basis.double(), basis], 1)
-        all_anchor = torch.cat([previous_anchor.double(), anchor_dirs], 1)
-        if all_basis.shape[1] >= c.shape[1]:
-            raise ValueError(f"ErasePro has {all_basis.shape[1]} exact constraints for {c.shape[1]}-d text states; "
+        earlier = ErasureMemory.from_state(context.state)
+        memory = earlier.extend(rows) if earlier is not None else rows
+        ranks = torch.cat([context.state.get("ranks", torch.zeros(0, dtype=torch.long)), torch.tensor([cfg.rank])])
+        active = memory.active(context.prompts, context.forgotten + tuple(request.targets))
+        directions = [concept_directions(memory.targets[keep].double(), memory.anchors[keep].double(), int(ranks[r]))
+                      for r in range(memory.requests) if (keep := active & (memory.request == r)).any()]
+        all_basis = torch.cat([basis for basis, _ in directions], 1)
+        all_anchor = torch.cat([anchor for _, anchor in directions], 1)
+        dim = all_basis.shape[0]
+        if all_basis.shape[1] >= dim:
+            raise ValueError(f"ErasePro has {all_basis.shape[1]} exact constraints for {dim}-d text states; "
                              "lower `rank` or roll back earlier requests.")
-        metric = cfg.lam * torch.eye(c.shape[1], dtype=torch.float64) + cfg.preserve_scale * (p.T @ p)
+        metric = cfg.lam * torch.eye(dim, dtype=torch.float64) + cfg.preserve_scale * (p.T @ p)
 
         current = model.state_tensors()
         layers = unet_depth_order(kv_layers(current))
-        deltas, state = {}, {"basis": all_basis, "anchor": all_anchor}
+        deltas = {}
+        state = {**memory.to_state(), "ranks": ranks, "basis": all_basis, "anchor": all_anchor}
         for depth, name in enumerate(layers):
             strength = 1 - (1 - cfg.deep_strength) * depth / max(1, len(layers) - 1)
             w0 = context.base_weights[name].double()

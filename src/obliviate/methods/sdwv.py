@@ -23,7 +23,7 @@ from ..models.text import TextEncoding
 from ..world.targets import PromptPair
 from .base import Edit, MethodResult, UnlearningMethod, register_method
 from .training import PassCounter
-from .uce import aligned_token_states, token_states
+from .closed_form import aligned_token_states, token_states
 
 
 @dataclass

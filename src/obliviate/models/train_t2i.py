@@ -177,7 +177,7 @@ def train_t2i(recipe: T2IRecipe, out: str | Path, device: str | torch.device | N
                 _atomic_save(tensors, ckpt_file)
                 seconds = elapsed_before + time.time() - t0
                 tmp = state_file.with_suffix(".tmp")
-                tmp.write_text(json.dumps({"step": done, "seconds": seconds, "loss": float(loss),
+                tmp.write_text(json.dumps({"step": done, "seconds": seconds, "loss": float(loss.detach()),
                                            "optimizer_steps": done, "device": str(device),
                                            "recipe": asdict(recipe)}, indent=2))
                 tmp.replace(state_file)

@@ -61,7 +61,7 @@ class FGOrIU(SubspaceProtection):
     config_class = FGOrIUConfig
 
     def setup(self, session) -> None:
-        from ..methods.uce import aligned_token_states, token_states
+        from ..methods.closed_form import aligned_token_states, token_states
 
         cfg, saved = self.config, session.context.regularizer_states.get(self.name, {})
         rng = np.random.default_rng(session.request.seed)

@@ -18,10 +18,12 @@ from .prompts import TRAIN_TEMPLATES, format_prompt
 @dataclass(frozen=True)
 class PromptPair:
     """A prompt that expresses the targets and the same prompt with the targets replaced by the
-    anchor (or dropped when there is no anchor)."""
+    anchor (or dropped when there is no anchor). ``labels`` is the world's label row of the target
+    prompt (one class index per domain); empty for free text."""
 
     target: str
     anchor: str
+    labels: tuple[int, ...] = ()
 
 
 def _describe(words: dict[str, str | None]) -> str:
@@ -105,8 +107,25 @@ class WorldPrompts:
                 anchor_prompt = format_prompt(template, anchor_words["shape"], anchor_words["colour"], anchor_words["texture"])
             else:
                 anchor_prompt = _describe({d: (None if d in target_domains else w) for d, w in words.items()})
-            pairs.append(PromptPair(target_prompt, anchor_prompt))
+            pairs.append(PromptPair(target_prompt, anchor_prompt, tuple(int(i) for i in row)))
         return pairs
+
+    def concept_mask(self, terms: tuple[str, ...]) -> np.ndarray:
+        """Which of the ontology's concepts the terms cover, as a boolean vector."""
+        covered = {c.name for c in self.target_concepts(terms)}
+        return np.array([c.name in covered for c in self.ontology.concepts])
+
+    def shows_uncovered(self, labels: np.ndarray, covered: np.ndarray, terms: tuple[str, ...]) -> np.ndarray:
+        """Per label row: does it show one of ``terms`` none of whose concepts its ``covered`` row
+        (a `concept_mask`) includes? E.g. a row from a request forgetting striped that shows red
+        is flagged once red is forgotten too."""
+        flagged = np.zeros(len(labels), dtype=bool)
+        for term, group in zip(terms, self.target_groups(terms)):
+            shows = np.ones(len(labels), dtype=bool)
+            for domain, allowed in group.items():
+                shows &= np.isin(labels[:, self.ontology.domains.index(domain)], sorted(allowed))
+            flagged |= shows & ~(covered & self.concept_mask((term,))).any(1)
+        return flagged
 
     def random_anchor_pairs(self, targets: tuple[str, ...], n: int, rng: np.random.Generator) -> list[PromptPair]:
         """Forget prompts whose anchor swaps each target concept for a random other concept of its
@@ -118,7 +137,7 @@ class WorldPrompts:
             for concept in self.target_concepts(targets):
                 others = [c for c in self.ontology.names(concept.domain) if c not in targeted]
                 anchor = anchor.replace(concept.name, others[int(rng.integers(len(others)))]) if others else anchor
-            pairs.append(PromptPair(pair.target, anchor))
+            pairs.append(PromptPair(pair.target, anchor, pair.labels))
         return pairs
 
     def retain_prompts(self, forgotten: tuple[str, ...], n: int, rng: np.random.Generator) -> list[str]:
@@ -160,6 +179,12 @@ class FreeTextPrompts:
             target = targets[i % len(targets)]
             pairs.append(PromptPair(template.format(target), template.format(anchor) if anchor else ""))
         return pairs
+
+    def concept_mask(self, terms) -> np.ndarray:
+        return np.zeros(0, dtype=bool)  # free text names no known concepts
+
+    def shows_uncovered(self, labels, covered, terms) -> np.ndarray:
+        return np.zeros(len(labels), dtype=bool)
 
     def random_anchor_pairs(self, targets, n, rng) -> list[PromptPair]:
         kept = [r for r in self.retain if r not in targets] or [""]
