@@ -52,3 +52,22 @@ def test_unknown_attack_is_a_clear_error():
     assert {"relearn", "prompt", "inversion", "probe"} <= set(ATTACKS)
     with pytest.raises(ValueError, match="Did you mean 'prompt'"):
         get_attack("promt")
+
+
+def test_attack_runs_beside_a_retrain_oracle_when_one_exists(tmp_path, tiny_model_dir, random_judge):
+    import shutil
+
+    from obliviate.engine import Store
+    from obliviate.models.zoo import oracle_key
+    store = Store.init(tmp_path / "s", tiny_model_dir)
+    attack = get_attack("relearn").from_options({**{k: str(v) for k, v in QUICK.items()}, "renders": "2",
+                                                 "checkpoints": "0,1", "batch_size": "2"})
+    oracles = tmp_path / "oracles"
+    assert store.attack(attack, "circle", random_judge, oracles_dir=oracles).oracle is None
+    # an oracle for the concept alone is the reference when none matches everything forgotten
+    shutil.copytree(tiny_model_dir, oracles / oracle_key(["circle"]) / "model")
+    result = store.attack(attack, "circle", random_judge, oracles_dir=oracles)
+    assert result.oracle is not None and result.oracle.details["model"] == "without-circle"
+    assert [step for step, _ in result.oracle.curve] == [0, 1]
+    recorded = [e for e in store.ledger.events() if e.kind == "attack"][-1].payload["result"]
+    assert recorded["oracle"]["curve"] == [[0, result.oracle.curve[0][1]], [1, result.oracle.curve[1][1]]]

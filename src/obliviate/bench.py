@@ -149,7 +149,7 @@ def _run_cell(method, regularizer, sequence, spec, work, model, options, eval_op
         if method == "base":
             metrics, cost = evaluator(store.load_model(), store, forgotten=forgotten), {}
         elif method == "oracle":
-            folder = find_oracle(forgotten, oracles) if oracles else None
+            folder = find_oracle(forgotten, oracles)
             if folder is None:
                 echo(f"  no retrain oracle for {', '.join(forgotten)} in {oracles}; oracle rows skipped")
                 return []

@@ -352,6 +352,8 @@ def eval_store(store: Path = typer.Argument(...), as_json: bool = typer.Option(F
 def attack(store: Path = typer.Argument(...), concept: str = typer.Argument(..., help="A (forgotten) concept."),
            kind: str = typer.Option("relearn", help="relearn, prompt, inversion or probe."),
            set_: List[str] = typer.Option([], "--set", help="Attack option key=value (repeatable)."),
+           oracles: Path = typer.Option(Path("runs/oracles"), help="Retrain oracles (`zoo train shapes-t2i --exclude`); "
+                                                                   "the attack also runs on one that never saw the concept."),
            as_json: bool = typer.Option(False, "--json"), seed: int = typer.Option(0)) -> None:
     """Try to bring a concept back; reports how often the judge sees it before and after."""
     from .config import parse_assignments
@@ -359,13 +361,19 @@ def attack(store: Path = typer.Argument(...), concept: str = typer.Argument(...,
     from .evaluation.attacks import get_attack
     from .models.zoo import load_judge
     attack_obj = get_attack(kind).from_options(parse_assignments(set_))
-    result = Store(store).attack(attack_obj, concept, load_judge("shapes-judge"), seed=seed)
+    result = Store(store).attack(attack_obj, concept, load_judge("shapes-judge"), seed=seed, oracles_dir=oracles)
     if as_json:
         _print_json(result.to_dict())
         return
-    typer.echo(f"{kind} attack on {concept!r}: judge sees it in {result.before:.1%} of images before, {result.after:.1%} after")
-    for steps, rate in result.curve:
-        typer.echo(f"  after {steps} steps: {rate:.1%}")
+    for name, res in [("model", result)] + ([(f"retrain oracle {result.oracle.details['model']}", result.oracle)]
+                                              if result.oracle else []):
+        typer.echo(f"{kind} attack on {concept!r}, {name}: judge sees it in {res.before:.1%} of images before, "
+                   f"{res.after:.1%} after")
+        for steps, rate in res.curve:
+            typer.echo(f"  after {steps} steps: {rate:.1%}")
+    if result.oracle is None:
+        typer.echo(f"(no retrain oracle for {concept!r} in {oracles}: `obliviate zoo train shapes-t2i --exclude {concept}` "
+                   "trains one to compare with)")
 
 
 @app.command()

@@ -75,8 +75,9 @@ def run_demo(out: Path, quick: bool = False, echo=print, print_quality=None, pri
     attack = get_attack("relearn").from_options({"checkpoints": (0, 5) if quick else (0, 5, 10, 20),
                                                  "prompts": 4 if quick else 8, "images_per_prompt": 2 if quick else 4})
     result = store.attack(attack, target, judge)
-    echo(f"  relearn {target!r}: judge sees it in {result.before:.1%} of images, "
-         + ", ".join(f"{rate:.1%} after {steps} steps" for steps, rate in result.curve[1:]))
+    for name, res in [("unlearned model", result)] + ([("retrain oracle", result.oracle)] if result.oracle else []):
+        echo(f"  relearn {target!r} on the {name}: judge sees it in {res.before:.1%} of images, "
+             + ", ".join(f"{rate:.1%} after {steps} steps" for steps, rate in res.curve[1:]))
     report = write_report(store, out / "report.html", images_per_concept=4)
     echo(f"wrote {report}")
     return {"quality": quality, "status": store.status(), "attack": result.to_dict()}

@@ -134,7 +134,8 @@ def write_report(store, out: str | Path, retained_examples: int = 2, images_per_
     attacks = [e for e in store.ledger.events() if e.kind == "attack"]
     attack_rows = "".join(
         f"<tr><td>{e.payload['after']}</td><td>{e.payload['result']['attack']}</td><td>{html.escape(e.payload['result']['concept'])}</td>"
-        f"<td>{e.payload['result']['before']:.3f}</td><td>{e.payload['result']['after']:.3f}</td></tr>" for e in attacks)
+        f"<td>{e.payload['result']['before']:.3f}</td><td>{e.payload['result']['after']:.3f}</td>"
+        f"<td>{_oracle_cell(e.payload['result'].get('oracle'))}</td></tr>" for e in attacks)
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>obliviate report: {html.escape(str(store.root))}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}} table{{border-collapse:collapse}}
@@ -147,7 +148,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}} img{{max-width:100
 {''.join(f"<th>{k.upper()}</th>" for k in columns)}<th>seconds</th></tr>{rows}</table>
 {''.join(sections)}
 <h2 id="attacks">Attacks</h2>
-{'<table><tr><th>after request</th><th>attack</th><th>concept</th><th>seen before</th><th>seen after</th></tr>' + attack_rows + '</table>'
+{'<table><tr><th>after request</th><th>attack</th><th>concept</th><th>seen before</th><th>seen after</th><th>retrain oracle, before / after</th></tr>' + attack_rows + '</table>'
  if attacks else '<p>No attacks recorded; run <code>obliviate attack STORE CONCEPT</code>.</p>'}
 </body></html>
 """
@@ -159,3 +160,9 @@ def _fmt(metrics, key) -> str:
     if not metrics or metrics.get(key) is None:
         return ""
     return f"{metrics[key]:.3f}"
+
+
+def _oracle_cell(oracle: dict | None) -> str:
+    if not oracle:
+        return "no oracle trained"
+    return f"{oracle['before']:.3f} / {oracle['after']:.3f} ({html.escape(oracle['details'].get('model', ''))})"

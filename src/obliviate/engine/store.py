@@ -23,7 +23,7 @@ import json
 import resource
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -364,14 +364,26 @@ class Store:
                                    model_hash=state.model_event.model_hash)
         return metrics
 
-    def attack(self, attack, concept: str, judge, record: bool = True, seed: int = 0, wait: float = 0.0):
-        """Run an attack on the current model for ``concept``; with ``record``, log the result."""
+    def attack(self, attack, concept: str, judge, record: bool = True, seed: int = 0, wait: float = 0.0,
+               oracles_dir: str | Path | None = None):
+        """Run an attack on the current model for ``concept``; with ``record``, log the result.
+        When a retrain oracle never saw the concept (one for everything forgotten here, else one
+        for the concept alone; see ``find_oracle``), the same attack runs on it too, as the bar:
+        a relearn curve no steeper than the oracle's means the concept is as gone as retraining
+        makes it."""
+        from ..models.zoo import find_oracle
         if self.info["kind"] != "t2i":
             raise ValueError("Attacks target text-to-image stores. For a classifier, `obliviate eval STORE` already "
                              "measures relearning (relearn_steps) and what the features still hold (probe), next to the oracle.")
         prompts = self.prompts()
         prompts.validate((concept,), None)
         result = attack.run(self.load_model(check=True), concept, judge, prompts, seed=seed)
+        state = self.state()
+        oracle = find_oracle(state.forgotten, oracles_dir) or find_oracle((concept,), oracles_dir)
+        if oracle is not None:
+            reference = attack.run(self.family.load(oracle).eval(), concept, judge, prompts, seed=seed)
+            result = replace(result, oracle=replace(reference, details={
+                **reference.details, "model": oracle.parent.name}))
         if record:
             with self.locked(wait):
                 state = self.state()

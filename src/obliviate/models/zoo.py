@@ -3,7 +3,9 @@
 ``shapes-t2i`` is the embedded text-to-image model and ``shapes-judge`` the attribute judge;
 ``digits-*`` and ``shapes-cnn`` are classifiers for the classifier side of the engine. All are
 trained by ``obliviate zoo train NAME`` and their weights are committed under
-``obliviate/weights/NAME``.
+``obliviate/weights/NAME``. Retrain oracles of ``shapes-t2i`` (``zoo train shapes-t2i --exclude
+CONCEPT``) go to a folder of the user's; the one for ``striped`` ships under
+``obliviate/weights/oracles``.
 """
 
 from __future__ import annotations
@@ -74,7 +76,14 @@ def oracle_key(concepts) -> str:
     return "without-" + "-".join(sorted({c.strip().lower().replace(" ", "_") for c in concepts}))
 
 
-def find_oracle(concepts, oracles_dir: str | Path) -> Path | None:
-    """The oracle model folder for exactly these forgotten concepts, if one was trained."""
-    folder = Path(oracles_dir) / oracle_key(concepts) / "model"
-    return folder if folder.is_dir() else None
+SHIPPED_ORACLES = Path(str(resources.files("obliviate") / "weights" / "oracles"))
+
+
+def find_oracle(concepts, oracles_dir: str | Path | None = None) -> Path | None:
+    """The oracle model folder for exactly these forgotten concepts, if one was trained: in
+    ``oracles_dir`` first, then among the shipped ones."""
+    for root in ([Path(oracles_dir)] if oracles_dir else []) + [SHIPPED_ORACLES]:
+        folder = root / oracle_key(concepts) / "model"
+        if folder.is_dir():
+            return folder
+    return None

@@ -24,6 +24,7 @@ class AttackResult:
     after: float  # ... with it: the attack success rate
     curve: tuple[tuple[int, float], ...] = ()  # (attack steps, success rate) along the way
     details: dict = field(default_factory=dict)
+    oracle: "AttackResult | None" = None  # the same attack on the retrain oracle, when one exists
 
     def to_dict(self) -> dict:
         return asdict(self)
