@@ -53,3 +53,24 @@ def test_speed_bench_skips_evaluation_and_reference_rows(tmp_path, tiny_model_di
     assert [r["method"] for r in rows] == ["uce"] * 3
     assert all(r["seconds"] is not None and r["ua"] is None for r in rows)
     assert not (out / "s3.png").exists()
+
+
+def test_bench_attacks_every_row_including_base_and_oracle(tmp_path, tiny_model_dir):
+    import shutil
+    judge_dir = tmp_path / "judge"
+    AttributeJudge({d: len(DEFAULT_ONTOLOGY.in_domain(d)) for d in DEFAULT_ONTOLOGY.domains}).save(judge_dir)
+    oracles = tmp_path / "oracles"
+    shutil.copytree(tiny_model_dir, oracles / "without-striped" / "model")
+    quick = {"prompts": "1", "images_per_prompt": "1", "sampling_steps": "2"}
+    attacks = {"relearn": {**quick, "renders": "2", "checkpoints": "0,1", "batch_size": "2"},
+               "probe": {"samples": "16", "iterations": "10"}}
+    out = tmp_path / "bench"
+    rows = run_bench(["uce"], [], "s1-striped", out, tmp_path / "work", str(tiny_model_dir), {"uce": {"preserve": "none"}},
+                     {**TINY_EVAL, "judge": str(judge_dir)}, oracles=oracles, echo=lambda _: None, attacks=attacks)
+    assert [r["method"] for r in rows] == ["base", "oracle", "uce"]
+    for row in rows:
+        assert 0 <= row["attack_relearn"] <= 1 and 0 <= row["attack_probe"] <= 1
+        assert [step for step, _ in row["attack_results"]["relearn"]["curves"][0]] == [0, 1]
+    table = (out / "s1-striped.md").read_text()
+    assert "| probe attack | relearn attack |" in table and "Attack columns" in table
+    assert "attack_relearn" in (out / "s1-striped.csv").read_text().splitlines()[0]

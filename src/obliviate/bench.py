@@ -22,6 +22,8 @@ SEQUENCES: dict[str, dict] = {
            "about": "one request per domain, each on a fresh copy of the base model"},
     "s3": {"model": "shapes-t2i", "fresh_store_per_request": False, "requests": [("striped",), ("triangle",), ("red",)],
            "about": "the s1 requests applied one after another"},
+    "s1-striped": {"model": "shapes-t2i", "fresh_store_per_request": True, "requests": [("striped",)],
+                   "about": "forget striped, the concept whose retrain oracle ships; for attacks beside the oracle"},
     "s10": {"model": "shapes-t2i", "fresh_store_per_request": False,
             "requests": [("striped",), ("triangle",), ("red",), ("dotted",), ("circle",), ("blue",), ("star",),
                          ("checkered",), ("yellow",), ("heart",)],
@@ -67,6 +69,11 @@ LEGENDS = {
 }
 
 
+ATTACK_LEGEND = ("Attack columns: share of images in which the judge sees the step's target after the attack "
+                 "(relearn: after its last fine-tuning checkpoint; probe: linear-probe accuracy). Base rows show what it "
+                 "recovers from a model never made to forget, oracle rows what it gets from one that never learned.")
+
+
 def _cell_name(sequence: str, method: str, regularizer: str) -> str:
     return f"{sequence}__{method.replace(':', '@').replace('=', '-').replace(',', '+')}__{regularizer or 'none'}"
 
@@ -96,10 +103,11 @@ def parse_method_options(items: list[str]) -> dict[str, dict[str, str]]:
 def run_bench(methods: list[str], regularizers: list[str], sequence: str, out: Path, work: Path,
               model: str | None = None, method_options: dict[str, dict[str, str]] | None = None,
               eval_options: dict | None = None, oracles: Path | None = None, echo=print,
-              evaluate: bool = True) -> list[dict]:
+              evaluate: bool = True, attacks: dict[str, dict[str, str]] | None = None) -> list[dict]:
     """``eval_options`` are the fields of the family's evaluation config (EvalConfig or
     ClassifierEvalConfig); ``model`` defaults to the sequence's. Without ``evaluate`` only the
-    cost columns are filled (a speed benchmark), and there are no base or oracle rows."""
+    cost columns are filled (a speed benchmark), and there are no base or oracle rows.
+    ``attacks`` ({kind: options}, text-to-image) run after every step on each of its targets."""
     if sequence not in SEQUENCES:
         raise ValueError(f"Unknown sequence {sequence!r}; choose one of {', '.join(SEQUENCES)}.")
     spec = SEQUENCES[sequence]
@@ -117,7 +125,7 @@ def run_bench(methods: list[str], regularizers: list[str], sequence: str, out: P
         name, own_options = split_method_spec(method)
         options = {**(method_options or {}).get(name, {}), **own_options}
         rows = _run_cell(method, regularizer, sequence, spec, work, model, options, eval_options or {}, echo, oracles,
-                         evaluate)
+                         evaluate, attacks or {})
         if not rows:
             continue
         tmp = path.with_suffix(".tmp")
@@ -127,7 +135,7 @@ def run_bench(methods: list[str], regularizers: list[str], sequence: str, out: P
 
 
 def _run_cell(method, regularizer, sequence, spec, work, model, options, eval_options, echo,
-              oracles: Path | None = None, evaluate: bool = True) -> list[dict]:
+              oracles: Path | None = None, evaluate: bool = True, attacks: dict | None = None) -> list[dict]:
     """Rows of one cell. ``base`` evaluates the unedited model; ``oracle`` the model retrained
     without the forgotten concepts, where one exists for every step (else no rows). Classifier
     rows carry their oracle's numbers already, so they have no oracle cell."""
@@ -147,18 +155,24 @@ def _run_cell(method, regularizer, sequence, spec, work, model, options, eval_op
         forgotten = forgotten + tuple(targets)
         start = time.time()
         if method == "base":
-            metrics, cost = evaluator(store.load_model(), store, forgotten=forgotten), {}
+            model_now = store.load_model()
+            metrics, cost = evaluator(model_now, store, forgotten=forgotten), {}
         elif method == "oracle":
             folder = find_oracle(forgotten, oracles)
             if folder is None:
                 echo(f"  no retrain oracle for {', '.join(forgotten)} in {oracles}; oracle rows skipped")
                 return []
-            metrics, cost = evaluator(store.family.load(folder), store, forgotten=forgotten), {}
+            model_now = store.family.load(folder).eval()
+            metrics, cost = evaluator(model_now, store, forgotten=forgotten), {}
         else:
             regs = (RegularizerSpec(regularizer),) if regularizer else ()
             store.add_request(list(targets), split_method_spec(method)[0], options, regularizers=regs)
             outcome = store.apply(evaluator=evaluator)[0]
             metrics, cost = outcome.metrics, outcome.cost
+            model_now = store.load_model() if attacks else None
+        attacked = {kind: _attack_success(kind, attack_options, model_now, store, targets,
+                                          eval_options.get("judge", "shapes-judge"))
+                    for kind, attack_options in (attacks or {}).items()}
         oracle = metrics.get("oracle", {})
         row = {"sequence": sequence, "method": method, "regularizer": regularizer or "-", "step": step,
                "targets": Request(tuple(targets), "-").label,
@@ -167,12 +181,26 @@ def _run_cell(method, regularizer, sequence, spec, work, model, options, eval_op
                "retrain_seconds": oracle.get("retrain_seconds"), "seconds": cost.get("seconds"),
                "forward_passes": cost.get("unet_forward_passes", cost.get("forward_passes")),
                "backward_passes": cost.get("unet_backward_passes", cost.get("backward_passes")),
-               "edit_bytes": cost.get("edit_bytes")}
+               "edit_bytes": cost.get("edit_bytes"),
+               **{f"attack_{kind}": result["after"] for kind, result in attacked.items()},
+               **({"attack_results": attacked} if attacked else {})}
         rows.append(row)
         shown = FAMILY_COLUMNS[store.info["kind"]]
         echo(f"  step {step} {row['targets']}: " + " ".join(f"{h} {row[k]}" for h, k, _ in shown if row[k] is not None)
              + f" ({time.time() - start:.0f}s)")
     return rows
+
+
+def _attack_success(kind: str, options: dict[str, str], model, store, targets, judge: str) -> dict:
+    """The attack on each target of a step (mean success), run on the model itself: the base
+    row shows what an attack recovers from a model never made to forget, the oracle row what
+    it gets from one that never learned."""
+    from .evaluation.attacks import get_attack
+    from .models.zoo import load_judge
+    attack, judge, prompts = get_attack(kind).from_options(options), load_judge(judge), store.prompts()
+    results = [attack.run(model, target, judge, prompts).to_dict() for target in targets]
+    return {"after": sum(r["after"] for r in results) / len(results),
+            "before": sum(r["before"] for r in results) / len(results), "curves": [r["curve"] for r in results]}
 
 
 def write_tables(out: Path, sequence: str) -> list[dict]:
@@ -181,6 +209,7 @@ def write_tables(out: Path, sequence: str) -> list[dict]:
         rows.extend(json.loads(path.read_text())["rows"])
     family = _family(sequence)
     keys = [k for _, k, _ in FAMILY_COLUMNS[family]]
+    keys += sorted({k for r in rows for k in r if k.startswith("attack_") and k != "attack_results"})
     with open(out / f"{sequence}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["sequence", "method", "regularizer", "step", "targets", *keys, *COST_COLUMNS],
                                 extrasaction="ignore")
@@ -245,7 +274,11 @@ def markdown_table(rows: list[dict], sequence: str) -> str:
     spec = SEQUENCES[sequence]
     family = _family(sequence)
     columns = FAMILY_COLUMNS[family]
+    attack_keys = sorted({k for r in rows for k in r if k.startswith("attack_") and k != "attack_results"})
+    columns = columns + [(f"{k[len('attack_'):]} attack", k, 3) for k in attack_keys]
     lines = [f"# Benchmark `{sequence}`: {spec['about']}", "", LEGENDS[family], ""]
+    if attack_keys:
+        lines += [ATTACK_LEGEND, ""]
     header = ["method", "regularizer", "step", "targets", *(h for h, _, _ in columns), "seconds", "passes f/b"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:

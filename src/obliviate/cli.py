@@ -404,7 +404,10 @@ def bench(methods: List[str] = typer.Option(["esd"], "--method", help="Method to
           images_per_prompt: Optional[int] = typer.Option(None, help="Text-to-image evaluation: images per prompt."),
           forget_prompts: Optional[int] = typer.Option(None, help="Text-to-image evaluation: prompts per forgotten target and split."),
           oracles: Path = typer.Option(Path("runs/oracles"), help="Retrain oracles (`zoo train shapes-t2i --exclude`)."),
-          evaluate: bool = typer.Option(True, help="--no-evaluate: cost columns only (a speed benchmark).")) -> None:
+          evaluate: bool = typer.Option(True, help="--no-evaluate: cost columns only (a speed benchmark)."),
+          attack: List[str] = typer.Option([], "--attack", help="Attack to run after every step on its targets "
+                                                                "(repeatable; text-to-image): relearn, prompt, inversion, probe."),
+          attack_set: List[str] = typer.Option([], "--attack-set", help="KIND.option=value (repeatable).")) -> None:
     """Run a resumable benchmark matrix; prints and writes a table to OUT/SEQUENCE.md (and .csv)."""
     from .bench import markdown_table, parse_method_options, run_bench
     from .config import parse_assignments
@@ -413,7 +416,8 @@ def bench(methods: List[str] = typer.Option(["esd"], "--method", help="Method to
                          if v is not None})
     plain_or_named = ["" if r == "none" else r for r in regularizers]
     rows = run_bench(list(methods), plain_or_named, sequence, out, work, model, parse_method_options(set_),
-                     eval_options, oracles=oracles, echo=typer.echo, evaluate=evaluate)
+                     eval_options, oracles=oracles, echo=typer.echo, evaluate=evaluate,
+                     attacks={kind: parse_method_options(attack_set).get(kind, {}) for kind in attack})
     typer.echo(markdown_table(rows, sequence))
 
 
