@@ -70,3 +70,22 @@ def test_store_unlearns_on_a_stable_diffusion_folder_and_exports_for_diffusers(t
     exported_unet = dict(pipe.unet.state_dict())
     current = store.load_model().unet.state_dict()
     assert all(torch.equal(exported_unet[k], current[k]) for k in current)
+
+
+def test_an_installed_retrain_oracle_is_found_by_its_concepts(tiny_model_dir, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from obliviate.models import card, zoo
+    monkeypatch.setattr(zoo, "SHIPPED_ORACLES", tmp_path / "shipped")
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model_dir, run / "model")
+    (run / "train_state.json").write_text(json.dumps({"step": 4, "seconds": 60.0, "device": "cpu",
+                                                      "recipe": {"batch_size": 2, "exclude": ["striped"]}}))
+    metrics = {"ua": 1.0, "ira": 0.9, "cra": 0.95, "fd": 12.0,
+               "eval_config": {"forget_prompts": 8, "images_per_prompt": 4, "retain_prompts": 40}}
+    installed = card.install_oracle(run, metrics, {**metrics, "ua": 0.0})
+    assert zoo.find_oracle(["striped"]) == installed / "model"
+    assert zoo.find_oracle(["striped", "red"]) is None
+    assert "| retrain oracle | 1.000 |" in (installed / "MODEL_CARD.md").read_text()
+    assert T2IModel.load(zoo.find_oracle(["striped"])).state_tensors().keys() == T2IModel.load(tiny_model_dir).state_tensors().keys()

@@ -117,13 +117,23 @@ def zoo_train(name: str = typer.Argument(..., help="A zoo name (`obliviate zoo l
 @zoo_app.command("install")
 def zoo_install(name: str = typer.Argument(..., help="A zoo name (`obliviate zoo list`)."),
                 run: Path = typer.Option(..., help="The run folder `zoo train` wrote.")) -> None:
-    """Copy a trained run into the package's weights and write its model card (with quality numbers)."""
+    """Copy a trained run into the package's weights and write its model card (with quality numbers); a
+    `--exclude` run of shapes-t2i goes to the shipped retrain oracles."""
     from .models import card
     from .models.zoo import ZOO
     if name in ZOO and ZOO[name].kind == "classifier":
         typer.echo(f"installed {card.install_classifier(name, run)}")
     elif name == "shapes-judge":
         typer.echo(f"installed {card.install_judge(run)}")
+    elif name == "shapes-t2i" and _excluded_concepts(run):
+        # a retrain oracle: evaluated beside the base model on the same prompts
+        from .evaluation.evaluator import EvalConfig, Evaluator
+        from .models.t2i import T2IModel
+        from .models.zoo import load_judge, load_t2i
+        excluded = _excluded_concepts(run)
+        evaluator = Evaluator(load_judge("shapes-judge"), EvalConfig(forget_prompts=8, images_per_prompt=4, ua_splits="train"))
+        oracle, base = (evaluator.evaluate(m, excluded) for m in (T2IModel.load(run / "model"), load_t2i("shapes-t2i")))
+        typer.echo(f"installed retrain oracle {card.install_oracle(run, oracle, base)}")
     elif name == "shapes-t2i":
         from .evaluation.quality import judge_t2i
         from .models.t2i import T2IModel
@@ -133,6 +143,11 @@ def zoo_install(name: str = typer.Argument(..., help="A zoo name (`obliviate zoo
         typer.echo(f"installed {card.install_t2i(run, quality)}")
     else:
         raise typer.BadParameter(f"no zoo model {name!r}; `obliviate zoo list` shows them")
+
+
+def _excluded_concepts(run: Path) -> tuple[str, ...]:
+    """What a shapes-t2i run left out of its data (non-empty for a retrain oracle)."""
+    return tuple(json.loads((run / "train_state.json").read_text())["recipe"].get("exclude", ()))
 
 
 # ------------------------------------------------------------------ models

@@ -69,6 +69,45 @@ than to other colours, so no bar is set for them.
     return target
 
 
+def install_oracle(run: Path, oracle: dict, base: dict) -> Path:
+    """Copy the retrain oracle ``run/model`` (a ``zoo train shapes-t2i --exclude`` run) to the
+    shipped oracles, with a card comparing its evaluation (``oracle``) with the base model's
+    (``base``) on the same prompts."""
+    from .zoo import SHIPPED_ORACLES, oracle_key
+    state = json.loads((run / "train_state.json").read_text())
+    excluded = state["recipe"]["exclude"]
+    target = SHIPPED_ORACLES / oracle_key(excluded)
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(run / "model", target / "model")
+    rows = "\n".join(f"| {name} | {m['ua']:.3f} | {m['ira']:.3f} | {m['cra']:.3f} | {m['fd']:.2f} |"
+                     for name, m in (("retrain oracle", oracle), ("shapes-t2i (base)", base)))
+    config = oracle["eval_config"]
+    card = f"""# Retrain oracle of shapes-t2i without {', '.join(excluded)}
+
+shapes-t2i's recipe and seed, rerun on renders that never show {', '.join(excluded)}: the gold
+standard an unlearning method is compared with ("gap to retrain"), and the reference curve for
+attacks (`obliviate attack` runs the same attack on it).
+
+| | |
+|---|---|
+| training steps | {state['step']} x batch {state['recipe']['batch_size']} |
+| wall time | {state['seconds'] / 60:.1f} min on {state['device']} (as measured; other load on the machine counts) |
+| hardware | {_hardware()} |
+
+Reproduce: `obliviate zoo train shapes-t2i --exclude {' --exclude '.join(excluded)}` then
+`obliviate zoo install shapes-t2i --run {run}` (this file is written by the latter).
+
+## Evaluation ({config['forget_prompts']} prompts x {config['images_per_prompt']} images per forgotten concept, {config['retain_prompts']} retained prompts)
+
+| model | UA | IRA | CRA | FD |
+|---|---|---|---|---|
+{rows}
+"""
+    (target / "MODEL_CARD.md").write_text(card)
+    (target / "evaluation.json").write_text(json.dumps({"oracle": oracle, "base": base}, indent=2))
+    return target
+
+
 def install_judge(run: Path) -> Path:
     entry = ZOO["shapes-judge"]
     target = entry.path
