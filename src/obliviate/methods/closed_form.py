@@ -5,8 +5,8 @@ Why a memory of rows rather than running sums: with a bidirectional text encoder
 "a striped red circle" carries "red". An erase row from a request forgetting striped maps its
 tokens to the anchor outputs of "a red circle", which hold red in place; when red is forgotten
 later, those rows fight the new request. The memory retires such rows (see
-``ErasureMemory.active``); on the shipped model this is what lets the tenth request erase as
-well as the first.
+``ErasureMemory.active``), so later requests erase about as well as earlier ones
+(``benchmarks/s10.md``).
 """
 
 from __future__ import annotations
@@ -93,7 +93,6 @@ class ErasureMemory:
         """Rows still in force: those whose prompt shows no concept forgotten after their request."""
         retired = prompts.shows_uncovered(self.labels.numpy(), self.covered.numpy(), tuple(forgotten))
         return ~torch.from_numpy(retired)
-
 
 
 def erase_and_preserve_states(model, request, context, erase_prompts: int, preserve_prompts: int, rng,
