@@ -28,12 +28,27 @@ SEQUENCES: dict[str, dict] = {
             "requests": [("striped",), ("triangle",), ("red",), ("dotted",), ("circle",), ("blue",), ("star",),
                          ("checkered",), ("yellow",), ("heart",)],
             "about": "ten requests mixing the three domains, applied one after another"},
+    "s50": {"model": "shapes-t2i", "fresh_store_per_request": False, "requests": lambda: combination_requests(50),
+            "about": "fifty requests, each a combination of two concepts (e.g. 'striped triangle'), one after another"},
     "d5": {"model": "digits-cnn", "fresh_store_per_request": False, "requests": [("3",), ("8",), ("1",), ("5",), ("0",)],
            "about": "five digit classes forgotten one after another"},
     "d5-samples": {"model": "digits-cnn", "fresh_store_per_request": False,
                    "requests": lambda: random_sample_requests("digits", requests=5, per_request=40),
                    "about": "five requests, each forgetting 40 random training samples of the digits"},
 }
+
+
+def combination_requests(n: int, seed: int = 0) -> list[tuple[str, ...]]:
+    """``n`` distinct two-concept combinations of the world ("striped triangle": one concept from
+    each of two domains), in a fixed random order."""
+    import itertools
+
+    import numpy as np
+    from .world import DEFAULT_ONTOLOGY as onto
+    pairs = [f"{a} {b}" for d1, d2 in itertools.combinations(reversed(onto.domains), 2)  # as prompts say it
+             for a in onto.names(d1) for b in onto.names(d2)]
+    order = np.random.default_rng(seed).permutation(len(pairs))[:n]
+    return [(pairs[i],) for i in order]
 
 
 def random_sample_requests(dataset: str, requests: int, per_request: int, seed: int = 0) -> list[tuple[str, ...]]:
