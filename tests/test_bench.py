@@ -74,3 +74,21 @@ def test_bench_attacks_every_row_including_base_and_oracle(tmp_path, tiny_model_
     table = (out / "s1-striped.md").read_text()
     assert "| probe attack | relearn attack |" in table and "Attack columns" in table
     assert "attack_relearn" in (out / "s1-striped.csv").read_text().splitlines()[0]
+
+
+def test_a_request_the_method_refuses_ends_its_cell_with_the_rows_so_far(tmp_path, tiny_model_dir, monkeypatch):
+    from obliviate.engine import Store
+    original, calls = Store.apply, []
+
+    def refuse_second(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("too many constraints")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "apply", refuse_second)
+    lines = []
+    rows = run_bench(["uce"], [], "s3", tmp_path / "out", tmp_path / "work", str(tiny_model_dir),
+                     {"uce": {"preserve": "none"}}, evaluate=False, echo=lines.append)
+    assert [r["step"] for r in rows] == [1]
+    assert any("refused, the cell stops: too many constraints" in line for line in lines)

@@ -182,7 +182,11 @@ def _run_cell(method, regularizer, sequence, spec, work, model, options, eval_op
         else:
             regs = (RegularizerSpec(regularizer),) if regularizer else ()
             store.add_request(list(targets), split_method_spec(method)[0], options, regularizers=regs)
-            outcome = store.apply(evaluator=evaluator)[0]
+            try:
+                outcome = store.apply(evaluator=evaluator)[0]
+            except ValueError as error:  # a method's own limit (ErasePro's constraint count): the cell ends here
+                echo(f"  step {step}: {Request(tuple(targets), '-').label} refused, the cell stops: {error}")
+                break
             metrics, cost = outcome.metrics, outcome.cost
             model_now = store.load_model() if attacks else None
         attacked = {kind: _attack_success(kind, attack_options, model_now, store, targets,
