@@ -297,6 +297,9 @@ def test_cli_forgets_samples_from_a_file(tmp_path):
     metrics = json.loads(runner.invoke(app, ["eval", str(store), "--json", "--no-record"]).output)
     assert metrics["forgotten"] == ["sample:4", "sample:8", "sample:15", "sample:16"]
     assert {"ua", "ra", "ta", "mia"} <= set(metrics)
+    compared = json.loads(runner.invoke(app, ["eval", str(store), "--json", "--no-record", "--base"]).output)
+    assert compared["base"]["forgotten"] == metrics["forgotten"]
+    assert compared["base"]["ua"] == 0.0  # the base model still classifies the samples it was trained on
     (tmp_path / "bad.txt").write_text("4 x")
     bad = runner.invoke(app, ["request", "add", str(store), "--samples", str(tmp_path / "bad.txt")])
     assert bad.exit_code != 0 and "not a sample index" in bad.output

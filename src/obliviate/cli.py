@@ -343,7 +343,9 @@ def verify(store: Path = typer.Argument(...), quick: bool = typer.Option(False, 
 def eval_store(store: Path = typer.Argument(...), as_json: bool = typer.Option(False, "--json"),
                set_: List[str] = typer.Option([], "--set", help="Evaluation option key=value (repeatable), e.g. "
                                                                   "images_per_prompt=2, steps=20; oracle=false for classifiers."),
-               record: bool = typer.Option(True, help="Append the result to the ledger.")) -> None:
+               record: bool = typer.Option(True, help="Append the result to the ledger."),
+               base: bool = typer.Option(False, "--base", help="Also evaluate the base model on the same prompts "
+                                                               "(JSON: under the key 'base').")) -> None:
     """Evaluate the store's current model: UA (per forgotten target), IRA, CRA, FD for text-to-image;
     UA, RA, TA, MIA and the gap to the retrain oracle for classifiers."""
     from .config import parse_assignments
@@ -352,13 +354,14 @@ def eval_store(store: Path = typer.Argument(...), as_json: bool = typer.Option(F
     s = Store(store)
     evaluator = evaluator_for(s, {**(s.info.get("evaluation") or {}), **parse_assignments(set_)})
     metrics = s.evaluate(evaluator, record=record)
+    base_metrics = evaluator(s.base_model(), s, forgotten=s.forgotten()) if base else None
     if as_json:
-        _print_json(metrics)
+        _print_json({**metrics, "base": base_metrics} if base else metrics)
         return
     shown = ("ua", "ua_heldout_template", "ua_heldout_synonym", "ira", "cra", "fd", "ua_test", "ra", "ta", "mia",
              "relearn_steps", "probe", "gap")
-    rows = [[k, metrics[k]] for k in shown if metrics.get(k) is not None]
-    _table("evaluation of the current model", ["metric", "value"], rows)
+    rows = [[k, metrics[k], *([base_metrics.get(k)] if base else [])] for k in shown if metrics.get(k) is not None]
+    _table("evaluation of the current model", ["metric", "value", *(["base model"] if base else [])], rows)
     for target, per_split in metrics.get("ua_per_target", {}).items():
         typer.echo(f"UA {target}: " + ", ".join(f"{k} {v:.3f}" for k, v in per_split.items()))
 

@@ -135,6 +135,10 @@ class Store:
     def _base_model(self):
         return self.family.load(self.root / "base")
 
+    def base_model(self):
+        """The model the store started from, before any request."""
+        return self._base_model().eval()
+
     def _weights_at(self, state: LedgerState) -> dict[str, torch.Tensor]:
         event = state.model_event
         if event.payload.get("weights_file") is None:
