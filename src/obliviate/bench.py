@@ -222,13 +222,18 @@ def _attack_success(kind: str, options: dict[str, str], model, store, targets, j
             "before": sum(r["before"] for r in results) / len(results), "curves": [r["curve"] for r in results]}
 
 
+def _attack_keys(rows: list[dict]) -> list[str]:
+    """Row keys of the attack columns (``attack_relearn``, ...) that some row has."""
+    return sorted({k for r in rows for k in r if k.startswith("attack_") and k != "attack_results"})
+
+
 def write_tables(out: Path, sequence: str) -> list[dict]:
     rows = []
     for path in sorted((out / "cells").glob(f"{sequence}__*.json")):
         rows.extend(json.loads(path.read_text())["rows"])
     family = _family(sequence)
     keys = [k for _, k, _ in FAMILY_COLUMNS[family]]
-    keys += sorted({k for r in rows for k in r if k.startswith("attack_") and k != "attack_results"})
+    keys += _attack_keys(rows)
     with open(out / f"{sequence}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["sequence", "method", "regularizer", "step", "targets", *keys, *COST_COLUMNS],
                                 extrasaction="ignore")
@@ -293,7 +298,7 @@ def markdown_table(rows: list[dict], sequence: str) -> str:
     spec = SEQUENCES[sequence]
     family = _family(sequence)
     columns = FAMILY_COLUMNS[family]
-    attack_keys = sorted({k for r in rows for k in r if k.startswith("attack_") and k != "attack_results"})
+    attack_keys = _attack_keys(rows)
     columns = columns + [(f"{k[len('attack_'):]} attack", k, 3) for k in attack_keys]
     lines = [f"# Benchmark `{sequence}`: {spec['about']}", "", LEGENDS[family], ""]
     if attack_keys:
