@@ -155,7 +155,10 @@ def _run_cell(method, regularizer, sequence, spec, work, model, options, eval_op
     without the forgotten concepts, where one exists for every step (else no rows). Classifier
     rows carry their oracle's numbers already, so they have no oracle cell."""
     from .evaluation import evaluator_for
-    from .models.zoo import find_oracle
+    from .evaluation.attacks import get_attack
+    from .models.zoo import find_oracle, load_judge
+    attackers = {kind: get_attack(kind).from_options(opts) for kind, opts in (attacks or {}).items()}
+    judge = load_judge(eval_options.get("judge", "shapes-judge")) if attackers else None
     rows = []
     cell_dir = work / _cell_name(sequence, method, regularizer)
     shutil.rmtree(cell_dir, ignore_errors=True)
@@ -188,10 +191,9 @@ def _run_cell(method, regularizer, sequence, spec, work, model, options, eval_op
                 echo(f"  step {step}: {Request(tuple(targets), '-').label} refused, the cell stops: {error}")
                 break
             metrics, cost = outcome.metrics, outcome.cost
-            model_now = store.load_model() if attacks else None
-        attacked = {kind: _attack_success(kind, attack_options, model_now, store, targets,
-                                          eval_options.get("judge", "shapes-judge"))
-                    for kind, attack_options in (attacks or {}).items()}
+            model_now = store.load_model() if attackers else None
+        prompts = store.prompts() if attackers else None
+        attacked = {kind: _attack_success(attack, model_now, judge, prompts, targets) for kind, attack in attackers.items()}
         oracle = metrics.get("oracle", {})
         row = {"sequence": sequence, "method": method, "regularizer": regularizer or "-", "step": step,
                "targets": Request(tuple(targets), "-").label,
@@ -210,13 +212,10 @@ def _run_cell(method, regularizer, sequence, spec, work, model, options, eval_op
     return rows
 
 
-def _attack_success(kind: str, options: dict[str, str], model, store, targets, judge: str) -> dict:
+def _attack_success(attack, model, judge, prompts, targets) -> dict:
     """The attack on each target of a step (mean success), run on the model itself: the base
     row shows what an attack recovers from a model never made to forget, the oracle row what
     it gets from one that never learned."""
-    from .evaluation.attacks import get_attack
-    from .models.zoo import load_judge
-    attack, judge, prompts = get_attack(kind).from_options(options), load_judge(judge), store.prompts()
     results = [attack.run(model, target, judge, prompts).to_dict() for target in targets]
     return {"after": sum(r["after"] for r in results) / len(results),
             "before": sum(r["before"] for r in results) / len(results), "curves": [r["curve"] for r in results]}

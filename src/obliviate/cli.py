@@ -121,16 +121,15 @@ def zoo_install(name: str = typer.Argument(..., help="A zoo name (`obliviate zoo
     `--exclude` run of shapes-t2i goes to the shipped retrain oracles."""
     from .models import card
     from .models.zoo import ZOO
+    excluded = _excluded_concepts(run) if name == "shapes-t2i" else ()
     if name in ZOO and ZOO[name].kind == "classifier":
         typer.echo(f"installed {card.install_classifier(name, run)}")
     elif name == "shapes-judge":
         typer.echo(f"installed {card.install_judge(run)}")
-    elif name == "shapes-t2i" and _excluded_concepts(run):
-        # a retrain oracle: evaluated beside the base model on the same prompts
+    elif excluded:  # a shapes-t2i retrain oracle: evaluated beside the base model on the same prompts
         from .evaluation.evaluator import EvalConfig, Evaluator
         from .models.t2i import T2IModel
         from .models.zoo import load_judge, load_t2i
-        excluded = _excluded_concepts(run)
         evaluator = Evaluator(load_judge("shapes-judge"), EvalConfig(forget_prompts=8, images_per_prompt=4, ua_splits="train"))
         oracle, base = (evaluator.evaluate(m, excluded) for m in (T2IModel.load(run / "model"), load_t2i("shapes-t2i")))
         typer.echo(f"installed retrain oracle {card.install_oracle(run, oracle, base)}")

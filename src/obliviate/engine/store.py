@@ -382,8 +382,7 @@ class Store:
         prompts = self.prompts()
         prompts.validate((concept,), None)
         result = attack.run(self.load_model(check=True), concept, judge, prompts, seed=seed)
-        state = self.state()
-        oracle = find_oracle(state.forgotten, oracles_dir) or find_oracle((concept,), oracles_dir)
+        oracle = find_oracle(self.forgotten(), oracles_dir) or find_oracle((concept,), oracles_dir)
         if oracle is not None:
             reference = attack.run(self.family.load(oracle).eval(), concept, judge, prompts, seed=seed)
             result = replace(result, oracle=replace(reference, details={

@@ -72,8 +72,8 @@ class UCE(UnlearningMethod):
         rng = np.random.default_rng(request.seed)
         rows, p = erase_and_preserve_states(model, request, context, cfg.erase_prompts, cfg.preserve_prompts, rng,
                                             require_preserve=cfg.preserve == "retained")
-        preserve_gram = p.T @ p if cfg.preserve == "retained" else torch.zeros(rows.targets.shape[1], rows.targets.shape[1],
-                                                                               dtype=torch.float64)
+        dim = rows.targets.shape[1]
+        preserve_gram = p.T @ p if cfg.preserve == "retained" else torch.zeros(dim, dim, dtype=torch.float64)
         earlier = ErasureMemory.from_state(context.state) if cfg.incremental else None
         memory = earlier.extend(rows) if earlier is not None else rows
         active = memory.active(context.prompts, context.forgotten + tuple(request.targets))
