@@ -39,6 +39,16 @@ def test_method_variants_are_separate_cells():
         split_method_spec("uce:lam")
 
 
+def test_a_cell_composes_regularizers_with_options():
+    from obliviate.bench import _cell_name, split_regularizer_spec
+    from obliviate.engine import RegularizerSpec
+    assert split_regularizer_spec("gradproj:rank=96+l2sp:weight=100,anchor=pretrained") == (
+        RegularizerSpec("gradproj", {"rank": "96"}), RegularizerSpec("l2sp", {"weight": "100", "anchor": "pretrained"}))
+    assert split_regularizer_spec("") == ()
+    assert _cell_name("s10", "esd", "gradproj") == "s10__esd__gradproj"  # finished cells keep their names
+    assert _cell_name("s10", "esd", "gradproj+l2sp:weight=100") != _cell_name("s10", "esd", "gradproj+l2sp")
+
+
 def test_bench_rejects_unknown_sequence_and_bad_options(tmp_path):
     with pytest.raises(ValueError, match="Unknown sequence"):
         run_bench(["esd"], [], "s99", tmp_path, tmp_path)

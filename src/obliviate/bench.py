@@ -89,8 +89,12 @@ ATTACK_LEGEND = ("Attack columns: share of images in which the judge sees the st
                  "recovers from a model never made to forget, oracle rows what it gets from one that never learned.")
 
 
+def _file_safe(spec: str) -> str:
+    return spec.replace(':', '@').replace('=', '-').replace(',', '+')
+
+
 def _cell_name(sequence: str, method: str, regularizer: str) -> str:
-    return f"{sequence}__{method.replace(':', '@').replace('=', '-').replace(',', '+')}__{regularizer or 'none'}"
+    return f"{sequence}__{_file_safe(method)}__{_file_safe(regularizer) if regularizer else 'none'}"
 
 
 def split_method_spec(spec: str) -> tuple[str, dict[str, str]]:
@@ -101,6 +105,11 @@ def split_method_spec(spec: str) -> tuple[str, dict[str, str]]:
     if any(len(p) != 2 for p in pairs):
         raise ValueError(f"Expected METHOD:key=value,key=value, got {spec!r}.")
     return name.strip(), {k.strip(): v.strip() for k, v in pairs}
+
+
+def split_regularizer_spec(spec: str) -> tuple[RegularizerSpec, ...]:
+    """``"gradproj:rank=96+l2sp:weight=100"`` -> both regularizers, applied together in each request."""
+    return tuple(RegularizerSpec(*split_method_spec(part)) for part in spec.split("+") if part.strip())
 
 
 def parse_method_options(items: list[str]) -> dict[str, dict[str, str]]:
@@ -183,7 +192,7 @@ def _run_cell(method, regularizer, sequence, spec, work, model, options, eval_op
             model_now = store.family.load(folder).eval()
             metrics, cost = evaluator(model_now, store, forgotten=forgotten), {}
         else:
-            regs = (RegularizerSpec(regularizer),) if regularizer else ()
+            regs = split_regularizer_spec(regularizer)
             store.add_request(list(targets), split_method_spec(method)[0], options, regularizers=regs)
             try:
                 outcome = store.apply(evaluator=evaluator)[0]

@@ -411,7 +411,8 @@ def export(store: Path = typer.Argument(...), out: Path = typer.Argument(..., he
 @app.command()
 def bench(methods: List[str] = typer.Option(["esd"], "--method", help="Method to run (repeatable); METHOD:key=value,... "
                                                                         "runs a variant."),
-          regularizers: List[str] = typer.Option([], "--regularizer", help="Regularizer (repeatable); none = plain."),
+          regularizers: List[str] = typer.Option([], "--regularizer", help="Regularizer (repeatable); none = plain; "
+                                                                       "NAME:key=value,...+NAME composes several in one cell."),
           sequence: str = typer.Option("s1", help="Named request sequence: " + ", ".join(_sequence_names()) + "."),
           out: Path = typer.Option(Path("benchmarks"), help="Where tables and finished cells go."),
           work: Path = typer.Option(Path("runs/bench"), help="Scratch folder for the stores."),
