@@ -219,26 +219,6 @@ def test_gradproj_keeps_protected_outputs_exactly_and_still_forgets(tiny_t2i):
         assert delta.abs().max() > 1e-6
 
 
-def test_gradproj_can_protect_earlier_erasures_but_never_the_current_target():
-    from types import SimpleNamespace
-
-    import numpy as np
-
-    from obliviate.regularizers.projection import ProjectionConfig, protected_prompts
-    prompts = WorldPrompts()
-    context = SimpleNamespace(prompts=prompts, forgotten=("striped", "red"))
-    session = SimpleNamespace(context=context, request=Request(("triangle",), "esd"), rng=np.random.default_rng(0))
-    session.retain_prompts = lambda n: prompts.retain_prompts(context.forgotten + ("triangle",), n, session.rng)
-    chosen = protected_prompts(session, 40, sibling_share=0.25, forgotten_share=0.5)
-    words = [set(p.replace(",", " ").split()) for p in chosen]
-    assert len(chosen) == 40 and not any("triangle" in w for w in words)
-    earlier = words[10:30]
-    assert all(w & {"striped", "red"} for w in earlier) and {"striped", "red"} <= set().union(*earlier)
-    assert not any(w & {"striped", "red"} for w in words[30:])  # the rest are retained prompts
-    with pytest.raises(ValueError, match="at most 1"):
-        ProjectionConfig(sibling_share=0.6, forgotten_share=0.6)
-
-
 def test_selft_moves_only_the_selected_fraction(tiny_t2i):
     request = Request(("striped",), "esd", {}, None, (RegularizerSpec("selft", {"fraction": 0.05}),), 0)
     result = get_method("esd").from_options({**FAST, "steps": 3}).unlearn(tiny_t2i, request, context_for(tiny_t2i))

@@ -25,27 +25,18 @@ class ProjectionConfig:
     rank: int = field(default=48, metadata={"help": "dimension of the protected subspace"})
     prompts: int = field(default=128, metadata={"help": "prompts of protected concepts"})
     sibling_share: float = field(default=0.5, metadata={"help": "share of prompts about the target's siblings"})
-    forgotten_share: float = field(default=0.0, metadata={
-        "help": "share of prompts about concepts forgotten by earlier requests, so this one cannot undo them"})
 
     def __post_init__(self):
         if self.rank <= 0 or self.prompts <= 0:
             raise ValueError("rank and prompts must be positive")
-        for name in ("sibling_share", "forgotten_share"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
-        if self.sibling_share + self.forgotten_share > 1:
-            raise ValueError(f"sibling_share + forgotten_share must be at most 1, got "
-                             f"{self.sibling_share} + {self.forgotten_share}")
+        if not 0 <= self.sibling_share <= 1:
+            raise ValueError(f"sibling_share must lie in [0, 1], got {self.sibling_share}")
 
 
-def protected_prompts(session, n: int, sibling_share: float, forgotten_share: float = 0.0) -> list[str]:
-    """Prompts of retained concepts, a ``sibling_share`` of them naming a sibling of a target, and
-    a ``forgotten_share`` naming a concept forgotten earlier (never a current target)."""
+def protected_prompts(session, n: int, sibling_share: float) -> list[str]:
+    """Prompts of retained concepts, about half of them naming a sibling of a target."""
     prompts, rng = session.context.prompts, session.rng
-    targets = tuple(session.request.targets)
-    earlier = session.context.forgotten
-    forgotten = earlier + targets
+    forgotten = session.context.forgotten + tuple(session.request.targets)
     siblings = []
     if hasattr(prompts, "ontology"):
         onto = prompts.ontology
@@ -54,14 +45,11 @@ def protected_prompts(session, n: int, sibling_share: float, forgotten_share: fl
         siblings = sorted({s for c in prompts.target_concepts(tuple(session.request.targets))
                            for s in onto.supertypes[c.parent] if s not in targets | gone})
     n_sib = int(round(n * sibling_share)) if siblings else 0
-    n_old = int(round(n * forgotten_share)) if earlier else 0
     out = []
     for i in range(n_sib):
         sibling = siblings[i % len(siblings)]
         out += [p.target for p in prompts.forget_pairs((sibling,), None, 1, rng)]
-    for i in range(n_old):
-        out += [p.target for p in prompts.forget_pairs((earlier[i % len(earlier)],), None, 1, rng, avoid=targets)]
-    return out + session.retain_prompts(n - n_sib - n_old)
+    return out + session.retain_prompts(n - n_sib)
 
 
 def orthonormal_basis(states: torch.Tensor, rank: int) -> torch.Tensor:
@@ -103,8 +91,7 @@ class GradientProjection(SubspaceProtection):
     config_class = ProjectionConfig
 
     def setup(self, session) -> None:
-        encoding = session.model.encode(protected_prompts(session, self.config.prompts, self.config.sibling_share,
-                                                           self.config.forgotten_share))
+        encoding = session.model.encode(protected_prompts(session, self.config.prompts, self.config.sibling_share))
         states = encoding.states[encoding.mask.bool()].T  # (dim, tokens)
         self.basis = orthonormal_basis(states, self.config.rank).float()
         self.protect(session, self.basis)
