@@ -16,7 +16,7 @@ from obliviate.classifiers.models import ClassifierModel
 from obliviate.classifiers.targets import DataTargets
 from obliviate.classifiers.train import ClassifierRecipe, train_classifier
 from obliviate.engine import Request, Store
-from obliviate.engine.hashing import tensor_hash
+from obliviate.hashing import tensor_hash
 from obliviate.evaluation.classifier import (ClassifierEvalConfig, ClassifierEvaluator, accuracy, mia_efficacy,
                                              relearn_steps)
 from obliviate.methods import METHODS, UnlearningContext, get_method

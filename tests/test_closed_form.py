@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from obliviate.engine import Store
-from obliviate.methods.closed_form import KV_PATTERN, ErasureMemory, aligned_token_states, token_states
+from obliviate.methods.closed_form import KV_PATTERN, ErasureMemory
+from obliviate.training import aligned_token_states, token_states
 from obliviate.methods.uce import UCEConfig
 from obliviate.world import WorldPrompts
 
@@ -128,8 +129,8 @@ def test_uce_without_preservation_must_be_explicit(tmp_path):
 def test_sdwv_changes_no_weight_and_keeps_retained_token_states(tmp_path, tiny_model_dir, monkeypatch):
     from obliviate.methods import sdwv
     bases = []
-    original = sdwv._top_directions
-    monkeypatch.setattr(sdwv, "_top_directions", lambda states, rank: bases.append(original(states, rank)) or bases[-1])
+    original = sdwv.orthonormal_basis
+    monkeypatch.setattr(sdwv, "orthonormal_basis", lambda columns, rank: bases.append(original(columns, rank)) or bases[-1])
     store = Store.init(tmp_path / "s", tiny_model_dir)
     store.add_request(["striped"], "sdwv", {"steps": "3", "batch_size": "2", "retain_rank": "32"})
     store.apply()

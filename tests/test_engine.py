@@ -13,7 +13,7 @@ import torch
 
 from obliviate.engine import RegularizerSpec, Store, StoreIntegrityError, StoreLocked
 from obliviate.engine.files import load_tensors
-from obliviate.engine.hashing import tensor_hash
+from obliviate.hashing import tensor_hash
 from obliviate.engine.lock import exclusive_lock
 
 FAST = {"steps": "2", "forget_images": "2", "sampling_steps": "2", "batch_size": "2"}

@@ -5,7 +5,8 @@ import torch
 
 from obliviate.engine import RegularizerSpec, Request
 from obliviate.methods import UnlearningContext, get_method, list_methods
-from obliviate.methods.training import GradientMethod
+from obliviate.methods.gradient import GradientMethod
+from obliviate.training import Batch, TrainingSession
 from obliviate.models.text import TextEncoding
 from obliviate.world import WorldPrompts
 
@@ -23,7 +24,7 @@ def run(model, method="esd", options=None, targets=("striped",), anchor=None, se
 
 
 class FixedBatch:
-    """Replace the random forget batch by fixed tensors, so a loss can be recomputed by hand."""
+    """Replace the random forget batch by a fixed one, so a loss can be recomputed by hand."""
 
     def __init__(self, model, seed=0):
         gen = torch.Generator().manual_seed(seed)
@@ -34,14 +35,14 @@ class FixedBatch:
         self.t = torch.tensor([100, 700])
         self.noisy = model.scheduler.add_noise(self.clean, self.noise, self.t)
 
-    def __call__(self, method, session):
-        return self.prompts, self.anchors, self.clean, self.noisy, self.t, self.noise
+    def __call__(self, session):
+        return Batch(self.prompts, self.clean, self.noisy, self.t, self.noise, self.anchors)
 
 
 @pytest.fixture
 def fixed_batch(tiny_t2i, monkeypatch):
     batch = FixedBatch(tiny_t2i)
-    monkeypatch.setattr(GradientMethod, "forget_batch", lambda self, session: batch(self, session))
+    monkeypatch.setattr(TrainingSession, "forget_batch", lambda session: batch(session))
     return batch
 
 
@@ -127,18 +128,18 @@ def test_fdiv_kl_is_half_the_ablation_loss_and_divergences_behave(tiny_t2i, fixe
 
 
 def test_salun_mask_keeps_the_top_fraction_and_masked_weights_do_not_move(tiny_t2i):
-    from obliviate.methods.salun import top_fraction_mask
+    from obliviate.training import top_fraction_mask
     scores = {"a": torch.tensor([5.0, 1.0, 3.0]), "b": torch.tensor([[4.0, 0.0], [2.0, 6.0]])}
     mask = top_fraction_mask(scores, 3 / 7)
     assert mask["a"].tolist() == [1, 0, 0] and mask["b"].tolist() == [[1, 0], [0, 1]]
     method = get_method("salun").from_options({**FAST, "mask_ratio": 0.1, "trainable": "xattn"})
     request = Request(("striped",), "salun", {}, None, (), 0)
     result = method.unlearn(tiny_t2i, request, context_for(tiny_t2i))
-    for name, m in method.gradient_mask.items():
+    for name, m in method.mask.items():
         delta = result.edit.deltas.get(f"unet.{name}")
         if delta is not None:
             assert torch.count_nonzero(delta[m == 0]) == 0, name
-    kept = sum(int(m.sum()) for m in method.gradient_mask.values()) / sum(m.numel() for m in method.gradient_mask.values())
+    kept = sum(int(m.sum()) for m in method.mask.values()) / sum(m.numel() for m in method.mask.values())
     assert kept == pytest.approx(0.1, abs=0.01)
 
 
@@ -148,7 +149,7 @@ def test_sfron_mask_is_the_fisher_ratio_and_alternates_steps(tiny_t2i):
     result = method.unlearn(tiny_t2i, request, context_for(tiny_t2i))
     # steps=2, forget every 2nd: forget+retain at step 0, retain at step 1 -> 3 optimizer steps + 2x4 Fisher passes
     assert result.stats["unet_backward_passes"] == 3 + 8
-    masked_out = [m for m in method.gradient_mask.values() if (m == 0).any()]
+    masked_out = [m for m in method.forget_mask.values() if (m == 0).any()]
     assert masked_out, "a Fisher-ratio mask that keeps everything masks nothing"
 
 
@@ -211,7 +212,7 @@ def test_gradproj_keeps_protected_outputs_exactly_and_still_forgets(tiny_t2i):
         result = method.unlearn(tiny_t2i, request, context_for(tiny_t2i))
     finally:
         GradientProjection.setup = original
-    basis = captured["reg"].basis
+    basis = captured["reg"].protected
     kv = {k: v for k, v in result.edit.deltas.items() if KV_WEIGHT.search(k)}
     assert kv, "to_k/to_v did not move at all"
     for name, delta in kv.items():

@@ -76,7 +76,8 @@ def test_an_installed_retrain_oracle_is_found_by_its_concepts(tiny_model_dir, tm
     import json
     import shutil
 
-    from obliviate.models import card, zoo
+    from obliviate import cards as card
+    from obliviate.models import zoo
     monkeypatch.setattr(zoo, "SHIPPED_ORACLES", tmp_path / "shipped")
     run = tmp_path / "run"
     shutil.copytree(tiny_model_dir, run / "model")

@@ -119,7 +119,7 @@ def zoo_install(name: str = typer.Argument(..., help="A zoo name (`obliviate zoo
                 run: Path = typer.Option(..., help="The run folder `zoo train` wrote.")) -> None:
     """Copy a trained run into the package's weights and write its model card (with quality numbers); a
     `--exclude` run of shapes-t2i goes to the shipped retrain oracles."""
-    from .models import card
+    from . import cards as card
     from .models.zoo import ZOO
     excluded = _excluded_concepts(run) if name == "shapes-t2i" else ()
     if name in ZOO and ZOO[name].kind == "classifier":

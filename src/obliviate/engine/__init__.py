@@ -2,7 +2,7 @@
 
 from .ledger import Ledger, LedgerState
 from .lock import StoreLocked
-from .request import RegularizerSpec, Request
+from ..request import RegularizerSpec, Request
 from .store import ApplyOutcome, Store, StoreIntegrityError
 
 __all__ = ["ApplyOutcome", "Ledger", "LedgerState", "RegularizerSpec", "Request", "Store",

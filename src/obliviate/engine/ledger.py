@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .request import Request
+from ..request import Request
 
 GENESIS = "0" * 64
 

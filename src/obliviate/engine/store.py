@@ -34,10 +34,10 @@ from ..methods.base import Edit, UnlearningContext, get_method
 from ..models.t2i import T2IModel
 from ..classifiers.models import ClassifierModel
 from .files import TMP_SUFFIX, atomic_save_tensors, load_tensors
-from .hashing import file_hash, tensor_hash
+from ..hashing import file_hash, tensor_hash
 from .ledger import Ledger, LedgerState, derive_state
 from .lock import exclusive_lock
-from .request import RegularizerSpec, Request
+from ..request import RegularizerSpec, Request
 
 STORE_FILE = "store.json"
 FORMAT_VERSION = 1

@@ -93,7 +93,7 @@ class Evaluator:
         return metrics
 
     def _cache_key(self, model, forgotten) -> str:
-        from ..engine.hashing import tensor_hash
+        from ..hashing import tensor_hash
         identity = [tensor_hash(model.state_tensors()), self.config.key, sorted(forgotten)]
         return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
 

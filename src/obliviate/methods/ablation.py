@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .base import register_method
-from .training import GradientConfig, GradientMethod
+from ..training import GradientConfig
+from .gradient import GradientMethod
 
 
 @dataclass
@@ -35,10 +36,10 @@ class ConceptAblation(GradientMethod):
 
     def prediction_and_target(self, session) -> tuple[torch.Tensor, torch.Tensor]:
         """f_theta(x_t, c_target) and sg[f*(x_t, c_anchor)] on a fresh batch."""
-        prompts, anchors, _, noisy, t, _ = self.forget_batch(session)
+        batch = session.forget_batch()
         with torch.no_grad():
-            target = session.teacher.predict(noisy, t, session.encode(anchors))
-        return session.model.predict(noisy, t, session.encode(prompts)), target
+            target = session.teacher.predict(batch.noisy, batch.t, session.encode(batch.anchors))
+        return session.model.predict(batch.noisy, batch.t, session.encode(batch.prompts)), target
 
     def loss(self, session) -> torch.Tensor:
         prediction, target = self.prediction_and_target(session)

@@ -1,5 +1,5 @@
-"""What every unlearning method shares: the ``Edit`` it produces, the ``UnlearningContext`` it
-reads, and the ``UnlearningMethod`` interface with its registry."""
+"""What every unlearning method shares: the ``Edit`` it produces and the ``UnlearningMethod``
+interface with its registry (the ``UnlearningContext`` it reads lives beside ``Request``)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..registry import Configurable, Registry
+from ..request import UnlearningContext
 
 
 @dataclass(frozen=True)
@@ -53,24 +54,6 @@ class Edit:
     def between(cls, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> "Edit":
         """The delta edit from ``before`` to ``after`` over the tensors that changed."""
         return cls({k: (after[k] - before[k]).detach().cpu() for k in after if not torch.equal(after[k], before[k])})
-
-
-@dataclass
-class UnlearningContext:
-    """What a method may read besides the model and the request.
-
-    ``state`` is this method's own state left by earlier requests (running statistics,
-    subspaces); ``regularizer_states`` holds each regularizer's, by name. ``forgotten`` lists the
-    targets of every request already in the model.
-    """
-
-    prompts: Any  # a WorldPrompts or FreeTextPrompts
-    base_weights: dict[str, torch.Tensor]
-    state: dict[str, torch.Tensor] = field(default_factory=dict)
-    regularizer_states: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-    forgotten: tuple[str, ...] = ()
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    progress: Any = None  # callable(n=1, **fields) or None
 
 
 @dataclass

@@ -21,7 +21,8 @@ import torch
 
 from ..models.text import TextEncoding
 from .base import register_method
-from .training import TRAINABLE_PRESETS, GradientConfig, GradientMethod
+from ..training import TRAINABLE_PRESETS, GradientConfig
+from .gradient import GradientMethod
 
 ESD_VARIANTS = {"x": "xattn", "x-strict": "xattn-kv", "u": "non-xattn"}
 
@@ -60,11 +61,11 @@ class ESD(GradientMethod):
     config_class = ESDConfig
 
     def loss(self, session) -> torch.Tensor:
-        prompts, anchors, _, noisy, t, _ = self.forget_batch(session)
-        cond = session.encode(prompts)
-        guides = anchors if self.config.guide == "anchor" else [""] * len(prompts)
+        batch = session.forget_batch()
+        cond = session.encode(batch.prompts)
+        guides = batch.anchors if self.config.guide == "anchor" else [""] * len(batch.prompts)
+        noisy, t = torch.cat([batch.noisy, batch.noisy]), torch.cat([batch.t, batch.t])
         with torch.no_grad():
-            both = TextEncoding.cat([cond, session.encode(guides)])
-            teacher_cond, teacher_uncond = session.teacher.predict(torch.cat([noisy, noisy]), torch.cat([t, t]), both).chunk(2)
+            teacher_cond, teacher_uncond = session.teacher.predict(noisy, t, TextEncoding.cat([cond, session.encode(guides)])).chunk(2)
             target = esd_target(teacher_cond, teacher_uncond, self.config.negative_guidance)
-        return (session.model.predict(noisy, t, cond) - target).pow(2).mean()
+        return (session.model.predict(batch.noisy, batch.t, cond) - target).pow(2).mean()

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from .base import register_method
 from .ablation import ConceptAblation
-from .training import GradientConfig
+from ..training import GradientConfig
 
 DIVERGENCES = ("kl", "hellinger", "js", "alpha")
 _NODES, _WEIGHTS = np.polynomial.hermite_e.hermegauss(40)  # probabilists' Hermite: weight exp(-z^2/2)

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .base import register_method
-from .training import GradientConfig, GradientMethod
+from ..training import GradientConfig
+from .gradient import GradientMethod
 
 
 @dataclass
@@ -25,4 +26,4 @@ class GradientAscent(GradientMethod):
     uses_teacher = True  # only to draw the forget images
 
     def loss(self, session) -> torch.Tensor:
-        return -self.denoising_loss(session, *self.forget_denoising_batch(session))
+        return -session.denoising_loss(session.forget_batch())

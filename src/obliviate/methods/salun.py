@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..training import GradientConfig, ParameterConstraint, top_fraction_mask
 from .base import register_method
-from .training import GradientConfig, GradientMethod
+from .gradient import GradientMethod
 
 
 @dataclass
@@ -35,14 +36,6 @@ class SalUnConfig(GradientConfig):
         super().__post_init__()
 
 
-def top_fraction_mask(scores: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
-    """1 for the globally largest ``fraction`` of all scores, 0 elsewhere (ties broken by order)."""
-    flat = torch.cat([s.flatten() for s in scores.values()])
-    keep = max(1, int(round(fraction * flat.numel())))
-    threshold = torch.topk(flat, keep).values.min()
-    return {n: (s >= threshold).to(s.dtype) for n, s in scores.items()}
-
-
 @register_method
 class SalUn(GradientMethod):
     name = "salun"
@@ -53,19 +46,15 @@ class SalUn(GradientMethod):
         if session.request.anchor is None:
             pairs = session.context.prompts.random_anchor_pairs(tuple(session.request.targets), len(session.forget_prompts), session.rng)
             session.anchor_prompts = [p.anchor for p in pairs]
-        gradients = {n: torch.zeros_like(p) for n, p in session.params.items()}
-        for _ in range(self.config.saliency_batches):
-            session.model.unet.zero_grad(set_to_none=True)
-            self.denoising_loss(session, *self.forget_denoising_batch(session)).backward()
-            session.counter.backward += 1
-            for n, p in session.params.items():
-                gradients[n] += p.grad
-        session.model.unet.zero_grad(set_to_none=True)
-        self.gradient_mask = top_fraction_mask({n: g.abs() for n, g in gradients.items()}, self.config.mask_ratio)
+        gradients = session.accumulate(lambda: session.denoising_loss(session.forget_batch()), self.config.saliency_batches)
+        self.mask = top_fraction_mask({n: g.abs() for n, g in gradients.items()}, self.config.mask_ratio)
+
+    def constraints(self, session) -> dict[str, ParameterConstraint]:
+        return {n: ParameterConstraint(self.name, mask=m) for n, m in self.mask.items()}
 
     def loss(self, session) -> torch.Tensor:
-        prompts, anchors, _, noisy, t, _ = self.forget_batch(session)
+        batch = session.forget_batch()
         with torch.no_grad():
-            target = session.model.predict(noisy, t, session.encode(anchors))
-        forget = (session.model.predict(noisy, t, session.encode(prompts)) - target).pow(2).mean()
-        return forget + self.config.retain_weight * self.denoising_loss(session, *self.retain_batch(session))
+            target = session.model.predict(batch.noisy, batch.t, session.encode(batch.anchors))
+        forget = (session.model.predict(batch.noisy, batch.t, session.encode(batch.prompts)) - target).pow(2).mean()
+        return forget + self.config.retain_weight * session.denoising_loss(session.retain_batch())

@@ -21,9 +21,8 @@ import torch
 
 from ..models.text import TextEncoding
 from ..world.targets import PromptPair
+from ..training import PassCounter, aligned_token_states, orthonormal_basis, token_states
 from .base import Edit, MethodResult, UnlearningMethod, register_method
-from .training import PassCounter
-from .closed_form import aligned_token_states, token_states
 
 
 @dataclass
@@ -45,12 +44,6 @@ class SDWVConfig:
             raise ValueError("steps must be >= 0 and learning_rate positive")
 
 
-def _top_directions(states: torch.Tensor, rank: int) -> torch.Tensor:
-    """(dim, k) top left singular vectors of (count, dim) row states."""
-    u, _, _ = torch.linalg.svd(states.double().T, full_matrices=False)
-    return u[:, :min(rank, u.shape[1])]
-
-
 @register_method
 class SDWV(UnlearningMethod):
     name = "sdwv"
@@ -60,7 +53,6 @@ class SDWV(UnlearningMethod):
     def unlearn(self, model, request, context) -> MethodResult:
         cfg = self.config
         rng = np.random.default_rng(request.seed)
-        torch.manual_seed(request.seed)
         targets = tuple(request.targets) + tuple(cfg.words)
         pairs = context.prompts.forget_pairs(tuple(request.targets), request.anchor, cfg.vocabulary_prompts, rng)
         pairs += [PromptPair(f"a {w}", f"a {request.anchor}" if request.anchor else "a") for w in cfg.words]
@@ -70,9 +62,9 @@ class SDWV(UnlearningMethod):
                                     or [""])
         dim = concept.shape[1]
         eye = torch.eye(dim, dtype=torch.float64)
-        protect = _top_directions(retained, cfg.retain_rank)
+        protect = orthonormal_basis(retained.T, cfg.retain_rank)
         keep_retained = eye - protect @ protect.T
-        semantic = _top_directions((concept - anchor) @ keep_retained, cfg.concept_rank)
+        semantic = orthonormal_basis(((concept - anchor) @ keep_retained).T, cfg.concept_rank)
         semantic, _ = torch.linalg.qr(keep_retained @ semantic)  # orthonormal and orthogonal to span(R)
         transform = (eye - semantic @ semantic.T).float()
 
@@ -93,7 +85,8 @@ class SDWV(UnlearningMethod):
         generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
         drawn = pairs[:cfg.batch_size * 2]  # x_0: the model's own images of the anchors (data-free)
         with torch.no_grad():
-            anchor_latents = model.to_latents(model.sample([p.anchor for p in drawn], steps=10, seed=int(rng.integers(2**31))))
+            images = model.sample([p.anchor for p in drawn], steps=10, seed=int(rng.integers(2**31)))
+            anchor_latents = model.to_latents(images, generator=generator)
         for _step in range(cfg.steps):
             index = rng.integers(0, len(drawn), cfg.batch_size)
             target_enc = model.encode([drawn[i].target for i in index])

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..training import GradientConfig, fisher_ratio_mask
 from .base import register_method
-from .training import GradientConfig, GradientMethod
+from .gradient import GradientMethod
 
 
 @dataclass
@@ -45,29 +46,22 @@ class SFRon(GradientMethod):
     config_class = SFRonConfig
 
     def _fisher(self, session, batch) -> dict[str, torch.Tensor]:
-        fisher = {n: torch.zeros_like(p) for n, p in session.params.items()}
-        for _ in range(self.config.fisher_batches):
-            session.model.unet.zero_grad(set_to_none=True)
-            self.denoising_loss(session, *batch()).backward()
-            session.counter.backward += 1
-            for n, p in session.params.items():
-                fisher[n] += p.grad.pow(2) / self.config.fisher_batches
-        session.model.unet.zero_grad(set_to_none=True)
-        return fisher
+        return session.accumulate(lambda: session.denoising_loss(batch()), self.config.fisher_batches,
+                                  squared=True, scale=1 / self.config.fisher_batches)
 
     def setup(self, session) -> None:
-        forget = self._fisher(session, lambda: self.forget_denoising_batch(session))
-        retain = self._fisher(session, lambda: self.retain_batch(session))
-        self.gradient_mask = {n: ((forget[n] + 1e-15) / (retain[n] + 1e-15) >= self.config.gamma).to(forget[n].dtype)
-                              for n in forget}
+        forget = self._fisher(session, session.forget_batch)
+        retain = self._fisher(session, session.retain_batch)
+        self.forget_mask = fisher_ratio_mask(forget, retain, self.config.gamma)
 
     def loss(self, session) -> torch.Tensor:
-        prompts, anchors, _, noisy, t, _ = self.forget_batch(session)
+        batch = session.forget_batch()
         with torch.no_grad():
-            target = session.model.predict(noisy, t, session.encode(anchors))
-        return self.config.forget_weight * (session.model.predict(noisy, t, session.encode(prompts)) - target).pow(2).mean()
+            target = session.model.predict(batch.noisy, batch.t, session.encode(batch.anchors))
+        return self.config.forget_weight * (session.model.predict(batch.noisy, batch.t, session.encode(batch.prompts)) - target).pow(2).mean()
 
     def stages(self, session):
+        # the mask confines the forget step only: the retain step may move every weight
         if session.step % self.config.forget_every == 0:
-            yield self.loss(session), self.gradient_mask
-        yield self.config.retain_weight * self.denoising_loss(session, *self.retain_batch(session)), None
+            yield self.loss(session), self.forget_mask
+        yield self.config.retain_weight * session.denoising_loss(session.retain_batch()), None

@@ -152,12 +152,12 @@ class T2IModel:
             encoding = transform(encoding)
         return encoding
 
-    def to_latents(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] to the space the UNet denoises."""
+    def to_latents(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [0, 1] to the space the UNet denoises (a VAE draws its latent with ``generator``)."""
         x = images.to(self.device) * 2 - 1
         if self.vae is None:
             return x
-        return self.vae.encode(x).latent_dist.sample() * self.vae.config.scaling_factor
+        return self.vae.encode(x).latent_dist.sample(generator) * self.vae.config.scaling_factor
 
     def from_latents(self, latents: torch.Tensor) -> torch.Tensor:
         if self.vae is not None:

@@ -1,8 +1,16 @@
 """Regularizers: add-ons to the shared gradient loop that any gradient method accepts.
 
-A regularizer may add loss terms (``penalty``), change gradients before the optimizer step
-(``transform_gradients``, e.g. projection or masking), act after the step (``after_step``),
-rewrite the final edit (``finalize``, e.g. merging) and keep state across requests (``state``).
+A regularizer takes part in a request through four declared roles, and the loop combines them
+by the composition contract of ``obliviate.training.contract``, whatever order the user lists
+them in:
+
+- ``constraints``: masks and protected input subspaces per parameter; every declarer's
+  constraints are intersected into one projector per parameter, applied to each gradient and to
+  the request's accumulated update after every optimizer step (exact under Adam);
+- ``penalty``: a loss term; penalties add;
+- ``finalize``: rewrites the finished edit (merging); at most one regularizer of a request may
+  do so, it runs after training, and the constraints are applied to its result again;
+- ``state``: tensors kept in the store for later requests.
 """
 
 from __future__ import annotations
@@ -10,24 +18,25 @@ from __future__ import annotations
 import torch
 
 from ..registry import Configurable, Registry
+from ..training import ParameterConstraint, TrainingSession
 
 
 class Regularizer(Configurable):
     kind = "regularizer"
+    rewrites_edit: bool = False  # True for regularizers that override ``finalize``
 
-    def setup(self, session) -> None:
+    def setup(self, session: TrainingSession) -> None:
         """Called once before the first step with the training session."""
 
-    def penalty(self, session) -> torch.Tensor | None:
+    def constraints(self, session: TrainingSession) -> dict[str, ParameterConstraint]:
+        """``{parameter name: constraint}`` for parameters of ``session.params``; read once after
+        every ``setup``."""
+        return {}
+
+    def penalty(self, session: TrainingSession) -> torch.Tensor | None:
         return None
 
-    def transform_gradients(self, session) -> None:
-        """Modify ``p.grad`` of ``session.params`` in place."""
-
-    def after_step(self, session) -> None:
-        pass
-
-    def finalize(self, session, deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def finalize(self, session: TrainingSession, deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return deltas
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -38,3 +47,17 @@ class Regularizer(Configurable):
 REGULARIZERS: Registry[Regularizer] = Registry("regularizer")
 register_regularizer = REGULARIZERS.register
 get_regularizer = REGULARIZERS.get
+
+
+def check_composition(names: list[str]) -> None:
+    """Refuse regularizer lists the contract cannot combine: a name twice (their states would
+    share one namespace in the store) or two that rewrite the edit (which one's result holds
+    would depend on the order)."""
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"Regularizer {repeated[0]!r} is listed twice; give it once, with all its options "
+                         f"(e.g. --regularizer {repeated[0]}:key=value,key=value).")
+    rewriting = [n for n in names if get_regularizer(n).rewrites_edit]
+    if len(rewriting) > 1:
+        raise ValueError(f"Regularizers {' and '.join(rewriting)} both rewrite the finished edit, and the result "
+                         "would depend on which runs last; keep one of them.")

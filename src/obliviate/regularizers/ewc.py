@@ -28,15 +28,8 @@ class EWC(Regularizer):
     config_class = EWCConfig
 
     def setup(self, session) -> None:
-        method = session.method
-        fisher = {n: torch.zeros_like(p) for n, p in session.params.items()}
-        for _ in range(self.config.batches):
-            session.model.unet.zero_grad(set_to_none=True)
-            method.denoising_loss(session, *method.retain_batch(session)).backward()
-            session.counter.backward += 1
-            for n, p in session.params.items():
-                fisher[n] += p.grad.pow(2) / self.config.batches
-        session.model.unet.zero_grad(set_to_none=True)
+        fisher = session.accumulate(lambda: session.denoising_loss(session.retain_batch()), self.config.batches,
+                                    squared=True, scale=1 / self.config.batches)
         saved = session.context.regularizer_states.get(self.name, {})
         previous = {k[len("fisher."):]: v for k, v in saved.items() if k.startswith("fisher.")}
         self.fisher = {n: f + previous.get(n, torch.zeros_like(f)).to(f) for n, f in fisher.items()}

@@ -56,6 +56,7 @@ class Merge(Regularizer):
     name = "merge"
     description = "merge per-request task vectors: uniform, task arithmetic or TIES"
     config_class = MergeConfig
+    rewrites_edit = True
 
     def setup(self, session) -> None:
         saved = session.context.regularizer_states.get(self.name, {})

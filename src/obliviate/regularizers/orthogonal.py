@@ -11,7 +11,8 @@ Per request:
   forgotten, the less the remaining subspace claims;
 - gradient orthogonality: to_k/to_v gradients are projected off span[R, F_old], so an update
   neither disturbs retained features nor re-maps earlier forgotten ones; the request's
-  accumulated update is re-projected after every step, which makes this exact under Adam;
+  accumulated update is re-projected after every step (the composition contract), which makes
+  this exact under Adam and beside any other constraint;
 - feature orthogonality: a penalty on the component of the forgetting features' new outputs that
   lies in the retained outputs' span, so the forgotten concept is not re-expressed through
   retained directions.
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..training import aligned_token_states, orthonormal_basis, token_states
 from .base import register_regularizer
 from .projection import SubspaceProtection
 
@@ -48,10 +50,7 @@ class FGOrIUConfig:
             raise ValueError("feature_weight must be >= 0")
 
 
-def orthonormal_columns(matrix: torch.Tensor, rank: int) -> torch.Tensor:
-    u, s, _ = torch.linalg.svd(matrix.double(), full_matrices=False)
-    keep = min(rank, int((s > 1e-8 * (s[0] if len(s) else 1)).sum()))
-    return u[:, :keep]
+RTOL = 1e-8  # singular values below this share of the largest add no direction
 
 
 @register_regularizer
@@ -61,24 +60,22 @@ class FGOrIU(SubspaceProtection):
     config_class = FGOrIUConfig
 
     def setup(self, session) -> None:
-        from ..methods.closed_form import aligned_token_states, token_states
-
         cfg, saved = self.config, session.context.regularizer_states.get(self.name, {})
         rng = np.random.default_rng(session.request.seed)
-        pairs = session.context.prompts.forget_pairs(tuple(session.request.targets), session.request.anchor, cfg.prompts, rng)
+        pairs = session.prompts.forget_pairs(session.targets, session.request.anchor, cfg.prompts, rng)
         with torch.no_grad():
             concept, anchor = aligned_token_states(session.model, [p.target for p in pairs], [p.anchor for p in pairs])
             retained = token_states(session.model, session.retain_prompts(cfg.prompts))
         dim = concept.shape[1]
         old_forget = saved.get("forget", torch.zeros(dim, 0, dtype=torch.float64)).double()
-        new_forget = orthonormal_columns((concept - anchor).T, cfg.forget_rank)
-        self.forget = orthonormal_columns(torch.cat([old_forget, new_forget], 1), cfg.max_forget_rank)
+        new_forget = orthonormal_basis((concept - anchor).T, cfg.forget_rank, RTOL)
+        self.forget = orthonormal_basis(torch.cat([old_forget, new_forget], 1), cfg.max_forget_rank, RTOL)
         requests = int(saved.get("requests", torch.tensor(0)).item()) + 1
         remain_rank = max(cfg.min_remain_rank, int(round(cfg.remain_rank * cfg.contract ** (requests - 1))))
         off_forget = torch.eye(dim, dtype=torch.float64) - self.forget @ self.forget.T
-        self.remain = orthonormal_columns(off_forget @ retained.T, remain_rank)
+        self.remain = orthonormal_basis(off_forget @ retained.T, remain_rank, RTOL)
         self.requests = requests
-        self.protect(session, orthonormal_columns(torch.cat([self.remain, old_forget], 1), dim))
+        self.protect(session, orthonormal_basis(torch.cat([self.remain, old_forget], 1), dim, RTOL))
         self.forget_features = concept[:256].float()
 
     def penalty(self, session) -> torch.Tensor | None:

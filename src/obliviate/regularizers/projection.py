@@ -4,8 +4,9 @@ complement of their token-embedding subspace.
 
 The protected subspace is spanned by the top singular vectors U of token states of prompts about
 the target's siblings (same supertype) and of other retained prompts. Gradients are projected as
-grad W <- grad W (I - U U^T); because Adam rescales coordinates, the accumulated update of the
-request is projected again after every step, so W p = W_start p holds exactly for p in span(U).
+grad W <- grad W (I - U U^T). It is a constraint of the composition contract: the loop also
+projects the request's accumulated update after every step (Adam rescales coordinates), so
+W p = W_start p holds exactly for p in span(U), also beside masks and other subspaces.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..training import ParameterConstraint, orthonormal_basis
 from .base import Regularizer, register_regularizer
 
 KV_WEIGHT = re.compile(r"attn2\.(to_k|to_v)\.weight$")
@@ -34,54 +36,28 @@ class ProjectionConfig:
 
 
 def protected_prompts(session, n: int, sibling_share: float) -> list[str]:
-    """Prompts of retained concepts, about half of them naming a sibling of a target."""
-    prompts, rng = session.context.prompts, session.rng
-    forgotten = session.context.forgotten + tuple(session.request.targets)
-    siblings = []
-    if hasattr(prompts, "ontology"):
-        onto = prompts.ontology
-        targets = {c.name for c in prompts.target_concepts(tuple(session.request.targets))}
-        gone = {c.name for c in prompts.target_concepts(forgotten)}
-        siblings = sorted({s for c in prompts.target_concepts(tuple(session.request.targets))
-                           for s in onto.supertypes[c.parent] if s not in targets | gone})
-    n_sib = int(round(n * sibling_share)) if siblings else 0
-    out = []
-    for i in range(n_sib):
-        sibling = siblings[i % len(siblings)]
-        out += [p.target for p in prompts.forget_pairs((sibling,), None, 1, rng)]
-    return out + session.retain_prompts(n - n_sib)
-
-
-def orthonormal_basis(states: torch.Tensor, rank: int) -> torch.Tensor:
-    """Top ``rank`` left singular vectors of (dim x count) states."""
-    u, _, _ = torch.linalg.svd(states.double(), full_matrices=False)
-    return u[:, :min(rank, u.shape[1])]
+    """Prompts of retained concepts, about ``sibling_share`` of them naming a sibling of a target
+    (when the prompt source knows siblings)."""
+    forgotten = session.context.forgotten + session.targets
+    related = session.prompts.related_prompts(session.targets, forgotten, int(round(n * sibling_share)), session.rng)
+    return related + session.retain_prompts(n - len(related))
 
 
 class SubspaceProtection(Regularizer):
-    """Shared mechanics: confine to_k/to_v updates to the orthogonal complement of a protected
-    subspace of text states, in the gradient and (exactly, whatever the optimizer) in the
-    request's accumulated update."""
+    """Shared mechanics: protect a subspace of text states on every trained cross-attention
+    to_k/to_v weight (a constraint, so the loop keeps it exact whatever else constrains them)."""
 
     def protect(self, session, protected: torch.Tensor) -> None:
         """``protected``: (dim, k) orthonormal columns whose outputs must not change."""
         self.protected = protected.float()
-        self.complement = (torch.eye(protected.shape[0], dtype=torch.float64) - protected.double() @ protected.double().T).float()
         self.targets = {n: p for n, p in session.params.items() if KV_WEIGHT.search(n)}
         if not self.targets:
             raise ValueError(f"{self.name} protects cross-attention to_k/to_v weights, but none of them train; "
                              "use a trainable set that includes them (e.g. trainable=xattn).")
         self.start = {n: p.detach().clone() for n, p in self.targets.items()}
 
-    def transform_gradients(self, session) -> None:
-        for p in self.targets.values():
-            if p.grad is not None:
-                p.grad.copy_(p.grad @ self.complement.to(p.grad))
-
-    @torch.no_grad()
-    def after_step(self, session) -> None:
-        for n, p in self.targets.items():
-            p.copy_(self.start[n] + (p - self.start[n]) @ self.complement.to(p))
+    def constraints(self, session) -> dict[str, ParameterConstraint]:
+        return {n: ParameterConstraint(self.name, protected=self.protected) for n in self.targets}
 
 
 @register_regularizer
@@ -93,5 +69,4 @@ class GradientProjection(SubspaceProtection):
     def setup(self, session) -> None:
         encoding = session.model.encode(protected_prompts(session, self.config.prompts, self.config.sibling_share))
         states = encoding.states[encoding.mask.bool()].T  # (dim, tokens)
-        self.basis = orthonormal_basis(states, self.config.rank).float()
-        self.protect(session, self.basis)
+        self.protect(session, orthonormal_basis(states, self.config.rank))

@@ -1,12 +1,12 @@
 """SelFT, selective fine-tuning: score every trainable weight by |theta * grad| of the method's
-own loss at the start of the request and train only the global top ``fraction``."""
+own loss at the start of the request and train only the global top ``fraction``. The choice is
+a mask constraint, so it composes with any other constraint by intersection."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
+from ..training import ParameterConstraint, top_fraction_mask
 from .base import Regularizer, register_regularizer
 
 
@@ -29,28 +29,9 @@ class SelectiveFineTuning(Regularizer):
     config_class = SelectiveConfig
 
     def setup(self, session) -> None:
-        from ..methods.salun import top_fraction_mask
-
-        grads = {n: torch.zeros_like(p) for n, p in session.params.items()}
-        for _ in range(self.config.batches):
-            session.model.unet.zero_grad(set_to_none=True)
-            session.method.loss(session).backward()
-            session.counter.backward += 1
-            for n, p in session.params.items():
-                if p.grad is not None:
-                    grads[n] += p.grad
-        session.model.unet.zero_grad(set_to_none=True)
+        grads = session.accumulate(lambda: session.objective(session), self.config.batches)
         scores = {n: (p.detach() * grads[n]).abs() for n, p in session.params.items()}
         self.mask = top_fraction_mask(scores, self.config.fraction)
-        self.start = {n: p.detach().clone() for n, p in session.params.items()}
 
-    def transform_gradients(self, session) -> None:
-        for n, p in session.params.items():
-            if p.grad is not None:
-                p.grad.mul_(self.mask[n])
-
-    @torch.no_grad()
-    def after_step(self, session) -> None:
-        # Adam's momentum from earlier masked-in steps could still move a weight; pin them.
-        for n, p in session.params.items():
-            p.copy_(torch.where(self.mask[n].bool(), p, self.start[n]))
+    def constraints(self, session) -> dict[str, ParameterConstraint]:
+        return {n: ParameterConstraint(self.name, mask=m) for n, m in self.mask.items()}

@@ -2,11 +2,11 @@
 
 from .ontology import CONCEPTS, DEFAULT_ONTOLOGY, DOMAINS, Concept, Ontology
 from .prompts import HELDOUT_TEMPLATES, SPLITS, TRAIN_TEMPLATES, prompt_for, training_prompts
-from .targets import FreeTextPrompts, PromptPair, WorldPrompts
+from .targets import FreeTextPrompts, PromptPair, PromptSource, TargetSource, WorldPrompts
 from .render import IMAGE_SIZE, SceneBatch, render, sample_scenes
 
 __all__ = [
     "CONCEPTS", "DEFAULT_ONTOLOGY", "DOMAINS", "Concept", "Ontology",
     "HELDOUT_TEMPLATES", "SPLITS", "TRAIN_TEMPLATES", "prompt_for", "training_prompts",
-    "FreeTextPrompts", "PromptPair", "WorldPrompts", "IMAGE_SIZE", "SceneBatch", "render", "sample_scenes",
+    "FreeTextPrompts", "PromptPair", "PromptSource", "TargetSource", "WorldPrompts", "IMAGE_SIZE", "SceneBatch", "render", "sample_scenes",
 ]

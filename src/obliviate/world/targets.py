@@ -3,11 +3,17 @@
 Methods never build prompts themselves: they ask a ``PromptSource``. ``WorldPrompts`` knows the
 embedded world's ground truth (which concepts exist, which are siblings); ``FreeTextPrompts``
 serves Stable Diffusion, where a target is any text and retained concepts are a user list.
+Classifier targets (``obliviate.classifiers.targets.DataTargets``) are a ``TargetSource``: they
+validate what a request names but build no prompts.
+
+World prompts are built from label rows and templates, never by editing a prompt's text, so a
+concept word inside another ("red" in "checkered") cannot be hit by a swap.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -24,6 +30,42 @@ class PromptPair:
     target: str
     anchor: str
     labels: tuple[int, ...] = ()
+
+
+@runtime_checkable
+class TargetSource(Protocol):
+    """What a store's requests may name."""
+
+    def validate(self, targets: tuple[str, ...], anchor: str | None) -> None:
+        """Raise ``ValueError`` saying what is wrong when ``targets`` or ``anchor`` cannot be forgotten."""
+
+
+@runtime_checkable
+class PromptSource(TargetSource, Protocol):
+    """Prompts for text-to-image requests. Every method draws only from the ``rng`` it is given."""
+
+    def forget_pairs(self, targets: tuple[str, ...], anchor: str | None, n: int, rng: np.random.Generator,
+                     avoid: tuple[str, ...] = ()) -> list[PromptPair]:
+        """``n`` prompts showing a target, each with its anchor prompt."""
+
+    def random_anchor_pairs(self, targets: tuple[str, ...], n: int, rng: np.random.Generator) -> list[PromptPair]:
+        """Forget prompts whose anchor shows a random retained concept in the target's place."""
+
+    def retain_prompts(self, forgotten: tuple[str, ...], n: int, rng: np.random.Generator) -> list[str]:
+        """Prompts showing none of ``forgotten``; empty when nothing is known to be retained."""
+
+    def related_prompts(self, targets: tuple[str, ...], forgotten: tuple[str, ...], n: int,
+                        rng: np.random.Generator) -> list[str]:
+        """Up to ``n`` prompts of retained concepts close to the targets (their siblings)."""
+
+    def concept_words(self, targets: tuple[str, ...]) -> list[str]:
+        """Every word naming a target."""
+
+    def concept_mask(self, terms: tuple[str, ...]) -> np.ndarray:
+        """Which known concepts the terms cover (empty for free text)."""
+
+    def shows_uncovered(self, labels: np.ndarray, covered: np.ndarray, terms: tuple[str, ...]) -> np.ndarray:
+        """Per label row: does it show one of ``terms`` that its ``covered`` row does not include?"""
 
 
 def _describe(words: dict[str, str | None]) -> str:
@@ -83,13 +125,14 @@ class WorldPrompts:
     def words(self, row) -> dict[str, str]:
         return {d: self.ontology.names(d)[i] for d, i in zip(self.ontology.domains, row)}
 
-    def forget_pairs(self, targets: tuple[str, ...], anchor: str | None, n: int, rng: np.random.Generator,
-                     avoid: tuple[str, ...] = ()) -> list[PromptPair]:
-        """Training-template prompts showing a target, each with its anchor prompt. Prompts showing
-        a concept in ``avoid`` (e.g. one forgotten earlier) are left out when the world allows."""
+    def prompt(self, row, template: str, words: dict[str, str] | None = None) -> str:
+        """``template`` filled with the concept names of label ``row``; ``words`` puts other words
+        in some domains' places (an anchor, a placeholder token)."""
+        return format_prompt(template, **{**self.words(row), **(words or {})})
+
+    def _forget_rows(self, targets, n, rng, avoid=()) -> list[tuple[np.ndarray, str]]:
+        """Label rows showing a target, each with a random training template."""
         groups = self.target_groups(targets)
-        target_domains = {d for g in groups for d in g}
-        anchor_concept = self.ontology.get(anchor) if anchor else None
         targeted = {c.name for c in self.target_concepts(targets)}
         avoided = [g for term in avoid if not {c.name for c in self.ontology.resolve(term)} & targeted
                    for g in self.target_groups((term,))]
@@ -97,17 +140,23 @@ class WorldPrompts:
             rows = self.sample_labels(n, rng, include=groups, exclude=avoided or None)
         except ValueError:
             rows = self.sample_labels(n, rng, include=groups)
+        return [(row, TRAIN_TEMPLATES[int(rng.integers(len(TRAIN_TEMPLATES)))]) for row in rows]
+
+    def forget_pairs(self, targets: tuple[str, ...], anchor: str | None, n: int, rng: np.random.Generator,
+                     avoid: tuple[str, ...] = ()) -> list[PromptPair]:
+        """Training-template prompts showing a target, each with its anchor prompt: the same
+        template with the anchor in the target's place, or the plain description without the
+        targets' domains when there is no anchor. Prompts showing a concept in ``avoid`` (e.g. one
+        forgotten earlier) are left out when the world allows."""
+        target_domains = {d for g in self.target_groups(targets) for d in g}
+        anchor_concept = self.ontology.get(anchor) if anchor else None
         pairs = []
-        for row in rows:
-            words = self.words(row)
-            template = TRAIN_TEMPLATES[int(rng.integers(len(TRAIN_TEMPLATES)))]
-            target_prompt = format_prompt(template, words["shape"], words["colour"], words["texture"])
+        for row, template in self._forget_rows(targets, n, rng, avoid):
             if anchor_concept is not None:
-                anchor_words = {**words, anchor_concept.domain: anchor_concept.name}
-                anchor_prompt = format_prompt(template, anchor_words["shape"], anchor_words["colour"], anchor_words["texture"])
+                anchor_prompt = self.prompt(row, template, {anchor_concept.domain: anchor_concept.name})
             else:
-                anchor_prompt = _describe({d: (None if d in target_domains else w) for d, w in words.items()})
-            pairs.append(PromptPair(target_prompt, anchor_prompt, tuple(int(i) for i in row)))
+                anchor_prompt = _describe({d: (None if d in target_domains else w) for d, w in self.words(row).items()})
+            pairs.append(PromptPair(self.prompt(row, template), anchor_prompt, tuple(int(i) for i in row)))
         return pairs
 
     def concept_mask(self, terms: tuple[str, ...]) -> np.ndarray:
@@ -128,28 +177,36 @@ class WorldPrompts:
         return flagged
 
     def random_anchor_pairs(self, targets: tuple[str, ...], n: int, rng: np.random.Generator) -> list[PromptPair]:
-        """Forget prompts whose anchor swaps each target concept for a random other concept of its
-        domain (the "random label" of SalUn for generation)."""
-        pairs = []
+        """Forget prompts whose anchor puts a random other concept of its domain in each target
+        concept's place, in the same template (the "random label" of SalUn for generation)."""
         targeted = {c.name for c in self.target_concepts(targets)}
-        for pair in self.forget_pairs(targets, None, n, rng):
-            anchor = pair.target
-            for concept in self.target_concepts(targets):
-                others = [c for c in self.ontology.names(concept.domain) if c not in targeted]
-                anchor = anchor.replace(concept.name, others[int(rng.integers(len(others)))]) if others else anchor
-            pairs.append(PromptPair(pair.target, anchor, pair.labels))
+        pairs = []
+        for row, template in self._forget_rows(targets, n, rng):
+            swapped = {}
+            for domain, name in self.words(row).items():
+                others = [c for c in self.ontology.names(domain) if c not in targeted]
+                if name in targeted and others:
+                    swapped[domain] = others[int(rng.integers(len(others)))]
+            pairs.append(PromptPair(self.prompt(row, template), self.prompt(row, template, swapped),
+                                    tuple(int(i) for i in row)))
         return pairs
 
     def retain_prompts(self, forgotten: tuple[str, ...], n: int, rng: np.random.Generator) -> list[str]:
         """Training-template prompts that show none of the ``forgotten`` terms."""
         groups = self.target_groups(forgotten) if forgotten else []
         rows = self.sample_labels(n, rng, exclude=groups)
-        out = []
-        for row in rows:
-            words = self.words(row)
-            template = TRAIN_TEMPLATES[int(rng.integers(len(TRAIN_TEMPLATES)))]
-            out.append(format_prompt(template, words["shape"], words["colour"], words["texture"]))
-        return out
+        return [self.prompt(row, TRAIN_TEMPLATES[int(rng.integers(len(TRAIN_TEMPLATES)))]) for row in rows]
+
+    def related_prompts(self, targets: tuple[str, ...], forgotten: tuple[str, ...], n: int,
+                        rng: np.random.Generator) -> list[str]:
+        """Prompts naming a sibling of a target (same supertype) that is neither a target nor
+        forgotten, cycling through the siblings."""
+        concepts = self.target_concepts(targets)
+        excluded = {c.name for c in concepts} | {c.name for c in self.target_concepts(forgotten)}
+        siblings = sorted({s for c in concepts for s in self.ontology.supertypes[c.parent] if s not in excluded})
+        if not siblings:
+            return []
+        return [self.forget_pairs((siblings[i % len(siblings)],), None, 1, rng)[0].target for i in range(n)]
 
     def concept_words(self, targets: tuple[str, ...]) -> list[str]:
         """Every word naming a target concept (names and synonyms), e.g. for text-space methods."""
@@ -196,6 +253,9 @@ class FreeTextPrompts:
         if not kept:
             return []
         return [FREE_TEXT_TEMPLATES[int(rng.integers(len(FREE_TEXT_TEMPLATES)))].format(kept[i % len(kept)]) for i in range(n)]
+
+    def related_prompts(self, targets, forgotten, n, rng) -> list[str]:
+        return []  # free text knows no siblings
 
     def concept_words(self, targets) -> list[str]:
         return list(targets)

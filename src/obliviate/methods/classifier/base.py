@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..base import Edit, MethodResult, UnlearningContext, UnlearningMethod
-from ..training import PassCounter
+from ...training import PassCounter, accumulate_gradients
 
 
 @dataclass
@@ -98,16 +98,13 @@ class ClassifierSession:
     def gradients(self, loss_fn, x: torch.Tensor, y: torch.Tensor, squared: bool = False) -> dict[str, torch.Tensor]:
         """Sum over batches of the gradient of ``loss_fn(logits, y)`` (of its square per batch
         with ``squared``, a diagonal Fisher estimate), without changing the weights."""
-        totals = {n: torch.zeros_like(p) for n, p in self.params.items()}
-        for bx, by in self.batches(x, y):
-            self.net.zero_grad()
-            loss_fn(self.net(bx), by).backward()
-            self.counter.backward += 1
-            for n, p in self.params.items():
-                if p.grad is not None:
-                    totals[n] += p.grad.pow(2) if squared else p.grad
-        self.net.zero_grad()
-        return totals
+        batches = iter(list(self.batches(x, y)))
+
+        def loss() -> torch.Tensor:
+            bx, by = next(batches)
+            return loss_fn(self.net(bx), by)
+        return accumulate_gradients(self.params, loss, -(-len(x) // self.config.batch_size), squared,
+                                    on_backward=self.counter.count_backward)
 
 
 class ClassifierMethod(UnlearningMethod):

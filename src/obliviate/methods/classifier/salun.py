@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch.nn import functional as F
 
+from ...training import top_fraction_mask
 from ..base import register_method
 from .base import ClassifierConfig, ClassifierMethod
 from .rl import relabel_and_retain_epoch
@@ -28,14 +28,6 @@ class SalUnConfig(ClassifierConfig):
         super().__post_init__()
         if not 0 < self.saliency <= 1:
             raise ValueError(f"saliency must lie in (0, 1], got {self.saliency}")
-
-
-def top_fraction_mask(scores: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
-    """1 where a score is among the global top ``fraction``, else 0."""
-    flat = torch.cat([s.flatten() for s in scores.values()])
-    keep = max(1, int(round(fraction * flat.numel())))
-    threshold = flat.topk(keep).values.min()
-    return {n: (s >= threshold).float() for n, s in scores.items()}
 
 
 @register_method

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
+from ...training import fisher_ratio_mask
 from ..base import register_method
 from .base import ClassifierConfig, ClassifierMethod
 
@@ -45,10 +46,6 @@ def diagonal_fisher(session, x, y) -> dict[str, torch.Tensor]:
     batches = max(1, -(-len(x) // session.config.batch_size))
     total = session.gradients(lambda logits, labels: F.cross_entropy(logits, labels), x, y, squared=True)
     return {n: v / batches for n, v in total.items()}
-
-
-def fisher_ratio_mask(forget: dict[str, torch.Tensor], retain: dict[str, torch.Tensor], gamma: float) -> dict[str, torch.Tensor]:
-    return {n: ((forget[n] + 1e-20) / (retain[n] + 1e-20) >= gamma).float() for n in forget}
 
 
 @register_method

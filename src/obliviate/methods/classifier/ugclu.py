@@ -18,7 +18,8 @@ import torch
 from torch.nn import functional as F
 
 from ..base import register_method
-from .sfron import SFRon, SFRonConfig, diagonal_fisher, fisher_ratio_mask
+from ...training import fisher_ratio_mask
+from .sfron import SFRon, SFRonConfig, diagonal_fisher
 
 
 @dataclass

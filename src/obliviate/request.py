@@ -1,11 +1,17 @@
-"""A deletion request: what to forget, how, and with which protection. Requests are data: stored
-in the ledger as JSON and never edited after they are added."""
+"""A deletion request: what to forget, how, and with which protection; and the context a method
+applies it in. Requests are data: stored in the ledger as JSON and never edited after they are
+added."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Callable
+
+import torch
+
+from .world.targets import TargetSource
 
 
 @dataclass(frozen=True)
@@ -53,3 +59,21 @@ class Request:
         if len(self.targets) <= 4:
             return " + ".join(self.targets)
         return f"{len(self.targets)} targets ({', '.join(self.targets[:3])}, ...)"
+
+
+@dataclass
+class UnlearningContext:
+    """What a method may read besides the model and the request.
+
+    ``state`` is this method's own state left by earlier requests (running statistics,
+    subspaces); ``regularizer_states`` holds each regularizer's, by name. ``forgotten`` lists the
+    targets of every request already in the model.
+    """
+
+    prompts: TargetSource  # WorldPrompts or FreeTextPrompts (text to image), DataTargets (classifiers)
+    base_weights: dict[str, torch.Tensor]
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    regularizer_states: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    forgotten: tuple[str, ...] = ()
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    progress: Callable[..., None] | None = None  # progress(n=1, **fields)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .zoo import ZOO
+from .models.zoo import ZOO
 
 
 def _hardware() -> str:
@@ -25,7 +25,7 @@ def install_t2i(run: Path, quality: dict) -> Path:
     target = entry.path
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(run / "model", target)
-    from .t2i import T2IModel
+    from .models.t2i import T2IModel
     params = sum(p.numel() for p in T2IModel.load(target).unet.parameters())
     recipe = state["recipe"]
     rows = "\n".join(f"| {split} | {quality[split]['shape']:.3f} | {quality[split]['colour']:.3f} | "
@@ -73,7 +73,7 @@ def install_oracle(run: Path, oracle: dict, base: dict) -> Path:
     """Copy the retrain oracle ``run/model`` (a ``zoo train shapes-t2i --exclude`` run) to the
     shipped oracles, with a card comparing its evaluation (``oracle``) with the base model's
     (``base``) on the same prompts."""
-    from .zoo import SHIPPED_ORACLES, oracle_key
+    from .models.zoo import SHIPPED_ORACLES, oracle_key
     state = json.loads((run / "train_state.json").read_text())
     excluded = state["recipe"]["exclude"]
     target = SHIPPED_ORACLES / oracle_key(excluded)
@@ -139,9 +139,9 @@ Reproduce: `obliviate zoo train shapes-judge --out runs/shapes-judge` then
 def install_classifier(name: str, run: Path) -> Path:
     """Copy ``run/model`` (a ClassifierModel) into the package's weights with a card stating its
     recipe and accuracy on the dataset's fixed splits."""
-    from ..classifiers.models import ClassifierModel
-    from ..classifiers.targets import DataTargets
-    from ..evaluation.classifier import accuracy
+    from .classifiers.models import ClassifierModel
+    from .classifiers.targets import DataTargets
+    from .evaluation.classifier import accuracy
     target = ZOO[name].path
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(run / "model", target)

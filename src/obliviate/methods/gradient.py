@@ -1,0 +1,164 @@
+"""The one training loop every gradient method runs on.
+
+A gradient method says which parameters train (a regex over UNet parameter names, like peft's
+``target_modules``) and what the loss of one step is; the loop does the rest: the frozen
+teacher, the forget images, the optimizer (through accelerate, so one CPU or many GPUs run the
+same code), the regularizers under the composition contract (``obliviate.training.contract``),
+pass counting, progress.
+
+One optimizer step, in order: the loss plus every penalty; backward; the gradient projected onto
+the intersection of all constraints (the method's, the regularizers' and, for one stage, the
+stage's mask); the optimizer step; the request's accumulated update projected onto the
+intersection of the request's constraints. After the last step a regularizer that rewrites the
+edit (merging) runs, and the request's constraints are applied to its result.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from abc import abstractmethod
+from typing import Iterator
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from ..regularizers import Regularizer, check_composition, get_regularizer
+from ..training import (ParameterConstraint, PassCounter, TrainingSession, UpdateProjector,
+                        combine_constraints, select_parameters)
+from .base import Edit, MethodResult, UnlearningContext, UnlearningMethod
+
+
+class GradientMethod(UnlearningMethod):
+    """Base of every gradient method: implement ``loss``; optionally ``setup``, ``constraints``
+    and ``stages``."""
+
+    uses_teacher: bool = True
+    accepts_regularizers = True
+
+    def setup(self, session: TrainingSession) -> None:
+        """Called once before training (e.g. to compute masks or pick random targets)."""
+
+    def constraints(self, session: TrainingSession) -> dict[str, ParameterConstraint]:
+        """Constraints on the request's whole update (e.g. a saliency mask), read after ``setup``."""
+        return {}
+
+    @abstractmethod
+    def loss(self, session: TrainingSession) -> torch.Tensor:
+        """The method's loss for one step."""
+
+    def stages(self, session: TrainingSession) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor] | None]]:
+        """The optimizer steps of one iteration, as (loss, mask of this stage's gradient or None).
+        Most methods take one; alternating methods (SFR-on) yield a forget and a retain stage, and
+        each loss is computed only after the previous stage's step. A stage mask restricts that
+        stage's gradient only; constraints that hold for the whole request come from
+        ``constraints``."""
+        yield self.loss(session), None
+
+    def image_prompts(self, session: TrainingSession) -> list[str]:
+        """Prompts whose images serve as x_0: the targets' by default (data-free, as in ESD)."""
+        return session.forget_prompts
+
+    def unlearn(self, model, request, context: UnlearningContext) -> MethodResult:
+        config = self.config
+        check_composition([spec.name for spec in request.regularizers])
+        # A canonical order: penalties sum and setups draw from the request's random streams in
+        # the same order whatever order the user listed the regularizers in.
+        specs = sorted(request.regularizers, key=lambda s: (s.name, json.dumps(s.config, sort_keys=True)))
+        regularizers: list[Regularizer] = [get_regularizer(spec.name).from_options(spec.config) for spec in specs]
+
+        accelerator = Accelerator(cpu=context.device.type == "cpu")
+        model.to(accelerator.device)
+        model.unet.requires_grad_(False)
+        params = select_parameters(model.unet, config.trainable_regex)
+        for p in params.values():
+            p.requires_grad_(True)
+        before = {n: p.detach().clone() for n, p in params.items()}
+        teacher = None
+        if self.uses_teacher:
+            teacher = copy.copy(model)
+            teacher.unet = copy.deepcopy(model.unet).requires_grad_(False).eval()
+        counter = PassCounter(*(m.unet for m in (model, teacher) if m is not None))
+        session = TrainingSession(model, teacher, request, context, config, params,
+                                  np.random.default_rng(request.seed), torch.Generator().manual_seed(request.seed),
+                                  counter, objective=self.loss)
+        try:
+            pairs = session.prompts.forget_pairs(session.targets, request.anchor, max(64, config.forget_images), session.rng)
+            session.forget_prompts = [p.target for p in pairs]
+            session.anchor_prompts = [p.anchor for p in pairs]
+            session.forget_latents = session.draw_latents(self.image_prompts(session)[:config.forget_images])
+            for reg in regularizers:
+                reg.setup(session)
+            self.setup(session)
+            shapes = {n: p.shape for n, p in params.items()}
+            declared = [self.constraints(session)] + [reg.constraints(session) for reg in regularizers]
+            projectors = combine_constraints(shapes, declared)
+            losses = self._train(session, accelerator, regularizers, projectors, declared, before)
+        finally:
+            counter.close()
+        model.unet.requires_grad_(False)
+
+        deltas = {n: (p.detach() - before[n]).cpu() for n, p in params.items()}
+        for reg in regularizers:
+            if reg.rewrites_edit:
+                deltas = {n: _project(projectors, n, d) for n, d in reg.finalize(session, deltas).items()}
+        # restore the model: the store applies the edit itself, so replay stays the only truth
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(before[n])
+        deltas = {f"unet.{n}": d for n, d in deltas.items() if torch.count_nonzero(d)}
+        regularizer_states = {reg.name: reg.state() for reg in regularizers if reg.state()}
+        stats = {"unet_forward_passes": counter.forward, "unet_backward_passes": counter.backward,
+                 "steps": config.steps, "final_loss": losses[-1] if losses else None,
+                 "first_loss": losses[0] if losses else None,
+                 "trained_parameters": sum(p.numel() for p in params.values()),
+                 "constrained_parameters": sum(params[n].numel() for n, pr in projectors.items() if not pr.is_identity)}
+        return MethodResult(Edit(deltas=deltas), {}, stats, regularizer_states)
+
+    def _train(self, session: TrainingSession, accelerator: Accelerator, regularizers: list[Regularizer],
+               projectors: dict[str, UpdateProjector], declared: list[dict[str, ParameterConstraint]],
+               start: dict[str, torch.Tensor]) -> list[float]:
+        params, model = session.params, session.model
+        stage_projectors: dict[int, dict[str, UpdateProjector]] = {}
+        optimizer = torch.optim.Adam(list(params.values()), lr=session.config.learning_rate)
+        model.unet, optimizer = accelerator.prepare(model.unet, optimizer)
+        model.unet.train()
+        losses = []
+        try:
+            for step in range(session.config.steps):
+                session.step = step
+                for loss, stage_mask in self.stages(session):
+                    for reg in regularizers:
+                        extra = reg.penalty(session)
+                        if extra is not None:
+                            loss = loss + extra
+                    optimizer.zero_grad(set_to_none=True)
+                    accelerator.backward(loss)
+                    session.counter.count_backward()
+                    gradient_projectors = projectors
+                    if stage_mask is not None:  # built once per distinct stage mask
+                        if id(stage_mask) not in stage_projectors:
+                            stage = {n: ParameterConstraint("stage", mask=m) for n, m in stage_mask.items()}
+                            stage_projectors[id(stage_mask)] = combine_constraints(
+                                {n: p.shape for n, p in params.items()}, declared + [stage])
+                        gradient_projectors = stage_projectors[id(stage_mask)]
+                    with torch.no_grad():
+                        for n, p in params.items():
+                            if p.grad is not None:
+                                p.grad.copy_(_project(gradient_projectors, n, p.grad))
+                    optimizer.step()
+                    with torch.no_grad():
+                        for n in projectors:
+                            p = params[n]
+                            p.copy_(start[n] + projectors[n](p - start[n]))
+                    losses.append(float(loss.detach()))
+                if session.context.progress:
+                    session.context.progress(1, loss=round(losses[-1], 5))
+        finally:
+            model.unet = accelerator.unwrap_model(model.unet).eval()
+        return losses
+
+
+def _project(projectors: dict[str, UpdateProjector], name: str, update: torch.Tensor) -> torch.Tensor:
+    return projectors[name](update) if name in projectors else update

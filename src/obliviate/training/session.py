@@ -1,0 +1,185 @@
+"""What one request's training run sees: the typed ``TrainingSession`` with its batches and
+losses, the options every gradient method shares, and the parameter selection."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..models.t2i import T2IModel
+from ..models.text import TextEncoding
+from ..request import Request, UnlearningContext
+from ..world.targets import PromptSource
+from .gradients import accumulate_gradients
+
+# Named parameter groups of a diffusers UNet, as used by ESD's variants.
+TRAINABLE_PRESETS = {
+    "xattn": r"attn2\.",                      # every cross-attention parameter (esd-x)
+    "xattn-kv": r"attn2\.(to_k|to_v)\.",      # cross-attention keys and values (esd-x-strict, UCE's layers)
+    "non-xattn": r"^(?!.*attn2\.).*",         # everything outside cross-attention (esd-u)
+    "all": r".*",
+}
+
+
+@dataclass
+class GradientConfig:
+    """Options every gradient method shares."""
+
+    steps: int = field(default=100, metadata={"help": "optimizer steps"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "Adam learning rate"})
+    batch_size: int = field(default=8, metadata={"help": "prompts per step"})
+    trainable: str = field(default="xattn", metadata={
+        "help": f"parameters that train: a preset ({', '.join(TRAINABLE_PRESETS)}) or a regex over UNet parameter names"})
+    forget_images: int = field(default=16, metadata={"help": "images of the targets drawn by the frozen model, reused as x_0"})
+    sampling_steps: int = field(default=10, metadata={"help": "DDIM steps used to draw those images"})
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "forget_images", "sampling_steps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        try:
+            re.compile(self.trainable_regex)
+        except re.error as error:
+            raise ValueError(f"trainable={self.trainable!r} is not a valid regex: {error}") from None
+
+    @property
+    def trainable_regex(self) -> str:
+        return TRAINABLE_PRESETS.get(self.trainable, self.trainable)
+
+
+def select_parameters(unet: torch.nn.Module, pattern: str) -> dict[str, torch.nn.Parameter]:
+    regex = re.compile(pattern)
+    chosen = {n: p for n, p in unet.named_parameters() if regex.search(n)}
+    if not chosen:
+        raise ValueError(f"No UNet parameter matches {pattern!r}; names look like "
+                         f"{next(iter(dict(unet.named_parameters())))!r}.")
+    return chosen
+
+
+class PassCounter:
+    """Counts forward calls of the given modules (each batched call is one pass) through a
+    forward hook; ``backward`` is counted by whoever calls ``backward()``."""
+
+    def __init__(self, *modules: torch.nn.Module):
+        self.forward = 0
+        self.backward = 0
+        self._handles = [m.register_forward_hook(self._hook) for m in modules]
+
+    def _hook(self, *_):
+        self.forward += 1
+
+    def count_backward(self) -> None:
+        self.backward += 1
+
+    def close(self):
+        for h in self._handles:
+            h.remove()
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Prompts with clean latents and their noised version. ``anchors`` are the forget prompts'
+    anchor prompts, index-aligned; empty for retained prompts."""
+
+    prompts: list[str]
+    clean: torch.Tensor
+    noisy: torch.Tensor
+    t: torch.Tensor
+    noise: torch.Tensor
+    anchors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainingSession:
+    """Everything one request's training run can see; passed to method losses and regularizers.
+
+    ``objective`` is the running method's loss for one step (regularizers that score weights by
+    it call it). ``rng`` and ``generator`` are seeded by the request: nothing here touches the
+    global random state."""
+
+    model: T2IModel
+    teacher: T2IModel | None  # frozen copy of the model at the start of the request
+    request: Request
+    context: UnlearningContext
+    config: GradientConfig
+    params: dict[str, torch.nn.Parameter]
+    rng: np.random.Generator
+    generator: torch.Generator
+    counter: PassCounter
+    objective: Callable[["TrainingSession"], torch.Tensor]
+    step: int = 0
+    forget_prompts: list[str] = field(default_factory=list)
+    anchor_prompts: list[str] = field(default_factory=list)
+    forget_latents: torch.Tensor | None = None
+    retain_prompt_list: list[str] = field(default_factory=list)
+    retain_latents: torch.Tensor | None = None
+
+    @property
+    def prompts(self) -> PromptSource:
+        return self.context.prompts
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(self.request.targets)
+
+    @property
+    def frozen(self) -> T2IModel:
+        """The model as it was at the start of the request (the teacher when there is one)."""
+        return self.teacher or self.model
+
+    def encode(self, prompts: list[str]) -> TextEncoding:
+        return self.model.encode(prompts)
+
+    def noisy(self, clean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_t, t, noise) for clean latents at random timesteps."""
+        noise = torch.randn(clean.shape, generator=self.generator).to(clean)
+        t = self.model.sample_timesteps(len(clean), self.generator)
+        return self.model.scheduler.add_noise(clean, noise, t), t, noise
+
+    def retain_prompts(self, n: int) -> list[str]:
+        """Prompts of retained concepts; the unconditional prompt when a store names none."""
+        forgotten = self.context.forgotten + self.targets
+        return self.prompts.retain_prompts(forgotten, n, self.rng) or [""] * n
+
+    def forget_batch(self) -> Batch:
+        """A random batch of forget prompts (with their anchors) on the cached forget images."""
+        index = self.rng.integers(0, len(self.forget_latents), self.config.batch_size)
+        clean = self.forget_latents[index]
+        noisy, t, noise = self.noisy(clean)
+        return Batch([self.forget_prompts[i] for i in index], clean, noisy, t, noise,
+                     [self.anchor_prompts[i] for i in index])
+
+    @torch.no_grad()
+    def retain_batch(self) -> Batch:
+        """A random batch of retained prompts; the frozen model draws their images once per
+        request (data-free, like the forget images)."""
+        if self.retain_latents is None:
+            self.retain_prompt_list = self.retain_prompts(self.config.forget_images)
+            self.retain_latents = self.draw_latents(self.retain_prompt_list)
+        index = self.rng.integers(0, len(self.retain_latents), self.config.batch_size)
+        clean = self.retain_latents[index]
+        noisy, t, noise = self.noisy(clean)
+        return Batch([self.retain_prompt_list[i] for i in index], clean, noisy, t, noise)
+
+    @torch.no_grad()
+    def draw_latents(self, prompts: list[str]) -> torch.Tensor:
+        """x_0 latents the frozen model draws for ``prompts``."""
+        images = self.frozen.sample(prompts, steps=self.config.sampling_steps, seed=int(self.rng.integers(2**31)))
+        return self.frozen.to_latents(images, generator=self.generator)
+
+    def denoising_loss(self, batch: Batch) -> torch.Tensor:
+        """The DDPM objective of the trained model on ``batch``."""
+        prediction = self.model.predict(batch.noisy, batch.t, self.encode(batch.prompts))
+        return (prediction - self.model.training_target(batch.clean, batch.noise, batch.t)).pow(2).mean()
+
+    def accumulate(self, loss: Callable[[], torch.Tensor], batches: int, squared: bool = False,
+                   scale: float = 1.0) -> dict[str, torch.Tensor]:
+        """Summed gradients (or squared gradients) of ``loss()`` over the trained parameters,
+        counted as backward passes; the weights do not change."""
+        return accumulate_gradients(self.params, loss, batches, squared, scale, self.counter.count_backward)

@@ -1,0 +1,55 @@
+"""Subspaces of text token states: the one SVD basis helper, and the token states (plain, or
+aligned position by position with an anchor prompt) the bases are built from."""
+
+from __future__ import annotations
+
+import torch
+
+
+def orthonormal_basis(columns: torch.Tensor, rank: int, rtol: float = 0.0) -> torch.Tensor:
+    """(dim, k) float64 orthonormal columns spanning the top-``rank`` left singular directions of
+    ``columns`` (dim x count); directions whose singular value is at most ``rtol`` times the
+    largest are dropped, so k <= rank."""
+    if rank < 0:
+        raise ValueError(f"rank must be >= 0, got {rank}")
+    u, s, _ = torch.linalg.svd(columns.double(), full_matrices=False)
+    keep = min(rank, u.shape[1])
+    if rtol and len(s):
+        keep = min(keep, int((s > rtol * s[0]).sum()))
+    return u[:, :keep]
+
+
+def aligned_token_states(model, targets: list[str], anchors: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token states of each target prompt and, position by position, of its anchor prompt.
+
+    Tokens before and after the words that differ align one to one; the target's differing
+    tokens align with the anchor's last differing token (or the next shared one when the anchor
+    just drops the words), in the manner of MACE's closed-form refinement."""
+    tokenizer = model.text_encoder.tokenizer
+    target_enc, anchor_enc = model.encode(targets), model.encode(anchors)
+    target_ids = tokenizer(list(targets), padding="max_length", truncation=True, max_length=model.text_encoder.max_length)["input_ids"]
+    anchor_ids = tokenizer(list(anchors), padding="max_length", truncation=True, max_length=model.text_encoder.max_length)["input_ids"]
+    cs, gs = [], []
+    for i in range(len(targets)):
+        length_t = int(target_enc.mask[i].sum())
+        length_a = int(anchor_enc.mask[i].sum())
+        t_ids, a_ids = target_ids[i][:length_t], anchor_ids[i][:length_a]
+        prefix = 0
+        while prefix < min(length_t, length_a) and t_ids[prefix] == a_ids[prefix]:
+            prefix += 1
+        suffix = 0
+        while suffix < min(length_t, length_a) - prefix and t_ids[length_t - 1 - suffix] == a_ids[length_a - 1 - suffix]:
+            suffix += 1
+        # the target's differing tokens map to the anchor's last differing token, or to the next
+        # shared token when the anchor only drops words
+        middle = length_a - suffix - 1 if length_a - suffix > prefix else min(prefix, length_a - 1)
+        mapping = [p if p < prefix else p - length_t + length_a if p >= length_t - suffix else middle
+                   for p in range(length_t)]
+        cs.append(target_enc.states[i, :length_t])
+        gs.append(anchor_enc.states[i, mapping])
+    return torch.cat(cs).double().cpu(), torch.cat(gs).double().cpu()
+
+
+def token_states(model, prompts: list[str]) -> torch.Tensor:
+    encoding = model.encode(prompts)
+    return encoding.states[encoding.mask.bool()].double().cpu()
