@@ -31,12 +31,14 @@ def test_bench_writes_tables_and_resumes(tmp_path, tiny_model_dir):
 
 
 def test_method_variants_are_separate_cells():
-    from obliviate.bench import _cell_name, split_method_spec
-    assert split_method_spec("uce:incremental=false,lam=1") == ("uce", {"incremental": "false", "lam": "1"})
-    assert split_method_spec("esd") == ("esd", {})
+    from obliviate.bench import _cell_name
+    from obliviate.config import parse_spec
+    assert parse_spec("uce:incremental=false,lam=1") == ("uce", {"incremental": "false", "lam": "1"})
+    assert parse_spec("esd") == ("esd", {})
+    assert parse_spec("l2sp:anchor-weight=3") == ("l2sp", {"anchor_weight": "3"})  # keys as in --set
     assert _cell_name("s1", "uce:incremental=false", "") != _cell_name("s1", "uce", "")
-    with pytest.raises(ValueError, match="METHOD:key=value"):
-        split_method_spec("uce:lam")
+    with pytest.raises(ValueError, match="NAME:key=value"):
+        parse_spec("uce:lam")
 
 
 def test_a_cell_composes_regularizers_with_options():

@@ -14,6 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
+from .config import parse_spec
 from .engine import RegularizerSpec, Request, Store
 
 # Each sequence is a list of requests (a request is a tuple of targets) and the model it runs on.
@@ -97,19 +98,9 @@ def _cell_name(sequence: str, method: str, regularizer: str) -> str:
     return f"{sequence}__{_file_safe(method)}__{_file_safe(regularizer) if regularizer else 'none'}"
 
 
-def split_method_spec(spec: str) -> tuple[str, dict[str, str]]:
-    """``"uce:incremental=false,lam=1"`` -> ``("uce", {"incremental": "false", "lam": "1"})``: a
-    method with options of its own, so one bench can compare variants of a method."""
-    name, _, options = spec.partition(":")
-    pairs = [o.split("=", 1) for o in options.split(",") if o]
-    if any(len(p) != 2 for p in pairs):
-        raise ValueError(f"Expected METHOD:key=value,key=value, got {spec!r}.")
-    return name.strip(), {k.strip(): v.strip() for k, v in pairs}
-
-
 def split_regularizer_spec(spec: str) -> tuple[RegularizerSpec, ...]:
     """``"gradproj:rank=96+l2sp:weight=100"`` -> both regularizers, applied together in each request."""
-    return tuple(RegularizerSpec(*split_method_spec(part)) for part in spec.split("+") if part.strip())
+    return tuple(RegularizerSpec(*parse_spec(part)) for part in spec.split("+") if part.strip())
 
 
 def parse_method_options(items: list[str]) -> dict[str, dict[str, str]]:
@@ -146,7 +137,7 @@ def run_bench(methods: list[str], regularizers: list[str], sequence: str, out: P
             echo(f"skip {path.name} (done)")
             continue
         echo(f"run {sequence} / {method} / {regularizer or 'no regularizer'}")
-        name, own_options = split_method_spec(method)
+        name, own_options = parse_spec(method)
         options = {**(method_options or {}).get(name, {}), **own_options}
         rows = _run_cell(method, regularizer, sequence, spec, work, model, options, eval_options or {}, echo, oracles,
                          evaluate, attacks or {})
@@ -193,7 +184,7 @@ def _run_cell(method, regularizer, sequence, spec, work, model, options, eval_op
             metrics, cost = evaluator(model_now, store, forgotten=forgotten), {}
         else:
             regs = split_regularizer_spec(regularizer)
-            store.add_request(list(targets), split_method_spec(method)[0], options, regularizers=regs)
+            store.add_request(list(targets), parse_spec(method)[0], options, regularizers=regs)
             try:
                 outcome = store.apply(evaluator=evaluator)[0]
             except ValueError as error:  # a method's own limit (ErasePro's constraint count): the cell ends here

@@ -248,7 +248,7 @@ def request_add(store: Path = typer.Argument(...),
                 seed: int = typer.Option(0),
                 wait: float = typer.Option(0.0, help="Seconds to wait for a busy store.")) -> None:
     """Record a pending deletion request (validated now, applied by `obliviate apply`)."""
-    from .config import parse_assignments
+    from .config import parse_assignments, parse_spec
     from .engine import RegularizerSpec, Store
     concepts = list(concepts or [])
     if samples is not None:
@@ -261,8 +261,7 @@ def request_add(store: Path = typer.Argument(...),
         raise typer.BadParameter("Name what to forget: concepts (or classes) as arguments, or --samples FILE.")
     regs = []
     for spec in regularizer:
-        name, _, options = spec.partition(":")
-        regs.append(RegularizerSpec(name.strip(), parse_assignments([o for o in options.split(",") if o])))
+        regs.append(RegularizerSpec(*parse_spec(spec)))
     rid = Store(store).add_request(concepts, method, parse_assignments(set_), anchor, tuple(regs), seed, wait=wait)
     what = " + ".join(concepts) if len(concepts) <= 6 else f"{len(concepts)} targets ({', '.join(concepts[:3])}, ...)"
     typer.echo(f"request {rid} added (pending): forget {what} with {method}")

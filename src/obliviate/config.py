@@ -25,6 +25,16 @@ def parse_assignments(items: list[str] | tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """``"uce:incremental=false,lam=1"`` -> ``("uce", {"incremental": "false", "lam": "1"})``: a
+    method or regularizer with options, as the CLI and bench write it (keys as in ``--set``)."""
+    name, _, options = spec.partition(":")
+    try:
+        return name.strip(), parse_assignments([o for o in options.split(",") if o.strip()])
+    except ValueError:
+        raise ValueError(f"Expected NAME:key=value,key=value (e.g. l2sp:weight=300), got {spec!r}.") from None
+
+
 def _coerce(value: Any, annotation, name: str):
     if not isinstance(value, str):
         return tuple(value) if isinstance(value, list) else value

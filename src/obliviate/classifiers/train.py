@@ -11,6 +11,7 @@ from torch import nn
 
 from .models import ClassifierModel
 from .targets import DataTargets
+from ..seeding import seeded_by_recipe
 
 
 @dataclass
@@ -29,9 +30,9 @@ class ClassifierRecipe:
             raise ValueError("epochs, batch_size and learning_rate must be positive")
 
 
+@seeded_by_recipe
 def train_classifier(recipe: ClassifierRecipe, exclude: tuple[str, ...] = (), device=None, log=None) -> ClassifierModel:
     """Train from scratch on the dataset's training split without the ``exclude`` targets."""
-    torch.manual_seed(recipe.seed)
     model = ClassifierModel.build(recipe.arch, recipe.dataset, recipe.arch_config, asdict(recipe))
     device = device or torch.device("cpu")
     model.to(device).net.train()

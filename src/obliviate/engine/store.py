@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import resource
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -29,15 +28,17 @@ from typing import Callable
 
 import torch
 
+from ..classifiers.models import ClassifierModel
 from ..config import build_config, config_to_dict
+from ..hashing import file_hash, tensor_hash
 from ..methods.base import Edit, UnlearningContext, get_method
 from ..models.t2i import T2IModel
-from ..classifiers.models import ClassifierModel
+from ..regularizers import check_composition, get_regularizer
+from ..request import RegularizerSpec, Request
+from ..resources import PeakMemory
 from .files import TMP_SUFFIX, atomic_save_tensors, load_tensors
-from ..hashing import file_hash, tensor_hash
 from .ledger import Ledger, LedgerState, derive_state
 from .lock import exclusive_lock
-from ..request import RegularizerSpec, Request
 
 STORE_FILE = "store.json"
 FORMAT_VERSION = 1
@@ -177,6 +178,7 @@ class Store:
                              f"{', '.join(n for n, c in _methods_accepting_regularizers())}); drop --regularizer.")
         config = config_to_dict(build_config(method_cls.config_class, method_config, owner=f"method {method!r}"))
         checked_regs = tuple(self._check_regularizer(r) for r in regularizers)
+        check_composition([r.name for r in checked_regs])
         request = Request(targets, method, config, anchor, checked_regs, seed)
         self.prompts().validate(targets, anchor)
         with self.locked(wait):
@@ -185,7 +187,6 @@ class Store:
         return next_id
 
     def _check_regularizer(self, spec: RegularizerSpec) -> RegularizerSpec:
-        from ..regularizers import get_regularizer
         reg_cls = get_regularizer(spec.name)
         return RegularizerSpec(spec.name, config_to_dict(build_config(reg_cls.config_class, spec.config,
                                                                       owner=f"regularizer {spec.name!r}")))
@@ -227,9 +228,8 @@ class Store:
             forgotten=state.forgotten,
             device=device, progress=progress)
         start = time.time()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        result = method.unlearn(model.to(device), request, context)
+        with PeakMemory(device) as memory:
+            result = method.unlearn(model.to(device), request, context)
         seconds = time.time() - start
         weights_after = result.edit.apply(weights_before)
         model_hash = tensor_hash(weights_after)
@@ -249,10 +249,7 @@ class Store:
         if evaluator is not None:
             model.load_state_tensors({k: v.to(model.device) for k, v in weights_after.items()})
             metrics = evaluator(model, self, forgotten=context.forgotten + request.targets)
-        peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-        cost = {"seconds": round(seconds, 3), "peak_memory_bytes": int(peak),
-                "peak_memory_kind": "cuda allocated" if device.type == "cuda" else "process max RSS",
+        cost = {"seconds": round(seconds, 3), "peak_memory_bytes": memory.peak_bytes, "peak_memory_kind": memory.kind,
                 "edit_bytes": result.edit.nbytes,
                 "stored_bytes": sum((self.root / files[k]).stat().st_size for k in ("edit_file", "state_file")),
                 **result.stats}

@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 from ..progress import progress_bar
 from ..world import DEFAULT_ONTOLOGY, Ontology, render, sample_scenes
+from ..seeding import seeded_by_recipe
 
 JUDGE_CONFIG_FILE = "judge.json"
 JUDGE_WEIGHTS_FILE = "judge.safetensors"
@@ -103,10 +104,10 @@ def judge_accuracy(judge: AttributeJudge, images: torch.Tensor, labels: np.ndarr
     return {d: float((predicted[d].numpy() == labels[:, i]).mean()) for i, d in enumerate(domains)}
 
 
+@seeded_by_recipe
 def train_judge(recipe: JudgeRecipe, ontology: Ontology = DEFAULT_ONTOLOGY, device=None, log=print) -> tuple[AttributeJudge, dict]:
     """Train the judge on fresh renders each step; returns it with a card of held-out accuracy."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(recipe.seed)
     judge = AttributeJudge({d: len(ontology.in_domain(d)) for d in ontology.domains}, width=recipe.width).to(device)
     optimizer = torch.optim.AdamW(judge.parameters(), lr=recipe.learning_rate, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.learning_rate, total_steps=recipe.steps)

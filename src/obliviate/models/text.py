@@ -7,6 +7,7 @@ encodings can be cached per prompt and stacked into batches.
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,16 +32,21 @@ class TextEncoding:
 
 
 class TextEncoder(nn.Module):
-    """A frozen tokenizer + transformer pair with a per-prompt cache of its outputs."""
+    """A frozen tokenizer + transformer pair with a per-prompt cache of its outputs. The cache
+    keeps the ``cache_size`` most recently used prompts (a few MB for MiniLM), so a long-running
+    process that meets endless new prompts does not grow without bound."""
 
     kind: str = ""
 
-    def __init__(self, tokenizer, model, max_length: int):
+    def __init__(self, tokenizer, model, max_length: int, cache_size: int = 8192):
         super().__init__()
+        if cache_size < 0:
+            raise ValueError(f"cache_size must be >= 0, got {cache_size}")
         self.tokenizer = tokenizer
         self.model = model.eval().requires_grad_(False)
         self.max_length = max_length
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     @property
     def hidden_size(self) -> int:
@@ -61,15 +67,21 @@ class TextEncoder(nn.Module):
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> TextEncoding:
         device = next(self.model.parameters()).device
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        found = {p: self._cache[p] for p in dict.fromkeys(prompts) if p in self._cache}
+        missing = [p for p in dict.fromkeys(prompts) if p not in found]
         for start in range(0, len(missing), 256):
             chunk = missing[start:start + 256]
             tokens = self.tokenize(chunk).to(device)
             states = self.model(**tokens).last_hidden_state.float().cpu()
             for i, prompt in enumerate(chunk):
-                self._cache[prompt] = (states[i], self.unet_attention_mask(tokens["attention_mask"][i]).cpu())
-        states = torch.stack([self._cache[p][0] for p in prompts]).to(device)
-        mask = torch.stack([self._cache[p][1] for p in prompts]).to(device)
+                found[prompt] = (states[i], self.unet_attention_mask(tokens["attention_mask"][i]).cpu())
+        for prompt, entry in found.items():  # most recently used last; the oldest leave first
+            self._cache[prompt] = entry
+            self._cache.move_to_end(prompt)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        states = torch.stack([found[p][0] for p in prompts]).to(device)
+        mask = torch.stack([found[p][1] for p in prompts]).to(device)
         return TextEncoding(states, mask)
 
     def unet_attention_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:

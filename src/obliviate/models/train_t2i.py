@@ -22,6 +22,7 @@ from ..progress import progress_bar
 from ..world import DEFAULT_ONTOLOGY, Ontology, render, sample_scenes, training_prompts
 from .t2i import T2IModel
 from .text import MiniLMEncoder, TextEncoding
+from ..seeding import seeded_by_recipe
 
 
 def embedded_unet_config() -> dict:
@@ -118,13 +119,13 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     tmp.replace(path)
 
 
+@seeded_by_recipe
 def train_t2i(recipe: T2IRecipe, out: str | Path, device: str | torch.device | None = None,
               ontology: Ontology = DEFAULT_ONTOLOGY, log=print) -> T2IModel:
     """Train (or resume) the embedded model into ``out``; returns the model with EMA weights."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(recipe.seed)
     encoder = MiniLMEncoder.from_package()
     model = T2IModel(UNet2DConditionModel(**recipe.unet), embedded_scheduler(), encoder,
                      guidance_scale=recipe.guidance_scale).to(device)

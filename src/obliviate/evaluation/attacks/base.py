@@ -11,9 +11,8 @@ import numpy as np
 import torch
 
 from ...registry import Configurable, Registry
-from ...world import WorldPrompts, render, sample_scenes
+from ...world import TRAIN_TEMPLATES, WorldPrompts, render, sample_scenes
 from ..evaluator import _shows_target
-from ..quality import generate_and_judge
 
 
 @dataclass(frozen=True)
@@ -47,21 +46,36 @@ class ProbeSettings:
     sampling_steps: int = field(default=20, metadata={"help": "sampler steps"})
 
 
-def concept_shown_rate(model, judge, concept: str, prompts: WorldPrompts, settings, seed: int,
-                       encode=None) -> float:
-    """Share of images for the concept's prompts in which the judge sees the concept.
-    ``encode(prompt_list) -> TextEncoding`` replaces the model's own prompt encoding (attacks)."""
+def concept_prompts(prompts: WorldPrompts, concept: str, settings, seed: int,
+                    words: dict[str, str] | None = None) -> list[str]:
+    """The prompts an attack's success is measured on, one per image: ``settings.prompts`` label
+    rows showing the concept, the training templates in turn, ``images_per_prompt`` each.
+    ``words`` puts other words in some domains' places (e.g. a learned token for the concept);
+    everything else, rows and templates included, stays the same."""
     group = prompts.target_groups((concept,))[0]
     labels = prompts.sample_labels(settings.prompts, np.random.default_rng(seed), include=[group])
-    if encode is None:
-        _, _, predicted, _ = generate_and_judge(model, judge, labels, "train", settings.images_per_prompt, seed,
-                                                settings.sampling_steps, "dpm", prompts.ontology)
-    else:
-        texts = [w for row in labels for w in [_prompt(prompts, row)] * settings.images_per_prompt]
-        with torch.no_grad():
-            images = model.sample_encoding(encode(texts), steps=settings.sampling_steps, seed=seed, solver="dpm")
+    return [prompts.prompt(row, TRAIN_TEMPLATES[i % len(TRAIN_TEMPLATES)], words)
+            for i, row in enumerate(labels) for _ in range(settings.images_per_prompt)]
+
+
+def concept_shown(model, judge, concept: str, prompts: WorldPrompts, settings, seed: int,
+                  words: dict[str, str] | None = None, encode=None) -> torch.Tensor:
+    """Per image of ``concept_prompts``: does the judge see the concept? Image i starts from the
+    same noise in every call with the same ``seed``. ``encode(prompt_list) -> TextEncoding``
+    replaces the model's own prompt encoding (attacks), so an attack's before and after differ
+    only in what the attack changed."""
+    texts = concept_prompts(prompts, concept, settings, seed, words)
+    with torch.no_grad():
+        encoding = (encode or model.encode)(texts)
+        images = model.sample_encoding(encoding, steps=settings.sampling_steps, seed=seed, solver="dpm")
         predicted = judge.predict(images)
-    return float(_shows_target(predicted, group, prompts.ontology).float().mean())
+    return _shows_target(predicted, prompts.target_groups((concept,))[0], prompts.ontology)
+
+
+def concept_shown_rate(model, judge, concept: str, prompts: WorldPrompts, settings, seed: int,
+                       words: dict[str, str] | None = None, encode=None) -> float:
+    """Share of images in which the judge sees the concept (see ``concept_shown``)."""
+    return float(concept_shown(model, judge, concept, prompts, settings, seed, words, encode).float().mean())
 
 
 @torch.no_grad()
@@ -72,17 +86,13 @@ def fixed_objective(model, clean: torch.Tensor, encode, texts: list[str], seed: 
     return float(model.denoising_loss(clean, encode(texts), generator))
 
 
-def _prompt(prompts: WorldPrompts, row) -> str:
-    from ...world import prompt_for
-    return prompt_for(tuple(row), "train", ontology=prompts.ontology)
-
-
-def concept_renders(prompts: WorldPrompts, concept: str, n: int, seed: int):
-    """Renders of the concept with random other attributes, and a training prompt for each."""
+def concept_renders(prompts: WorldPrompts, concept: str, n: int, seed: int, words: dict[str, str] | None = None):
+    """Renders of the concept with random other attributes, and a training prompt for each
+    (``words`` as in ``concept_prompts``)."""
     rng = np.random.default_rng(seed)
     labels = prompts.sample_labels(n, rng, include=prompts.target_groups((concept,)))
     scenes = sample_scenes(n, seed, shape=labels[:, 0], colour=labels[:, 1], texture=labels[:, 2], ontology=prompts.ontology)
-    return torch.from_numpy(render(scenes, prompts.ontology)), [_prompt(prompts, row) for row in labels]
+    return torch.from_numpy(render(scenes, prompts.ontology)), [prompts.prompt(row, TRAIN_TEMPLATES[0], words) for row in labels]
 
 
 ATTACKS: Registry[Attack] = Registry("attack")

@@ -42,9 +42,10 @@ class InversionAttack(Attack):
     def run(self, model, concept, judge, prompts, seed=0) -> AttackResult:
         cfg = self.config
         word, token_id = single_token_placeholder(model.text_encoder)
-        names = [w for c in prompts.target_concepts((concept,)) for w in (c.name,)]
-        images, texts = concept_renders(prompts, concept, cfg.renders, seed)
-        texts = [_swap(t, names, word) for t in texts]
+        # the learned token takes the concept's place in every domain the concept names; the
+        # prompts are built from labels, so no other word is touched
+        placeholder = {domain: word for domain in prompts.target_groups((concept,))[0]}
+        images, texts = concept_renders(prompts, concept, cfg.renders, seed, placeholder)
         clean_all = model.to_latents(images).detach()
         with torch.no_grad():
             start = model.text_encoder.embed_tokens(torch.tensor([[token_id]], device=model.device))[0, 0]
@@ -67,14 +68,8 @@ class InversionAttack(Attack):
         objective_after = fixed_objective(model, clean_all, lambda ts: model.encode_with_embeddings(ts, replace_with(vector)), texts, seed)
         before = concept_shown_rate(model, judge, concept, prompts, cfg, seed)
         learned = vector.detach()
-        after = concept_shown_rate(model, judge, concept, prompts, cfg, seed,
-                                   encode=lambda ts: model.encode_with_embeddings([_swap(t, names, word) for t in ts],
-                                                                                  replace_with(learned)))
+        after = concept_shown_rate(model, judge, concept, prompts, cfg, seed, words=placeholder,
+                                   encode=lambda ts: model.encode_with_embeddings(ts, replace_with(learned)))
         return AttackResult(self.name, concept, before, after, curve=((0, before), (cfg.iterations, after)),
                             details={"placeholder": word, "objective_before": objective_before, "objective_after": objective_after})
 
-
-def _swap(text: str, names: list[str], word: str) -> str:
-    for name in names:
-        text = text.replace(name, word)
-    return text

@@ -3,7 +3,10 @@
 drops, i.e. use the model as its own classifier, then sample with the optimised prompt.
 
 Success counts images where the judge sees the concept with the adversarial prefix; ``before``
-is the rate with the plain prompt (UnlearnDiffAtk's pre-attack ASR)."""
+is the rate with the same prompts, seeds and images without it (UnlearnDiffAtk's pre-attack ASR).
+``after`` is the post-attack rate itself; ``details["total_asr"]`` is UnlearnDiffAtk's reported
+ASR, where an image counts when the plain or the attacked prompt shows the concept (both start
+from the same noise)."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import Attack, AttackResult, ProbeSettings, concept_renders, concept_shown_rate, fixed_objective, register_attack
+from .base import Attack, AttackResult, ProbeSettings, concept_renders, concept_shown, fixed_objective, register_attack
 
 
 @dataclass
@@ -64,11 +67,12 @@ class PromptAttack(Attack):
             loss.backward()
             optimizer.step()
         objective_after = fixed_objective(model, clean_all, lambda ts: model.encode_with_embeddings(ts, prefix_replacer(prefix)), texts, seed)
-        before = concept_shown_rate(model, judge, concept, prompts, cfg, seed)
+        plain = concept_shown(model, judge, concept, prompts, cfg, seed)
         adversarial = prefix.detach()
-        after = concept_shown_rate(model, judge, concept, prompts, cfg, seed,
-                                   encode=lambda ts: model.encode_with_embeddings([f"{filler} {t}" for t in ts],
-                                                                                  prefix_replacer(adversarial)))
-        return AttackResult(self.name, concept, before, max(before, after), curve=((0, before), (cfg.iterations, after)),
+        attacked = concept_shown(model, judge, concept, prompts, cfg, seed,
+                                 encode=lambda ts: model.encode_with_embeddings([f"{filler} {t}" for t in ts],
+                                                                                prefix_replacer(adversarial)))
+        before, after = float(plain.float().mean()), float(attacked.float().mean())
+        return AttackResult(self.name, concept, before, after, curve=((0, before), (cfg.iterations, after)),
                             details={"objective_before": objective_before, "objective_after": objective_after,
-                                     "post_attack_rate": after})
+                                     "total_asr": float((plain | attacked).float().mean()), "seed": seed})
