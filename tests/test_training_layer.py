@@ -1,0 +1,273 @@
+"""The training layer's contracts: constraints compose by intersection whatever their order,
+every regularizer's invariant holds beside every other, prompts are built from labels, and
+library calls leave no hidden state behind."""
+
+import ast
+import itertools
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from obliviate.engine import RegularizerSpec, Request, Store
+from obliviate.methods import UnlearningContext, get_method
+from obliviate.methods import gradient as gradient_loop
+from obliviate.regularizers import REGULARIZERS, check_composition
+from obliviate.training import ParameterConstraint, UpdateProjector, combine_constraints, orthonormal_basis
+from obliviate.world import DEFAULT_ONTOLOGY, WorldPrompts
+
+FAST = {"steps": 3, "forget_images": 2, "sampling_steps": 2, "batch_size": 2, "learning_rate": 1e-2}
+# small options so every regularizer runs in a fraction of a second on the tiny UNet
+REGULARIZER_OPTIONS = {"gradproj": {"rank": 8, "prompts": 8}, "fgoriu": {"remain_rank": 8, "min_remain_rank": 4, "prompts": 8},
+                       "selft": {"fraction": 0.2, "batches": 1}, "ewc": {"batches": 1}, "merge": {"strategy": "uniform"},
+                       "l1sp": {"weight": 10.0}, "l2sp": {"weight": 10.0}}
+
+
+# --------------------------------------------------------------------------- the projector
+@settings(max_examples=40, deadline=None)
+@given(out=st.integers(1, 5), dim=st.integers(2, 7), rank_a=st.integers(0, 3), rank_b=st.integers(0, 3),
+       keep=st.floats(0.2, 1.0), seed=st.integers(0, 10_000))
+def test_projector_is_the_orthogonal_projection_onto_the_intersection(out, dim, rank_a, rank_b, keep, seed):
+    gen = torch.Generator().manual_seed(seed)
+    mask = (torch.rand(out, dim, generator=gen) < keep).float()
+    bases = [orthonormal_basis(torch.randn(dim, r, generator=gen), r) for r in (rank_a, rank_b) if r]
+    constraints = [ParameterConstraint("mask", mask=mask)] + [ParameterConstraint(f"basis{i}", protected=b) for i, b in enumerate(bases)]
+    g = torch.randn(out, dim, generator=gen, dtype=torch.float64).float()
+    forward = UpdateProjector(torch.Size((out, dim)), constraints)(g)
+    backward = UpdateProjector(torch.Size((out, dim)), constraints[::-1])(g)
+    assert torch.allclose(forward, backward, atol=1e-5)  # order cannot matter
+    # brute force: the intersection's basis in vec space, from the constraint matrix's null space
+    rows = [torch.eye(out * dim, dtype=torch.float64)[i] for i in range(out * dim) if mask.flatten()[i] == 0]
+    for b in bases:
+        for r in range(out):
+            for k in range(b.shape[1]):
+                row = torch.zeros(out, dim, dtype=torch.float64)
+                row[r] = b[:, k]
+                rows.append(row.flatten())
+    a = torch.stack(rows) if rows else torch.zeros(0, out * dim, dtype=torch.float64)
+    _, s, vh = torch.linalg.svd(a, full_matrices=True) if len(a) else (None, torch.zeros(0), torch.eye(out * dim, dtype=torch.float64))
+    null = vh[int((s > 1e-9).sum()):].T
+    expected = (null @ (null.T @ g.double().flatten())).view(out, dim)
+    assert torch.allclose(forward.double(), expected, atol=1e-4)
+    assert torch.count_nonzero(forward[mask == 0]) == 0
+    projector = UpdateProjector(torch.Size((out, dim)), constraints)
+    assert torch.allclose(projector(forward), forward, atol=1e-5)  # idempotent
+
+
+def test_a_constraint_on_a_parameter_that_does_not_train_is_refused():
+    with pytest.raises(ValueError, match="does not train"):
+        combine_constraints({"a": torch.Size((2, 2))}, [{"b": ParameterConstraint("x", mask=torch.ones(2, 2))}])
+    with pytest.raises(ValueError, match="needs a mask"):
+        ParameterConstraint("x")
+
+
+# --------------------------------------------------------------------------- every pair of regularizers
+def _run(model, method, regularizer_names, order=1):
+    specs = tuple(RegularizerSpec(n, REGULARIZER_OPTIONS[n]) for n in regularizer_names)[::order]
+    request = Request(("striped",), method, FAST, None, specs, 0)
+    context = UnlearningContext(prompts=WorldPrompts(), base_weights=model.state_tensors())
+    return get_method(method).from_options(FAST).unlearn(model, request, context)
+
+
+@pytest.fixture
+def declared_constraints(monkeypatch):
+    """Every constraint the loop combined in the last run, by parameter."""
+    seen = []
+    original = gradient_loop.combine_constraints
+
+    def spy(shapes, declared):
+        if not seen:  # the request's constraints (stage projectors come later)
+            seen.extend(declared)
+        return original(shapes, declared)
+    monkeypatch.setattr(gradient_loop, "combine_constraints", spy)
+    return seen
+
+
+def _assert_constraints_hold(edit, declared):
+    checked = 0
+    for constraints in declared:
+        for name, c in constraints.items():
+            delta = edit.deltas.get(f"unet.{name}")
+            if delta is None:
+                continue
+            if c.mask is not None:
+                assert torch.count_nonzero(delta[c.mask == 0]) == 0, f"{c.source} mask broken on {name}"
+            if c.protected is not None:
+                leak = (delta.double() @ c.protected.double()).abs().max()
+                assert leak <= 1e-5 * max(1.0, float(delta.abs().max())), f"{c.source} subspace leaks {leak:.1e} on {name}"
+            checked += 1
+    return checked
+
+
+PAIRS = list(itertools.combinations(sorted(REGULARIZER_OPTIONS), 2))
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=["+".join(p) for p in PAIRS])
+def test_every_pair_of_regularizers_keeps_both_invariants_in_both_orders(minilm, pair, declared_constraints):
+    from conftest import make_tiny_t2i
+    if all(REGULARIZERS.get(n).rewrites_edit for n in pair):
+        pytest.skip("two edit rewriters are refused (tested below)")
+    forward = _run(make_tiny_t2i(minilm), "esd", pair)
+    _assert_constraints_hold(forward.edit, declared_constraints)
+    declared_constraints.clear()
+    backward = _run(make_tiny_t2i(minilm), "esd", pair, order=-1)
+    assert forward.edit.deltas.keys() == backward.edit.deltas.keys()
+    assert all(torch.equal(forward.edit.deltas[k], backward.edit.deltas[k]) for k in forward.edit.deltas)  # order-free
+
+
+@pytest.mark.parametrize("method", ["ga", "esd", "ablation", "fdiv", "salun", "sfron"])
+def test_each_method_keeps_each_regularizer_invariant(minilm, method, declared_constraints):
+    from conftest import make_tiny_t2i
+    for name in ("selft", "gradproj", "fgoriu", "merge"):
+        declared_constraints.clear()
+        result = _run(make_tiny_t2i(minilm), method, (name,))
+        assert result.edit.deltas, f"{method} + {name} changed nothing"
+        _assert_constraints_hold(result.edit, declared_constraints)
+    # the method's own mask (salun) and a regularizer's subspace, at once
+    declared_constraints.clear()
+    result = _run(make_tiny_t2i(minilm), method, ("gradproj", "selft"))
+    assert _assert_constraints_hold(result.edit, declared_constraints) > 0
+
+
+def test_salun_mask_and_gradproj_compose_exactly(minilm, declared_constraints):
+    """The case that broke before the contract: a 10% saliency mask and a protected subspace."""
+    from conftest import make_tiny_t2i
+    model = make_tiny_t2i(minilm)
+    specs = (RegularizerSpec("gradproj", REGULARIZER_OPTIONS["gradproj"]),)
+    options = {**FAST, "mask_ratio": 0.1, "trainable": "xattn"}
+    request = Request(("striped",), "salun", options, None, specs, 0)
+    result = get_method("salun").from_options(options).unlearn(
+        model, request, UnlearningContext(prompts=WorldPrompts(), base_weights=model.state_tensors()))
+    sources = {c.source for d in declared_constraints for c in d.values()}
+    assert sources == {"salun", "gradproj"}
+    assert _assert_constraints_hold(result.edit, declared_constraints) > 0
+
+
+def test_compositions_the_contract_cannot_combine_are_refused_at_request_add(tmp_path, tiny_model_dir):
+    store = Store.init(tmp_path / "s", tiny_model_dir)
+    before = {p: p.read_bytes() for p in (tmp_path / "s").rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match="listed twice"):
+        store.add_request(["striped"], "esd", regularizers=(RegularizerSpec("l2sp"), RegularizerSpec("l2sp", {"weight": "5"})))
+    with pytest.raises(ValueError, match="listed twice"):
+        check_composition(["merge", "merge"])
+    assert before == {p: p.read_bytes() for p in (tmp_path / "s").rglob("*") if p.is_file()}
+
+
+# --------------------------------------------------------------------------- prompts from labels
+@pytest.mark.parametrize("target", ["red", "checkered", "striped", "polygon", "striped triangle"])
+def test_random_anchors_swap_whole_concepts_and_nothing_else(target):
+    prompts = WorldPrompts()
+    onto = DEFAULT_ONTOLOGY
+    vocabulary = {w for t in ("a", "an", "image", "of", "with", "pattern", "drawing", "that", "is", "in", "style")
+                  for w in [t]} | {c.name for c in onto.concepts}
+    targeted = {c.name for c in prompts.target_concepts((target,))}
+    for pair in prompts.random_anchor_pairs((target,), 200, np.random.default_rng(0)):
+        words = pair.anchor.replace(",", " ").split()
+        assert set(words) <= vocabulary, pair.anchor  # "checkeblue" is not a word
+        assert not set(words) & targeted, pair
+        assert len(words) == len(pair.target.replace(",", " ").split())  # same template, one word per slot
+
+
+def test_an_inversion_prompt_puts_the_placeholder_in_the_concept_slot_only(monkeypatch):
+    from obliviate.evaluation.attacks.base import ProbeSettings, concept_prompts
+    prompts = WorldPrompts()
+    settings_ = ProbeSettings(prompts=16, images_per_prompt=1)
+    plain = concept_prompts(prompts, "red", settings_, seed=3)
+    swapped = concept_prompts(prompts, "red", settings_, seed=3, words={"colour": "sks"})
+    for a, b in zip(plain, swapped):
+        assert b == re.sub(r"\bred\b", "sks", a), (a, b)
+
+
+def test_prompt_attack_measures_before_and_after_on_the_same_prompts_and_reports_the_true_after(tiny_t2i, monkeypatch):
+    from obliviate.evaluation.attacks import base, get_attack, prompt
+    calls = []
+    original = base.concept_prompts
+
+    def spy(*args, **kwargs):
+        calls.append(original(*args, **kwargs))
+        return calls[-1]
+    monkeypatch.setattr(base, "concept_prompts", spy)
+    shown = iter([torch.tensor([True, False, False, False]), torch.tensor([False, True, False, False])])
+    real = base.concept_shown
+
+    def fake_shown(*args, **kwargs):
+        real(*args, **kwargs)  # runs the real path (so the prompts are recorded)
+        return next(shown)
+    monkeypatch.setattr(prompt, "concept_shown", fake_shown)
+
+    class Judge:
+        def predict(self, images):
+            return {d: torch.zeros(len(images), dtype=torch.long) for d in DEFAULT_ONTOLOGY.domains}
+    attack = get_attack("prompt").from_options({"prompts": 2, "images_per_prompt": 2, "iterations": 1, "renders": 2,
+                                                "batch_size": 2, "sampling_steps": 2})
+    result = attack.run(tiny_t2i, "striped", Judge(), WorldPrompts(), seed=0)
+    assert len(calls) == 2 and calls[0] == calls[1]  # the adversarial prefix is the only difference
+    assert result.before == 0.25 and result.after == 0.25  # not max(before, after) and not a union
+    assert result.details["total_asr"] == 0.5
+
+
+# --------------------------------------------------------------------------- hidden state
+def test_the_text_encoder_cache_is_bounded_and_exact(minilm):
+    from obliviate.models.text import TextEncoder
+    small = TextEncoder(minilm.tokenizer, minilm.model, minilm.max_length, cache_size=3)
+    prompts = [f"a {c} circle" for c in DEFAULT_ONTOLOGY.names("colour")]
+    first = small.encode(prompts)
+    assert len(small._cache) == 3
+    again = small.encode(prompts[:2] + prompts[-1:])
+    assert torch.allclose(again.states, first.states[[0, 1, len(prompts) - 1]], atol=1e-5)  # batch padding changes the last bits
+
+
+def test_library_calls_leave_the_global_random_state_alone(tiny_t2i):
+    state = torch.get_rng_state()
+    _run(tiny_t2i, "esd", ("selft",))
+    request = Request(("striped",), "sdwv", {"steps": 1, "batch_size": 2, "vocabulary_prompts": 4, "retain_prompts": 8}, None, (), 0)
+    get_method("sdwv").from_options(request.method_config).unlearn(
+        tiny_t2i, request, UnlearningContext(prompts=WorldPrompts(), base_weights=tiny_t2i.state_tensors()))
+    from obliviate.seeding import seeded
+    with seeded(5):
+        torch.randn(3)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_peak_memory_is_a_delta_over_the_start():
+    from obliviate.resources import PeakMemory, resident_bytes
+    if resident_bytes() is None:
+        pytest.skip("no /proc/self/statm here")
+    with PeakMemory(torch.device("cpu")) as idle:
+        pass
+    with PeakMemory(torch.device("cpu"), interval=0.001) as busy:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        block += 1
+        del block
+    assert idle.peak_bytes < 16 * 2**20
+    assert busy.peak_bytes >= 32 * 2**20
+
+
+# --------------------------------------------------------------------------- layers
+LAYERS = [  # top to bottom; a module may import from its own layer or any layer below
+    {"cli"}, {"demo"}, {"bench", "report", "cards"}, {"engine"}, {"methods"}, {"regularizers"}, {"evaluation"},
+    {"training"}, {"models", "classifiers"}, {"request"}, {"world"},
+    {"config", "registry", "progress", "viz", "environment", "hashing", "resources", "seeding", "weights", "__init__"},
+]
+
+
+def test_no_import_runs_upward():
+    package = Path(__file__).resolve().parents[1] / "src" / "obliviate"
+    layer_of = {name: i for i, names in enumerate(LAYERS) for name in names}
+    upward = []
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(package).with_suffix("").parts
+        here = parts[0]
+        assert here in layer_of, f"{here} has no layer; add it to LAYERS"
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom) or not node.level:
+                continue
+            base = list(parts[:-1])[:len(parts) - node.level]
+            target = (base + (node.module.split(".") if node.module else [node.names[0].name]))[0]
+            if here != "__init__" and layer_of[target] < layer_of[here]:
+                upward.append(f"{path.relative_to(package)}:{node.lineno} imports {target}")
+    assert not upward, upward
