@@ -28,7 +28,7 @@ REGULARIZER_OPTIONS = {"gradproj": {"rank": 8, "prompts": 8}, "fgoriu": {"remain
 
 
 # --------------------------------------------------------------------------- the projector
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(out=st.integers(1, 5), dim=st.integers(2, 7), rank_a=st.integers(0, 3), rank_b=st.integers(0, 3),
        keep=st.floats(0.2, 1.0), seed=st.integers(0, 10_000))
 def test_projector_is_the_orthogonal_projection_onto_the_intersection(out, dim, rank_a, rank_b, keep, seed):

@@ -59,18 +59,22 @@ class UpdateProjector:
                 mask = mask * m.detach().float().cpu()
             self.mask = mask
         self.basis = None
-        self.gram_pinv = None
+        self.whitening = None
         if bases:
             if len(shape) != 2 or any(b.shape[0] != shape[1] for b in bases):
                 raise ValueError(f"{self.sources}: protected inputs of dimension {[b.shape[0] for b in bases]} "
                                  f"for a parameter of shape {tuple(shape)}; only (out, in) weights take them.")
             joined = torch.cat([b.detach().double().cpu() for b in bases], 1)
-            basis = orthonormal_basis(joined, joined.shape[1], rtol=1e-10)
-            self.basis = basis.float()
+            self.basis = orthonormal_basis(joined, joined.shape[1], rtol=1e-10)
             if self.mask is not None:
-                # G_i = U^T diag(m_i) U for every row, pseudo-inverted once in float64
-                gram = torch.einsum("dk,rd,dl->rkl", basis, self.mask.double(), basis)
-                self.gram_pinv = torch.linalg.pinv(gram, hermitian=True, rtol=1e-10).float()
+                # G_i = U^T diag(m_i) U = V L V^T per row; W_i = V L^-1/2 makes diag(m_i) U W_i an
+                # orthonormal basis of the row's constrained directions, so G_i^+ = W_i W_i^T is
+                # applied as two well-conditioned products. Directions with singular value below
+                # 1e-6 (the mask leaves almost nothing of them) are treated as unconstrained.
+                gram = torch.einsum("dk,rd,dl->rkl", self.basis, self.mask.double(), self.basis)
+                values, vectors = torch.linalg.eigh(gram)
+                scale = torch.where(values > 1e-12, values.clamp_min(1e-300).rsqrt(), torch.zeros_like(values))
+                self.whitening = vectors * scale[:, None, :]
 
     @property
     def is_identity(self) -> bool:
@@ -82,12 +86,14 @@ class UpdateProjector:
         h = update if self.mask is None else update * self.mask.to(update)
         if self.basis is None:
             return h
-        basis = self.basis.to(update)
-        coefficients = h @ basis  # (out, k)
-        if self.gram_pinv is None:
-            return h - coefficients @ basis.T
-        solved = torch.einsum("rkl,rl->rk", self.gram_pinv.to(update), coefficients)
-        return h - self.mask.to(update) * (solved @ basis.T)
+        # float64: the masked case divides by small singular values
+        h64, basis = h.double(), self.basis.to(h.device)
+        coefficients = h64 @ basis  # (out, k)
+        if self.whitening is None:
+            return (h64 - coefficients @ basis.T).to(update.dtype)
+        whitening = self.whitening.to(h.device)
+        solved = torch.einsum("rkl,rl->rk", whitening, torch.einsum("rkl,rk->rl", whitening, coefficients))
+        return (h64 - self.mask.to(h64) * (solved @ basis.T)).to(update.dtype)
 
 
 def combine_constraints(shapes: dict[str, torch.Size],
