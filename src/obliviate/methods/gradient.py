@@ -102,7 +102,7 @@ class GradientMethod(UnlearningMethod):
         deltas = {n: (p.detach() - before[n]).cpu() for n, p in params.items()}
         for reg in regularizers:
             if reg.rewrites_edit:
-                deltas = {n: _project(projectors, n, d) for n, d in reg.finalize(session, deltas).items()}
+                deltas = {n: projectors[n](d) if n in projectors else d for n, d in reg.finalize(session, deltas).items()}
         # restore the model: the store applies the edit itself, so replay stays the only truth
         with torch.no_grad():
             for n, p in params.items():
@@ -144,9 +144,9 @@ class GradientMethod(UnlearningMethod):
                                 {n: p.shape for n, p in params.items()}, declared + [stage])
                         gradient_projectors = stage_projectors[id(stage_mask)]
                     with torch.no_grad():
-                        for n, p in params.items():
-                            if p.grad is not None:
-                                p.grad.copy_(_project(gradient_projectors, n, p.grad))
+                        for n, projector in gradient_projectors.items():
+                            if params[n].grad is not None:
+                                params[n].grad.copy_(projector(params[n].grad))
                     optimizer.step()
                     with torch.no_grad():
                         for n in projectors:
@@ -158,7 +158,3 @@ class GradientMethod(UnlearningMethod):
         finally:
             model.unet = accelerator.unwrap_model(model.unet).eval()
         return losses
-
-
-def _project(projectors: dict[str, UpdateProjector], name: str, update: torch.Tensor) -> torch.Tensor:
-    return projectors[name](update) if name in projectors else update
