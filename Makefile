@@ -25,7 +25,7 @@ browser:
 test: $(VENV)/.installed browser
 	$(PY) -m pytest -q
 
-# Behaviour on the shipped model (each method's best recipe on striped; about 10 minutes on 2 cores).
+# Behaviour on the shipped model (each method's best recipe on striped; about 7 minutes on 2 cores).
 check-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow
 
