@@ -29,6 +29,7 @@ def test_probe_separates_separable_features_and_not_random_ones():
     ("prompt", {**QUICK, "iterations": 8, "renders": 4, "batch_size": 4, "learning_rate": 0.05}),
     ("inversion", {**QUICK, "iterations": 8, "renders": 4, "batch_size": 4, "learning_rate": 0.05}),
     ("probe", {"samples": 16, "iterations": 20}),
+    ("paraphrase", {**QUICK, "candidates": 3, "screen_images": 1, "top": 2}),
 ])
 def test_attacks_leave_the_model_untouched_and_report_rates(tiny_t2i, random_judge, name, options):
     before = tiny_t2i.state_tensors()
@@ -49,7 +50,7 @@ def test_optimising_attacks_lower_their_own_objective(tiny_t2i, random_judge, na
 
 
 def test_unknown_attack_is_a_clear_error():
-    assert {"relearn", "prompt", "inversion", "probe"} <= set(ATTACKS)
+    assert {"relearn", "prompt", "paraphrase", "inversion", "probe"} <= set(ATTACKS)
     with pytest.raises(ValueError, match="Did you mean 'prompt'"):
         get_attack("promt")
 
@@ -71,3 +72,54 @@ def test_attack_runs_beside_a_retrain_oracle_when_one_exists(tmp_path, tiny_mode
     assert [step for step, _ in result.oracle.curve] == [0, 1]
     recorded = [e for e in store.ledger.events() if e.kind == "attack"][-1].payload["result"]
     assert recorded["oracle"]["curve"] == [[0, result.oracle.curve[0][1]], [1, result.oracle.curve[1][1]]]
+
+
+class _WordModel:
+    """Draws striped exactly when its prompt says "magicword": a model whose erasure missed one word."""
+
+    def encode(self, texts):
+        from obliviate.models.text import TextEncoding
+        flags = torch.tensor([[float("magicword" in t)] for t in texts])
+        return TextEncoding(flags[:, None, :], torch.ones(len(texts), 1))
+
+    def sample_encoding(self, encoding, steps, seed, solver):
+        return encoding.states[:, 0, 0]
+
+
+class _FlagJudge:
+    def predict(self, flags):
+        striped = DEFAULT_ONTOLOGY.index("striped")
+        return {d: torch.where(flags > 0, striped if d == "texture" else 0, 0 if d == "texture" else 1).long()
+                for d in DEFAULT_ONTOLOGY.domains}
+
+
+def test_paraphrase_search_finds_the_one_word_the_erasure_missed(tmp_path):
+    templates = tmp_path / "templates.txt"
+    templates.write_text("my {texture} thing, {colour} {shape}\n\n")
+    attack = get_attack("paraphrase").from_options({"words": "magicword", "templates_file": str(templates),
+                                                    "candidates": "1000", "screen_images": "2", "top": "3", "prompts": "2"})
+    space = attack.wordings("striped", WorldPrompts())
+    assert {dict(w.words)["texture"] for w in space} >= {"striped", "stripy", "banded", "magicword"}
+    assert "my {texture} thing, {colour} {shape}" in {w.template for w in space}
+    result = attack.run(_WordModel(), "striped", _FlagJudge(), WorldPrompts(), seed=0)
+    assert result.before == 0.0 and result.after == 1.0
+    assert all("magicword" in p["prompt"] for p in result.details["best_prompts"])
+    assert result.details["screened"] == len(space) and result.details["screened_mean"] == pytest.approx(1 / 10)  # 1 word in 10
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"templates_file": "/nonexistent/t.txt"}, "Cannot read templates_file"),
+    ({"top": "0"}, "top must be positive"),
+])
+def test_paraphrase_options_are_checked(options, message):
+    with pytest.raises(ValueError, match=message):
+        get_attack("paraphrase").from_options(options)
+
+
+def test_paraphrase_templates_must_carry_an_attribute(tmp_path):
+    for text, message in (("a {thing}", "only the slots"), ("a photo", "names no attribute slot")):
+        (tmp_path / "t.txt").write_text(text)
+        with pytest.raises(ValueError, match=message):
+            get_attack("paraphrase").from_options({"templates_file": str(tmp_path / "t.txt")})
+    with pytest.raises(ValueError, match="Extra words name one concept"):
+        get_attack("paraphrase").from_options({"words": "x"}).wordings("striped triangle", WorldPrompts())

@@ -85,8 +85,15 @@ def test_an_installed_retrain_oracle_is_found_by_its_concepts(tiny_model_dir, tm
                                                       "recipe": {"batch_size": 2, "exclude": ["striped"]}}))
     metrics = {"ua": 1.0, "ira": 0.9, "cra": 0.95, "fd": 12.0,
                "eval_config": {"forget_prompts": 8, "images_per_prompt": 4, "retain_prompts": 40}}
-    installed = card.install_oracle(run, metrics, {**metrics, "ua": 0.0})
-    assert zoo.find_oracle(["striped"]) == installed / "model"
-    assert zoo.find_oracle(["striped", "red"]) is None
+    installed = card.install_oracle("shapes-t2i", run, metrics, {**metrics, "ua": 0.0})
+    assert installed.parent.name == "v1"  # a recipe that names no language is v1's
+    assert zoo.find_oracle(["striped"], "v1") == installed / "model"
+    assert zoo.find_oracle(["striped", "red"], "v1") is None
+    # an oracle is a bar only for models of its own recipe, and free-text models have none
+    assert zoo.find_oracle(["striped"], "v2") is None and zoo.find_oracle(["striped"], None) is None
+    user_oracles = tmp_path / "mine"
+    shutil.copytree(installed, user_oracles / installed.name)
+    assert zoo.find_oracle(["striped"], "v2", user_oracles) is None
+    assert zoo.find_oracle(["striped"], "v1", user_oracles) == user_oracles / installed.name / "model"
     assert "| retrain oracle | 1.000 |" in (installed / "MODEL_CARD.md").read_text()
-    assert T2IModel.load(zoo.find_oracle(["striped"])).state_tensors().keys() == T2IModel.load(tiny_model_dir).state_tensors().keys()
+    assert T2IModel.load(zoo.find_oracle(["striped"], "v1")).state_tensors().keys() == T2IModel.load(tiny_model_dir).state_tensors().keys()

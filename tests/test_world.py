@@ -1,9 +1,11 @@
+import re
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from obliviate.world import (DEFAULT_ONTOLOGY, HELDOUT_TEMPLATES, SPLITS, TRAIN_TEMPLATES, Concept, Ontology,
-                             prompt_for, render, sample_scenes, training_prompts)
+from obliviate.world import (DEFAULT_LANGUAGE, DEFAULT_ONTOLOGY, HELDOUT_TEMPLATES, LANGUAGES, SPLITS, Concept,
+                             Ontology, WorldPrompts, prompt_for, render, sample_scenes, training_prompts)
 
 ONTO = DEFAULT_ONTOLOGY
 
@@ -15,10 +17,13 @@ def test_ontology_meets_the_world_spec():
     for name in ("triangle", "square", "circle", "star", "red", "green", "blue", "yellow",
                  "solid", "striped", "dotted", "checkered"):
         ONTO.get(name)
-    assert len(TRAIN_TEMPLATES) >= 6 and len(HELDOUT_TEMPLATES) >= 3
-    assert not set(TRAIN_TEMPLATES) & set(HELDOUT_TEMPLATES)
+    for lang in LANGUAGES.values():
+        assert len(lang.full_templates) >= 6 and len(HELDOUT_TEMPLATES) >= 3
+        assert not set(lang.templates) & set(HELDOUT_TEMPLATES)
+    assert set(LANGUAGES["v1"].templates) < set(LANGUAGES["v2"].templates)
     for c in ONTO.concepts:
-        assert len(c.train_synonyms) + len(c.heldout_synonyms) >= 2 and c.heldout_synonyms
+        assert len(c.train_synonyms) >= 6 and c.heldout_synonyms  # v2: at least 6 training words a concept
+        assert LANGUAGES["v1"].words(c) == (c.name, c.train_synonyms[0])
 
 
 def test_no_word_names_two_concepts():
@@ -41,8 +46,45 @@ def test_every_concept_is_reachable_by_prompts():
             row = [0, 0, 0]
             row[ONTO.domains.index(c.domain)] = index
             prompt = prompt_for(tuple(row), split)
-            words = c.heldout_synonyms if split == "heldout_synonym" else (c.name,)
+            words = {"heldout_synonym": c.heldout_synonyms, "train_synonym": c.train_synonyms}.get(split, (c.name,))
             assert any(w in prompt for w in words), (split, c.name, prompt)
+
+
+def test_v1_language_reproduces_the_prompts_shapes_t2i_v1_was_trained_on():
+    labels = np.array([[i % 9, i % 8, i % 5] for i in range(4)])
+    assert training_prompts(labels, np.random.default_rng(3), lang=LANGUAGES["v1"]) == [
+        "a red trigon with a solid pattern", "a drawing of a tangerine square that is shaded",
+        "yellow pentagon, striped", "a pink disc with a dotted pattern"]
+
+
+def test_train_synonym_split_cycles_through_every_training_synonym():
+    red = ONTO.get("red")
+    row = (0, ONTO.index("red"), 0)
+    seen = {w for v in range(len(red.train_synonyms)) for w in red.train_synonyms if f" {w} " in f" {prompt_for(row, 'train_synonym', v)} ".replace(",", " ")}
+    assert seen == set(red.train_synonyms)
+    assert "scarlet" in prompt_for(row, "train_synonym", 0, lang=LANGUAGES["v1"])
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), target=st.sampled_from(["red", "striped", "triangle", "polygon", "striped triangle"]),
+       lang=st.sampled_from(list(LANGUAGES.values())))
+def test_method_prompts_name_targets_in_every_known_word_and_never_a_heldout_one(seed, target, lang):
+    prompts = WorldPrompts(lang=lang)
+    rng = np.random.default_rng(seed)
+    concepts = prompts.target_concepts((target,))
+    pairs = prompts.forget_pairs((target,), None, 64, rng)
+    retained = prompts.retain_prompts((target,), 32, rng)
+    text = " | ".join(p.target for p in pairs) + " | " + " | ".join(retained)
+    for c in ONTO.concepts:
+        for w in c.heldout_synonyms:
+            assert f" {w} " not in f" {text} ".replace(",", " "), w
+    for p in pairs:  # every forget prompt names each target concept by a word the language knows (or its plural)
+        for domain in {c.domain for c in concepts}:
+            assert any(re.search(rf"\b{re.escape(w)}(e?s)?\b", p.target)
+                       for c in concepts if c.domain == domain for w in lang.words(c)), p.target
+    used = {w for c in concepts for w in lang.synonyms_of(c) if f" {w} " in f" {text} "}
+    assert used, "forget prompts never use a training synonym"
+    assert set(prompts.concept_words((target,))) == {w for c in concepts for w in lang.words(c)}
 
 
 def test_heldout_synonyms_never_appear_in_training_prompts():
@@ -111,7 +153,9 @@ def test_forget_pairs_avoid_concepts_forgotten_earlier():
     from obliviate.world import WorldPrompts
     prompts = WorldPrompts()
     pairs = prompts.forget_pairs(("dotted",), None, 64, np.random.default_rng(0), avoid=("red", "circle", "dotted"))
-    assert all("dotted" in p.target and "red" not in p.target and "circle" not in p.target for p in pairs)
+    index = {d: {n: i for i, n in enumerate(prompts.ontology.names(d))} for d in prompts.ontology.domains}
+    assert all(p.labels[2] == index["texture"]["dotted"] and p.labels[1] != index["colour"]["red"]
+               and p.labels[0] != index["shape"]["circle"] for p in pairs)
     # when nothing can avoid them, the pairs still come (the avoided concept is the only choice)
     every_colour = tuple(prompts.ontology.names("colour"))
     assert len(prompts.forget_pairs(("dotted",), None, 4, np.random.default_rng(0), avoid=every_colour)) == 4

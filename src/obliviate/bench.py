@@ -16,20 +16,21 @@ from pathlib import Path
 
 from .config import parse_spec
 from .engine import RegularizerSpec, Request, Store
+from .models.zoo import DEFAULT_T2I
 
 # Each sequence is a list of requests (a request is a tuple of targets) and the model it runs on.
 SEQUENCES: dict[str, dict] = {
-    "s1": {"model": "shapes-t2i", "fresh_store_per_request": True, "requests": [("striped",), ("triangle",), ("red",)],
+    "s1": {"model": DEFAULT_T2I, "fresh_store_per_request": True, "requests": [("striped",), ("triangle",), ("red",)],
            "about": "one request per domain, each on a fresh copy of the base model"},
-    "s3": {"model": "shapes-t2i", "fresh_store_per_request": False, "requests": [("striped",), ("triangle",), ("red",)],
+    "s3": {"model": DEFAULT_T2I, "fresh_store_per_request": False, "requests": [("striped",), ("triangle",), ("red",)],
            "about": "the s1 requests applied one after another"},
-    "s1-striped": {"model": "shapes-t2i", "fresh_store_per_request": True, "requests": [("striped",)],
+    "s1-striped": {"model": DEFAULT_T2I, "fresh_store_per_request": True, "requests": [("striped",)],
                    "about": "forget striped, the concept whose retrain oracle ships; for attacks beside the oracle"},
-    "s10": {"model": "shapes-t2i", "fresh_store_per_request": False,
+    "s10": {"model": DEFAULT_T2I, "fresh_store_per_request": False,
             "requests": [("striped",), ("triangle",), ("red",), ("dotted",), ("circle",), ("blue",), ("star",),
                          ("checkered",), ("yellow",), ("heart",)],
             "about": "ten requests mixing the three domains, applied one after another"},
-    "s50": {"model": "shapes-t2i", "fresh_store_per_request": False, "requests": lambda: combination_requests(50),
+    "s50": {"model": DEFAULT_T2I, "fresh_store_per_request": False, "requests": lambda: combination_requests(50),
             "about": "fifty requests, each a combination of two concepts (e.g. 'striped triangle'), one after another"},
     "d5": {"model": "digits-cnn", "fresh_store_per_request": False, "requests": [("3",), ("8",), ("1",), ("5",), ("0",)],
            "about": "five digit classes forgotten one after another"},
@@ -66,7 +67,7 @@ def sequence_requests(sequence: str) -> list[tuple[str, ...]]:
 
 
 # Columns of each model family's tables: (header, row key, decimals).
-T2I_COLUMNS = [("UA", "ua", 3), ("UA min", "ua_min", 3), ("UA held-out tmpl", "ua_heldout_template", 3),
+T2I_COLUMNS = [("UA", "ua", 3), ("UA min", "ua_min", 3), ("UA train syn", "ua_train_synonym", 3), ("UA held-out tmpl", "ua_heldout_template", 3),
                ("UA held-out syn", "ua_heldout_synonym", 3), ("IRA", "ira", 3), ("CRA", "cra", 3), ("FD", "fd", 2)]
 CLASSIFIER_COLUMNS = [("UA", "ua", 3), ("UA test", "ua_test", 3), ("RA", "ra", 3), ("TA", "ta", 3), ("MIA", "mia", 3),
                       ("gap", "gap", 2), ("relearn", "relearn_steps", 0), ("oracle relearn", "oracle_relearn_steps", 0),
@@ -86,7 +87,7 @@ LEGENDS = {
 
 
 ATTACK_LEGEND = ("Attack columns: share of images in which the judge sees the step's target after the attack "
-                 "(relearn: after its last fine-tuning checkpoint; probe: linear-probe accuracy). Base rows show what it "
+                 "(relearn: after its last fine-tuning checkpoint; paraphrase: the best wording found, re-measured; probe: linear-probe accuracy). Base rows show what it "
                  "recovers from a model never made to forget, oracle rows what it gets from one that never learned.")
 
 
@@ -176,7 +177,7 @@ def _run_cell(method, regularizer, sequence, spec, work, model, options, eval_op
             model_now = store.load_model()
             metrics, cost = evaluator(model_now, store, forgotten=forgotten), {}
         elif method == "oracle":
-            folder = find_oracle(forgotten, oracles)
+            folder = find_oracle(forgotten, store.language, oracles)
             if folder is None:
                 echo(f"  no retrain oracle for {', '.join(forgotten)} in {oracles}; oracle rows skipped")
                 return []
@@ -218,7 +219,8 @@ def _attack_success(attack, model, judge, prompts, targets) -> dict:
     it gets from one that never learned."""
     results = [attack.run(model, target, judge, prompts).to_dict() for target in targets]
     return {"after": sum(r["after"] for r in results) / len(results),
-            "before": sum(r["before"] for r in results) / len(results), "curves": [r["curve"] for r in results]}
+            "before": sum(r["before"] for r in results) / len(results), "curves": [r["curve"] for r in results],
+            "details": [r["details"] for r in results]}
 
 
 def _attack_keys(rows: list[dict]) -> list[str]:
@@ -309,4 +311,16 @@ def markdown_table(rows: list[dict], sequence: str) -> str:
         cells = [r["method"], r["regularizer"], str(r["step"]), r["targets"], *(_fmt(r.get(k), d) for _, k, d in columns),
                  _fmt(r["seconds"], 2), passes]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _best_paraphrases(rows)) + "\n"
+
+
+def _best_paraphrases(rows: list[dict]) -> list[str]:
+    """The wording the paraphrase attack found strongest for each row's target, if it ran."""
+    found = [(r, d["best_prompts"][0]) for r in rows
+             for d in r.get("attack_results", {}).get("paraphrase", {}).get("details", []) if d.get("best_prompts")]
+    if not found:
+        return []
+    lines = ["", "Paraphrase attack: the strongest wording found per row (its success re-measured on fresh rows and noise).", "",
+             "| method | regularizer | step | targets | wording | success |", "|---|---|---|---|---|---|"]
+    return lines + [f"| {r['method']} | {r['regularizer']} | {r['step']} | {r['targets']} | {best['prompt']} | {best['measured']:.3f} |"
+                    for r, best in found]

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .models.zoo import ZOO
+from .world import DEFAULT_ONTOLOGY, SPLITS, language
 
 
 def _hardware() -> str:
@@ -18,9 +19,11 @@ def _hardware() -> str:
     return f"{torch.get_num_threads()} CPU threads ({cpu}), torch {torch.__version__}"
 
 
-def install_t2i(run: Path, quality: dict) -> Path:
-    """Copy ``run/model`` into the package's weights and write its card."""
-    entry = ZOO["shapes-t2i"]
+def install_t2i(name: str, run: Path, quality: dict, comparison: dict | None = None) -> Path:
+    """Copy ``run/model`` into the package's weights as zoo model ``name`` and write its card;
+    ``comparison`` (another model's ``judge_t2i`` result, e.g. the previous version's) gets its own
+    rows in the quality table."""
+    entry = ZOO[name]
     state = json.loads((run / "train_state.json").read_text())
     target = entry.path
     shutil.rmtree(target, ignore_errors=True)
@@ -28,63 +31,80 @@ def install_t2i(run: Path, quality: dict) -> Path:
     from .models.t2i import T2IModel
     params = sum(p.numel() for p in T2IModel.load(target).unet.parameters())
     recipe = state["recipe"]
-    rows = "\n".join(f"| {split} | {quality[split]['shape']:.3f} | {quality[split]['colour']:.3f} | "
-                     f"{quality[split]['texture']:.3f} | {quality[split]['fd']:.2f} |"
-                     for split in ("train", "heldout_template", "heldout_synonym"))
-    card = f"""# shapes-t2i
+    lang = language(recipe.get("language", "v1"))
+    table = [(name, quality)] + ([(comparison["model"], comparison)] if comparison else [])
+    rows = "\n".join(f"| {model} | {split} | {q[split]['shape']:.3f} | {q[split]['colour']:.3f} | "
+                     f"{q[split]['texture']:.3f} | {q[split]['fd']:.2f} |"
+                     for model, q in table for split in SPLITS if split in q)
+    unseen = quality.get("heldout_synonym", {}).get("per_concept", {})
+    words = "\n".join(f"| {c.name} | {c.heldout_synonyms[0]} | {unseen[c.name]:.2f} |"
+                      for c in DEFAULT_ONTOLOGY.concepts if c.name in unseen)
+    synonyms = sum(len(lang.synonyms_of(c)) for c in DEFAULT_ONTOLOGY.concepts) / len(DEFAULT_ONTOLOGY.concepts)
+    card = f"""# {name}
 
 A text-to-image diffusion model of obliviate's embedded concept world: a diffusers
 `UNet2DConditionModel` with cross-attention over per-token MiniLM (all-MiniLM-L6-v2) states, in
-pixel space at 32x32, v-prediction with a cosine schedule, EMA weights.
+pixel space at 32x32, v-prediction with a cosine schedule, EMA weights. It reads prompts in world
+language `{lang.name}`: {len(lang.templates)} templates, {synonyms:.1f} training synonyms a concept on average
+(`obliviate world concepts` lists them; held-out templates and synonyms are never trained on).
 
 | | |
 |---|---|
 | UNet parameters | {params:,} |
 | training steps | {state['step']} x batch {recipe['batch_size']} (fresh renders every step) |
+| prompts | {recipe['prompts_per_combination']} per (shape, colour, texture) combination, encoded once |
 | learning rate | {recipe['learning_rate']} (AdamW, warm-up {recipe['warmup_steps']}, cosine to 10%), EMA {recipe['ema_decay']} |
 | prompt dropout | {recipe['prompt_dropout']} (for classifier-free guidance, scale {recipe['guidance_scale']}) |
 | wall time | {state['seconds'] / 60:.1f} min on {state['device']} (as measured; other load on the machine counts) |
 | hardware | {_hardware()} |
 | seed | {recipe['seed']} |
 
-Reproduce: `obliviate zoo train shapes-t2i --out runs/shapes-t2i` then
-`obliviate zoo install shapes-t2i --run runs/shapes-t2i` (this file is written by the latter).
+Reproduce: `obliviate zoo train {name} --out runs/{name}` then
+`obliviate zoo install {name} --run runs/{name}` (this file is written by the latter).
 
-## Quality, by the shipped judge (`obliviate judge shapes-t2i --json`)
+## Quality, by the shipped judge (`obliviate judge {name} --json`)
 
 {quality['n_prompts']} prompts covering every concept, {quality['images_per_prompt']} images per prompt,
 sampler {quality['sampler']}, guidance {quality['guidance_scale']}. Accuracy is the share of images whose
 attribute the judge reads as the prompt's; FD is the Fréchet distance of judge features to renders.
+Each model is judged in its own language (`train`: its templates with concept names;
+`train_synonym`: its templates with its training synonyms).
 
-| prompts | shape | colour | texture | FD |
-|---|---|---|---|---|
+| model | prompts | shape | colour | texture | FD |
+|---|---|---|---|---|---|
 {rows}
 
-Held-out templates were never seen in training. Held-out synonyms measure the text encoder more
-than the model: MiniLM places an unseen synonym ("crimson") no closer to the trained word ("red")
-than to other colours, so no bar is set for them.
+## Held-out synonyms, one by one
+
+The judge's accuracy in the word's domain on prompts that use it (never trained on). What the
+model can do with an unseen word is bounded by where frozen MiniLM puts it: a word MiniLM places
+near another concept's words is drawn as that concept.
+
+| concept | held-out word | accuracy |
+|---|---|---|
+{words}
 """
     (target / "MODEL_CARD.md").write_text(card)
     (target / "quality.json").write_text(json.dumps(quality, indent=2))
     return target
 
 
-def install_oracle(run: Path, oracle: dict, base: dict) -> Path:
-    """Copy the retrain oracle ``run/model`` (a ``zoo train shapes-t2i --exclude`` run) to the
-    shipped oracles, with a card comparing its evaluation (``oracle``) with the base model's
-    (``base``) on the same prompts."""
+def install_oracle(name: str, run: Path, oracle: dict, base: dict) -> Path:
+    """Copy the retrain oracle ``run/model`` (a ``zoo train NAME --exclude`` run of zoo model
+    ``name``) to the shipped oracles of its language, with a card comparing its evaluation
+    (``oracle``) with the base model's (``base``) on the same prompts."""
     from .models.zoo import SHIPPED_ORACLES, oracle_key
     state = json.loads((run / "train_state.json").read_text())
     excluded = state["recipe"]["exclude"]
-    target = SHIPPED_ORACLES / oracle_key(excluded)
+    target = SHIPPED_ORACLES / state["recipe"].get("language", "v1") / oracle_key(excluded)
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(run / "model", target / "model")
-    rows = "\n".join(f"| {name} | {m['ua']:.3f} | {m['ira']:.3f} | {m['cra']:.3f} | {m['fd']:.2f} |"
-                     for name, m in (("retrain oracle", oracle), ("shapes-t2i (base)", base)))
+    rows = "\n".join(f"| {model} | {m['ua']:.3f} | {m['ira']:.3f} | {m['cra']:.3f} | {m['fd']:.2f} |"
+                     for model, m in (("retrain oracle", oracle), (f"{name} (base)", base)))
     config = oracle["eval_config"]
-    card = f"""# Retrain oracle of shapes-t2i without {', '.join(excluded)}
+    card = f"""# Retrain oracle of {name} without {', '.join(excluded)}
 
-shapes-t2i's recipe and seed, rerun on renders that never show {', '.join(excluded)}: the gold
+{name}'s recipe and seed, rerun on renders that never show {', '.join(excluded)}: the gold
 standard an unlearning method is compared with ("gap to retrain"), and the reference curve for
 attacks (`obliviate attack` runs the same attack on it).
 
@@ -94,8 +114,8 @@ attacks (`obliviate attack` runs the same attack on it).
 | wall time | {state['seconds'] / 60:.1f} min on {state['device']} (as measured; other load on the machine counts) |
 | hardware | {_hardware()} |
 
-Reproduce: `obliviate zoo train shapes-t2i --exclude {' --exclude '.join(excluded)}` then
-`obliviate zoo install shapes-t2i --run {run}` (this file is written by the latter).
+Reproduce: `obliviate zoo train {name} --exclude {' --exclude '.join(excluded)}` then
+`obliviate zoo install {name} --run {run}` (this file is written by the latter).
 
 ## Evaluation ({config['forget_prompts']} prompts x {config['images_per_prompt']} images per forgotten concept, {config['retain_prompts']} retained prompts)
 

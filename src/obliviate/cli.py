@@ -9,6 +9,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from .models.zoo import DEFAULT_T2I
 
 app = typer.Typer(help="Continual unlearning for text-to-image diffusion models and classifiers.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -86,18 +87,19 @@ def zoo_train(name: str = typer.Argument(..., help="A zoo name (`obliviate zoo l
               out: Path = typer.Option(None, help="Run folder (default runs/NAME); resumes if it holds a run."),
               steps: Optional[int] = typer.Option(None, help="Override the recipe's step count (epochs for classifiers)."),
               exclude: List[str] = typer.Option([], help="Concepts to leave out of the data: trains the retrain "
-                                                         "oracle for them (shapes-t2i; repeatable)."),
+                                                         "oracle for them (shapes-t2i models; repeatable)."),
               oracles: Path = typer.Option(Path("runs/oracles"), help="Where oracles go when --exclude is given."),
               seed: int = typer.Option(0)) -> None:
     """Train a zoo model from its recipe (resumable for shapes-t2i)."""
     from .classifiers.train import ZOO_RECIPES, train_classifier
     from .models.zoo import oracle_key
     out = out or (oracles / oracle_key(exclude) if exclude else Path("runs") / name)
-    if name == "shapes-t2i":
-        from .models.train_t2i import T2IRecipe, train_t2i
+    from .models.train_t2i import T2I_RECIPES, train_t2i
+    if name in T2I_RECIPES:
+        import dataclasses
         from .world import DEFAULT_ONTOLOGY
         excluded = tuple(c.name for term in exclude for c in DEFAULT_ONTOLOGY.resolve(term))
-        recipe = T2IRecipe(seed=seed, exclude=excluded, **({"steps": steps} if steps else {}))
+        recipe = dataclasses.replace(T2I_RECIPES[name], seed=seed, exclude=excluded, **({"steps": steps} if steps else {}))
         train_t2i(recipe, out)
         typer.echo(f"model written to {out / 'model'}")
     elif name == "shapes-judge":
@@ -111,7 +113,7 @@ def zoo_train(name: str = typer.Argument(..., help="A zoo name (`obliviate zoo l
         train_classifier(recipe, exclude=tuple(exclude), log=typer.echo).save(out / "model")
         typer.echo(f"model written to {out / 'model'}")
     else:
-        raise typer.BadParameter(f"no recipe for {name!r}; choose one of shapes-t2i, shapes-judge, {', '.join(ZOO_RECIPES)}")
+        raise typer.BadParameter(f"no recipe for {name!r}; choose one of {', '.join([*T2I_RECIPES, 'shapes-judge', *ZOO_RECIPES])}")
 
 
 @zoo_app.command("install")
@@ -121,7 +123,7 @@ def zoo_install(name: str = typer.Argument(..., help="A zoo name (`obliviate zoo
     `--exclude` run of shapes-t2i goes to the shipped retrain oracles."""
     from . import cards as card
     from .models.zoo import ZOO
-    excluded = _excluded_concepts(run) if name == "shapes-t2i" else ()
+    excluded = _excluded_concepts(run) if name in ZOO and ZOO[name].kind == "t2i" else ()
     if name in ZOO and ZOO[name].kind == "classifier":
         typer.echo(f"installed {card.install_classifier(name, run)}")
     elif name == "shapes-judge":
@@ -131,15 +133,15 @@ def zoo_install(name: str = typer.Argument(..., help="A zoo name (`obliviate zoo
         from .models.t2i import T2IModel
         from .models.zoo import load_judge, load_t2i
         evaluator = Evaluator(load_judge("shapes-judge"), EvalConfig(forget_prompts=8, images_per_prompt=4, ua_splits="train"))
-        oracle, base = (evaluator.evaluate(m, excluded) for m in (T2IModel.load(run / "model"), load_t2i("shapes-t2i")))
-        typer.echo(f"installed retrain oracle {card.install_oracle(run, oracle, base)}")
-    elif name == "shapes-t2i":
+        oracle, base = (evaluator.evaluate(m, excluded) for m in (T2IModel.load(run / "model"), load_t2i(name)))
+        typer.echo(f"installed retrain oracle {card.install_oracle(name, run, oracle, base)}")
+    elif name in ZOO and ZOO[name].kind == "t2i":
         from .evaluation.quality import judge_t2i
         from .models.t2i import T2IModel
         from .models.zoo import load_judge
         quality = judge_t2i(T2IModel.load(run / "model"), load_judge("shapes-judge"))
         _print_quality(quality)
-        typer.echo(f"installed {card.install_t2i(run, quality)}")
+        typer.echo(f"installed {card.install_t2i(name, run, quality)}")
     else:
         raise typer.BadParameter(f"no zoo model {name!r}; `obliviate zoo list` shows them")
 
@@ -177,7 +179,7 @@ def _load_t2i_or_store(name: str):
 
 
 @app.command()
-def judge(model: str = typer.Argument("shapes-t2i", help="Zoo name or model folder."),
+def judge(model: str = typer.Argument(DEFAULT_T2I, help="Zoo name or model folder."),
           judge_model: str = typer.Option("shapes-judge", "--judge"),
           prompts: int = typer.Option(40, help="Prompts per split, covering every concept."),
           images_per_prompt: int = typer.Option(16),
@@ -210,7 +212,7 @@ def demo(out: Path = typer.Option(Path("demo-output")), quick: bool = typer.Opti
 # ------------------------------------------------------------------ the continual engine
 @app.command()
 def init(store: Path = typer.Argument(..., help="New store folder."),
-         model: str = typer.Option("shapes-t2i", help="Zoo name or model folder (obliviate, diffusers or a classifier)."),
+         model: str = typer.Option(DEFAULT_T2I, help="Zoo name or model folder (obliviate, diffusers or a classifier)."),
          retain: List[str] = typer.Option([], help="Concepts to protect (Stable Diffusion stores; repeatable)."),
          evaluate: bool = typer.Option(False, help="Evaluate after every applied request (embedded world or classifier)."),
          set_: List[str] = typer.Option([], "--eval-set", help="Evaluation option key=value (repeatable), "
@@ -356,7 +358,7 @@ def eval_store(store: Path = typer.Argument(...), as_json: bool = typer.Option(F
     if as_json:
         _print_json({**metrics, "base": base_metrics} if base else metrics)
         return
-    shown = ("ua", "ua_heldout_template", "ua_heldout_synonym", "ira", "cra", "fd", "ua_test", "ra", "ta", "mia",
+    shown = ("ua", "ua_train_synonym", "ua_heldout_template", "ua_heldout_synonym", "ira", "cra", "fd", "ua_test", "ra", "ta", "mia",
              "relearn_steps", "probe", "gap")
     rows = [[k, metrics[k], *([base_metrics.get(k)] if base else [])] for k in shown if metrics.get(k) is not None]
     _table("evaluation of the current model", ["metric", "value", *(["base model"] if base else [])], rows)
@@ -366,9 +368,9 @@ def eval_store(store: Path = typer.Argument(...), as_json: bool = typer.Option(F
 
 @app.command()
 def attack(store: Path = typer.Argument(...), concept: str = typer.Argument(..., help="A (forgotten) concept."),
-           kind: str = typer.Option("relearn", help="relearn, prompt, inversion or probe."),
+           kind: str = typer.Option("relearn", help="relearn, prompt, paraphrase, inversion or probe."),
            set_: List[str] = typer.Option([], "--set", help="Attack option key=value (repeatable)."),
-           oracles: Path = typer.Option(Path("runs/oracles"), help="Retrain oracles (`zoo train shapes-t2i --exclude`); "
+           oracles: Path = typer.Option(Path("runs/oracles"), help="Retrain oracles (`zoo train shapes-t2i-v2 --exclude`); "
                                                                    "the attack also runs on one that never saw the concept."),
            as_json: bool = typer.Option(False, "--json"), seed: int = typer.Option(0)) -> None:
     """Try to bring a concept back; reports how often the judge sees it before and after."""
@@ -388,7 +390,7 @@ def attack(store: Path = typer.Argument(...), concept: str = typer.Argument(...,
         for steps, rate in res.curve:
             typer.echo(f"  after {steps} steps: {rate:.1%}")
     if result.oracle is None:
-        typer.echo(f"(no retrain oracle for {concept!r} in {oracles}: `obliviate zoo train shapes-t2i --exclude {concept}` "
+        typer.echo(f"(no retrain oracle for {concept!r} in {oracles}: `obliviate zoo train shapes-t2i-v2 --exclude {concept}` "
                    "trains one to compare with)")
 
 
@@ -420,7 +422,7 @@ def bench(methods: List[str] = typer.Option(["esd"], "--method", help="Method to
           eval_set: List[str] = typer.Option([], "--eval-set", help="Evaluation option key=value (repeatable)."),
           images_per_prompt: Optional[int] = typer.Option(None, help="Text-to-image evaluation: images per prompt."),
           forget_prompts: Optional[int] = typer.Option(None, help="Text-to-image evaluation: prompts per forgotten target and split."),
-          oracles: Path = typer.Option(Path("runs/oracles"), help="Retrain oracles (`zoo train shapes-t2i --exclude`)."),
+          oracles: Path = typer.Option(Path("runs/oracles"), help="Retrain oracles (`zoo train shapes-t2i-v2 --exclude`)."),
           evaluate: bool = typer.Option(True, help="--no-evaluate: cost columns only (a speed benchmark)."),
           attack: List[str] = typer.Option([], "--attack", help="Attack to run after every step on its targets "
                                                                 "(repeatable; text-to-image): relearn, prompt, inversion, probe."),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import types
 import typing
 from typing import Any
 
@@ -40,7 +41,7 @@ def _coerce(value: Any, annotation, name: str):
         return tuple(value) if isinstance(value, list) else value
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin in (typing.Union, types.UnionType):
         if value.lower() in ("none", "null") and type(None) in args:
             return None
         annotation = next(a for a in args if a is not type(None))

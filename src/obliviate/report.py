@@ -72,7 +72,7 @@ def before_after_grid(store, concepts: list[str], images_per_concept: int = 4, s
     for concept in concepts:
         group = prompts_source.target_groups((concept,))[0]
         labels = prompts_source.sample_labels(images_per_concept, np.random.default_rng(seed), include=[group])
-        texts = [prompt_for(tuple(row)) for row in labels]
+        texts = [prompt_for(tuple(row), lang=prompts_source.lang) for row in labels]
         for name, model in (("base", base), ("now", current)):
             rows.append(model.sample(texts, steps=20, seed=seed, solver="dpm"))
             captions += [f"{name}: {t}" for t in texts]

@@ -33,6 +33,7 @@ from ..config import build_config, config_to_dict
 from ..hashing import file_hash, tensor_hash
 from ..methods.base import Edit, UnlearningContext, get_method
 from ..models.t2i import T2IModel
+from ..models.zoo import DEFAULT_T2I
 from ..regularizers import check_composition, get_regularizer
 from ..request import RegularizerSpec, Request
 from ..resources import PeakMemory
@@ -88,7 +89,7 @@ class Store:
 
     # ------------------------------------------------------------------ creation
     @classmethod
-    def init(cls, root: str | Path, model: str | Path = "shapes-t2i", retain: tuple[str, ...] = (),
+    def init(cls, root: str | Path, model: str | Path = DEFAULT_T2I, retain: tuple[str, ...] = (),
              evaluation: dict | None = None) -> "Store":
         """Create a store holding ``model`` (a zoo name or a model folder) and an empty ledger.
         ``evaluation`` (EvalConfig fields) configures the evaluator `apply` runs after each
@@ -190,6 +191,12 @@ class Store:
         reg_cls = get_regularizer(spec.name)
         return RegularizerSpec(spec.name, config_to_dict(build_config(reg_cls.config_class, spec.config,
                                                                       owner=f"regularizer {spec.name!r}")))
+
+    @property
+    def language(self) -> str | None:
+        """The embedded world's language the store's model was trained in; None for other models."""
+        from ..models.zoo import bundle_language
+        return bundle_language(self.root / "base") if self.info["kind"] == "t2i" else None
 
     def prompts(self):
         """What request targets may name and where methods, the evaluator and attacks get their
@@ -379,7 +386,7 @@ class Store:
         prompts = self.prompts()
         prompts.validate((concept,), None)
         result = attack.run(self.load_model(check=True), concept, judge, prompts, seed=seed)
-        oracle = find_oracle(self.forgotten(), oracles_dir) or find_oracle((concept,), oracles_dir)
+        oracle = find_oracle(self.forgotten(), self.language, oracles_dir) or find_oracle((concept,), self.language, oracles_dir)
         if oracle is not None:
             reference = attack.run(self.family.load(oracle).eval(), concept, judge, prompts, seed=seed)
             result = replace(result, oracle=replace(reference, details={

@@ -1,5 +1,6 @@
-"""The evaluator run after every request: UA per forgotten target (training templates, held-out
-templates and held-out synonyms separately), IRA, CRA and FD on retained prompts.
+"""The evaluator run after every request: UA per forgotten target (concept names and training
+synonyms in training templates, names in held-out templates, held-out synonyms, each
+separately), IRA, CRA and FD on retained prompts.
 
 Definitions follow UnlearnCanvas, per forgotten target t in domain d:
 - UA(t): share of images generated for t's prompts that the judge does not classify as t;

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import torch
 
-from ..world import DEFAULT_ONTOLOGY, SPLITS, Ontology, prompt_for, render, sample_scenes
+from ..world import DEFAULT_LANGUAGE, DEFAULT_ONTOLOGY, SPLITS, Language, Ontology, language, prompt_for, render, sample_scenes
 from .metrics import Accuracy, FrechetDistance
 
 
@@ -19,12 +19,19 @@ def balanced_combinations(n: int, ontology: Ontology = DEFAULT_ONTOLOGY) -> np.n
     return np.array([[i % c for c in counts] for i in range(n)])
 
 
+def model_language(model) -> Language:
+    """The world language a model was trained on; the default one for a model that names none."""
+    return language(model.language) if model.language else DEFAULT_LANGUAGE
+
+
 @torch.no_grad()
 def generate_and_judge(model, judge, labels: np.ndarray, split: str, images_per_prompt: int, seed: int,
                        steps: int, solver: str, ontology: Ontology = DEFAULT_ONTOLOGY):
     """Sample ``images_per_prompt`` images for each label row's prompt; returns (images, label
-    rows repeated per image, judge predictions per domain, judge features)."""
-    prompts = [prompt_for(tuple(row), split, variant=i, ontology=ontology) for i, row in enumerate(labels)]
+    rows repeated per image, judge predictions per domain, judge features). Prompts are in the
+    model's own language, so ``train`` means the templates and words it was trained on."""
+    lang = model_language(model)
+    prompts = [prompt_for(tuple(row), split, variant=i, ontology=ontology, lang=lang) for i, row in enumerate(labels)]
     repeated = [p for p in prompts for _ in range(images_per_prompt)]
     images = model.sample(repeated, steps=steps, seed=seed, solver=solver)
     device = next(judge.parameters()).device
@@ -42,7 +49,8 @@ def real_features(judge, n: int, seed: int = 12345, ontology: Ontology = DEFAULT
 
 def judge_t2i(model, judge, n_prompts: int = 40, images_per_prompt: int = 16, splits=SPLITS, steps: int = 20,
               solver: str = "dpm", seed: int = 0, ontology: Ontology = DEFAULT_ONTOLOGY) -> dict:
-    """Per-domain judge accuracy of generated images for every split, and FD on training prompts."""
+    """Per-domain judge accuracy of generated images for every split with its FD to renders, and
+    per concept (``per_concept``: accuracy in the concept's domain on its prompts)."""
     start = time.time()
     labels = balanced_combinations(n_prompts, ontology)
     reference = real_features(judge, max(1024, n_prompts * images_per_prompt), ontology=ontology)
@@ -55,6 +63,13 @@ def judge_t2i(model, judge, n_prompts: int = 40, images_per_prompt: int = 16, sp
             metric = Accuracy()
             metric.update(predicted[domain], torch.from_numpy(rows[:, i]))
             scores[domain] = round(metric.compute(), 4)
+        scores["per_concept"] = {}
+        for i, domain in enumerate(ontology.domains):
+            for index, name in enumerate(ontology.names(domain)):
+                shown = rows[:, i] == index
+                if shown.any():
+                    hits = predicted[domain][torch.from_numpy(shown)] == index
+                    scores["per_concept"][name] = round(float(hits.float().mean()), 4)
         fd = FrechetDistance(judge.num_features)
         fd.update(reference, real=True)
         fd.update(features, real=False)

@@ -27,6 +27,11 @@ _SD_MODEL_INDEX = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers
 SOLVERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
 
 
+def _language(meta: dict) -> str | None:
+    """The world language of a bundle: MiniLM bundles written before languages existed are v1."""
+    return meta.get("language", "v1") if meta.get("text_encoder") == "minilm" else None
+
+
 @dataclass(frozen=True)
 class LinearTextTransform:
     """Maps every token state s to ``matrix @ s``; the mask is unchanged. Text-space edits
@@ -47,6 +52,8 @@ class T2IModel:
     guidance_scale: float = 2.0
     # Text-space edits (e.g. sdwv) transform prompt encodings before the UNet sees them.
     text_transforms: list[Callable[[TextEncoding], TextEncoding]] = field(default_factory=list)
+    # The embedded world's language the model was trained on (``world.LANGUAGES``); None for free text.
+    language: str | None = None
     kind = "t2i"
 
     # ---------------------------------------------------------------- construction and files
@@ -71,7 +78,7 @@ class T2IModel:
         else:
             raise ValueError(f"{folder / BUNDLE_FILE} names unknown text encoder {meta['text_encoder']!r}; expected 'minilm' or 'clip'.")
         vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True) if (folder / "vae").is_dir() else None
-        model = cls(unet.eval(), scheduler, text_encoder, vae, meta.get("guidance_scale", 2.0))
+        model = cls(unet.eval(), scheduler, text_encoder, vae, meta.get("guidance_scale", 2.0), language=_language(meta))
         if (folder / TEXT_TRANSFORMS_FILE).is_file():
             model.load_state_tensors({**model.state_tensors(), **load_file(folder / TEXT_TRANSFORMS_FILE)})
         return model
@@ -84,6 +91,8 @@ class T2IModel:
         self.scheduler.save_pretrained(folder / "scheduler")
         meta = {"text_encoder": self.text_encoder.kind, "max_length": self.text_encoder.max_length,
                 "guidance_scale": self.guidance_scale}
+        if self.language is not None:
+            meta["language"] = self.language
         if self.text_encoder.kind == "clip":
             self.text_encoder.model.save_pretrained(folder / "text_encoder", safe_serialization=True)
             self.text_encoder.tokenizer.save_pretrained(folder / "tokenizer")
@@ -100,10 +109,10 @@ class T2IModel:
     def request_vocabulary(cls, folder: str | Path, retain: tuple[str, ...] = ()):
         """Prompts for request targets: the embedded world's ground truth for a MiniLM model,
         free text (with the user's retain list) for anything else."""
-        from ..world import FreeTextPrompts, WorldPrompts
+        from ..world import FreeTextPrompts, WorldPrompts, language
         meta_file = Path(folder) / BUNDLE_FILE
-        minilm = meta_file.is_file() and json.loads(meta_file.read_text())["text_encoder"] == "minilm"
-        return WorldPrompts() if minilm else FreeTextPrompts(tuple(retain))
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        return WorldPrompts(lang=language(_language(meta))) if _language(meta) else FreeTextPrompts(tuple(retain))
 
     @property
     def device(self) -> torch.device:

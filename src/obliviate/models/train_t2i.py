@@ -19,7 +19,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
 from ..progress import progress_bar
-from ..world import DEFAULT_ONTOLOGY, Ontology, render, sample_scenes, training_prompts
+from ..world import DEFAULT_ONTOLOGY, Language, Ontology, language, render, sample_scenes, training_prompts
 from .t2i import T2IModel
 from .text import MiniLMEncoder, TextEncoding
 from ..seeding import seeded_by_recipe
@@ -42,15 +42,18 @@ def embedded_scheduler() -> DDPMScheduler:
 
 @dataclass
 class T2IRecipe:
-    """How the embedded model is trained. ``exclude`` drops every scene showing one of these
-    concepts, which is how the retrain oracle is made."""
+    """How the embedded model is trained. ``language`` names the templates and words of its
+    prompts (``world.LANGUAGES``); ``exclude`` drops every scene showing one of these concepts,
+    which is how the retrain oracle is made. The defaults are shapes-t2i v2's recipe;
+    ``V1_RECIPE`` is v1's."""
 
     steps: int = 4000
     batch_size: int = 64
     learning_rate: float = 1e-3
     warmup_steps: int = 100
     prompt_dropout: float = 0.1
-    prompts_per_combination: int = 8
+    prompts_per_combination: int = 32
+    language: str = "v2"
     ema_decay: float = 0.999
     seed: int = 0
     checkpoint_every: int = 250
@@ -63,18 +66,24 @@ class T2IRecipe:
             raise ValueError(f"steps and batch_size must be positive, got steps={self.steps}, batch_size={self.batch_size}")
         if not 0 <= self.prompt_dropout < 1:
             raise ValueError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
+        language(self.language)
+
+
+V1_RECIPE = T2IRecipe(prompts_per_combination=8, language="v1")
+# zoo name -> recipe; `zoo train NAME --exclude ...` reruns it without some concepts (an oracle)
+T2I_RECIPES: dict[str, T2IRecipe] = {"shapes-t2i": V1_RECIPE, "shapes-t2i-v2": T2IRecipe()}
 
 
 class PromptPool:
     """A fixed, seeded set of training prompts per (shape, colour, texture) combination, encoded
     once, so the text encoder costs nothing per step."""
 
-    def __init__(self, encoder: MiniLMEncoder, per_combination: int, seed: int, ontology: Ontology):
+    def __init__(self, encoder: MiniLMEncoder, per_combination: int, seed: int, ontology: Ontology, lang: Language):
         counts = [len(ontology.in_domain(d)) for d in ontology.domains]
         self.counts = counts
         combos = np.array(np.meshgrid(*[np.arange(c) for c in counts], indexing="ij")).reshape(3, -1).T
         rng = np.random.default_rng(seed)
-        prompts = [training_prompts(np.repeat(combos[i:i + 1], per_combination, 0), rng, ontology) for i in range(len(combos))]
+        prompts = [training_prompts(np.repeat(combos[i:i + 1], per_combination, 0), rng, ontology, lang) for i in range(len(combos))]
         flat = [p for group in prompts for p in group]
         self.encoding = encoder.encode(flat)
         self.null = encoder.encode([""])
@@ -128,7 +137,7 @@ def train_t2i(recipe: T2IRecipe, out: str | Path, device: str | torch.device | N
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     encoder = MiniLMEncoder.from_package()
     model = T2IModel(UNet2DConditionModel(**recipe.unet), embedded_scheduler(), encoder,
-                     guidance_scale=recipe.guidance_scale).to(device)
+                     guidance_scale=recipe.guidance_scale, language=recipe.language).to(device)
     ema = {k: v.detach().clone() for k, v in model.unet.state_dict().items()}
     optimizer = torch.optim.AdamW(model.unet.parameters(), lr=recipe.learning_rate, weight_decay=0.01)
 
@@ -145,7 +154,7 @@ def train_t2i(recipe: T2IRecipe, out: str | Path, device: str | torch.device | N
         start = saved["step"]
         log(f"resuming {out} at step {start}")
 
-    pool = PromptPool(encoder, recipe.prompts_per_combination, recipe.seed, ontology)
+    pool = PromptPool(encoder, recipe.prompts_per_combination, recipe.seed, ontology, language(recipe.language))
     t0, elapsed_before = time.time(), (json.loads(state_file.read_text())["seconds"] if start else 0.0)
     model.unet.train()
     with progress_bar("training shapes-t2i", total=recipe.steps, completed=start) as advance:

@@ -1,16 +1,19 @@
 """The model zoo: models that ship inside the package, found by name.
 
-``shapes-t2i`` is the embedded text-to-image model and ``shapes-judge`` the attribute judge;
-``digits-*`` and ``shapes-cnn`` are classifiers for the classifier side of the engine. All are
-trained by ``obliviate zoo train NAME`` and their weights are committed under
-``obliviate/weights/NAME``. Retrain oracles of ``shapes-t2i`` (``zoo train shapes-t2i --exclude
-CONCEPT``) go to a folder of the user's; the one for ``striped`` ships under
-``obliviate/weights/oracles``.
+``shapes-t2i-v2`` is the embedded text-to-image model (the default everywhere), ``shapes-t2i``
+its first version (kept so that tables made with it reproduce) and ``shapes-judge`` the attribute
+judge; ``digits-*`` and ``shapes-cnn`` are classifiers for the classifier side of the engine. All
+are trained by ``obliviate zoo train NAME`` and their weights are committed under
+``obliviate/weights/NAME``. Retrain oracles (``zoo train shapes-t2i-v2 --exclude CONCEPT``) go to a
+folder of the user's; those for ``striped`` ship under ``obliviate/weights/oracles/LANGUAGE``. An
+oracle is only a bar for a model trained by the same recipe, so oracles are matched to a model by
+the world language both were trained in.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -32,12 +35,17 @@ class ZooEntry:
 
 
 ZOO: dict[str, ZooEntry] = {e.name: e for e in (
-    ZooEntry("shapes-t2i", "t2i", "2.7M-parameter pixel-space UNet, MiniLM tokens, v-prediction; draws the embedded world"),
+    ZooEntry("shapes-t2i-v2", "t2i", "2.7M-parameter pixel-space UNet, MiniLM tokens, v-prediction; draws the embedded "
+                                     "world from prompts in the v2 language (6-10 synonyms a concept, 37 templates)"),
+    ZooEntry("shapes-t2i", "t2i", "v1 of shapes-t2i-v2: the same UNet, trained on 1 synonym a concept and 7 templates"),
     ZooEntry("shapes-judge", "judge", "attribute classifier, one head per domain (shape, colour, texture)"),
     ZooEntry("digits-cnn", "classifier", "45k-parameter CNN on scikit-learn's handwritten digits (10 classes, 8x8)"),
     ZooEntry("digits-vit", "classifier", "100k-parameter ViT (2x2 patches, 3 blocks) on the handwritten digits"),
     ZooEntry("shapes-cnn", "classifier", "CNN classifying the embedded world's renders by shape (9 classes, 32x32)"),
 )}
+
+
+DEFAULT_T2I = "shapes-t2i-v2"
 
 
 def zoo_entry(name: str) -> ZooEntry:
@@ -71,6 +79,13 @@ def load_judge(name_or_path: str | Path = "shapes-judge"):
     return AttributeJudge.load(resolve_model_path(name_or_path))
 
 
+def bundle_language(folder: str | Path) -> str | None:
+    """The world language a model folder was trained in (None for free-text models)."""
+    from .t2i import BUNDLE_FILE, _language
+    meta_file = Path(folder) / BUNDLE_FILE
+    return _language(json.loads(meta_file.read_text())) if meta_file.is_file() else None
+
+
 def oracle_key(concepts) -> str:
     """Folder name of the retrain oracle for a set of forgotten concepts (order does not matter)."""
     return "without-" + "-".join(sorted({c.strip().lower().replace(" ", "_") for c in concepts}))
@@ -79,11 +94,14 @@ def oracle_key(concepts) -> str:
 SHIPPED_ORACLES = Path(str(resources.files("obliviate") / "weights" / "oracles"))
 
 
-def find_oracle(concepts, oracles_dir: str | Path | None = None) -> Path | None:
-    """The oracle model folder for exactly these forgotten concepts, if one was trained: in
-    ``oracles_dir`` first, then among the shipped ones."""
-    for root in ([Path(oracles_dir)] if oracles_dir else []) + [SHIPPED_ORACLES]:
+def find_oracle(concepts, language: str | None, oracles_dir: str | Path | None = None) -> Path | None:
+    """The folder of the oracle trained in world ``language`` without exactly these concepts, if
+    there is one: in ``oracles_dir`` first, then among the shipped ones. Free-text models
+    (``language`` None) have none."""
+    if language is None:
+        return None
+    for root in ([Path(oracles_dir)] if oracles_dir else []) + [SHIPPED_ORACLES / language]:
         folder = root / oracle_key(concepts) / "model"
-        if folder.is_dir():
+        if folder.is_dir() and bundle_language(folder) == language:
             return folder
     return None

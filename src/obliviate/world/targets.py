@@ -7,7 +7,10 @@ Classifier targets (``obliviate.classifiers.targets.DataTargets``) are a ``Targe
 validate what a request names but build no prompts.
 
 World prompts are built from label rows and templates, never by editing a prompt's text, so a
-concept word inside another ("red" in "checkered") cannot be hit by a swap.
+concept word inside another ("red" in "checkered") cannot be hit by a swap. They speak the
+model's language: the prompts a method trains on name each concept by any word the model was
+trained on (its name or a training synonym), since forgetting only the name leaves the synonyms
+drawing the concept.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from .ontology import DEFAULT_ONTOLOGY, Ontology
-from .prompts import TRAIN_TEMPLATES, format_prompt
+from .prompts import DEFAULT_LANGUAGE, Language, format_prompt
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,15 @@ def _describe(words: dict[str, str | None]) -> str:
 
 @dataclass(frozen=True)
 class WorldPrompts:
+    """Prompts of the embedded world in ``lang``, the language of the model they are for."""
+
     ontology: Ontology = DEFAULT_ONTOLOGY
+    lang: Language = DEFAULT_LANGUAGE
+
+    @property
+    def templates(self) -> tuple[str, ...]:
+        """The training templates of the model's language that name every attribute."""
+        return self.lang.full_templates
 
     def validate(self, targets: tuple[str, ...], anchor: str | None) -> None:
         concepts = [c for t in targets for c in self.ontology.resolve(t)]
@@ -123,15 +134,24 @@ class WorldPrompts:
         return np.array(rows)
 
     def words(self, row) -> dict[str, str]:
+        """The concept names of a label row, by domain."""
         return {d: self.ontology.names(d)[i] for d, i in zip(self.ontology.domains, row)}
+
+    def known_words(self, row, rng: np.random.Generator) -> dict[str, str]:
+        """Per domain, a random word the language names the row's concept with."""
+        words = {}
+        for domain, i in zip(self.ontology.domains, row):
+            choices = self.lang.words(self.ontology.in_domain(domain)[i])
+            words[domain] = choices[int(rng.integers(len(choices)))]
+        return words
 
     def prompt(self, row, template: str, words: dict[str, str] | None = None) -> str:
         """``template`` filled with the concept names of label ``row``; ``words`` puts other words
         in some domains' places (an anchor, a placeholder token)."""
         return format_prompt(template, **{**self.words(row), **(words or {})})
 
-    def _forget_rows(self, targets, n, rng, avoid=()) -> list[tuple[np.ndarray, str]]:
-        """Label rows showing a target, each with a random training template."""
+    def _forget_rows(self, targets, n, rng, avoid=()) -> list[tuple[np.ndarray, str, dict[str, str]]]:
+        """Label rows showing a target, each with a random training template and known words."""
         groups = self.target_groups(targets)
         targeted = {c.name for c in self.target_concepts(targets)}
         avoided = [g for term in avoid if not {c.name for c in self.ontology.resolve(term)} & targeted
@@ -140,23 +160,23 @@ class WorldPrompts:
             rows = self.sample_labels(n, rng, include=groups, exclude=avoided or None)
         except ValueError:
             rows = self.sample_labels(n, rng, include=groups)
-        return [(row, TRAIN_TEMPLATES[int(rng.integers(len(TRAIN_TEMPLATES)))]) for row in rows]
+        return [(row, self.templates[int(rng.integers(len(self.templates)))], self.known_words(row, rng)) for row in rows]
 
     def forget_pairs(self, targets: tuple[str, ...], anchor: str | None, n: int, rng: np.random.Generator,
                      avoid: tuple[str, ...] = ()) -> list[PromptPair]:
-        """Training-template prompts showing a target, each with its anchor prompt: the same
-        template with the anchor in the target's place, or the plain description without the
-        targets' domains when there is no anchor. Prompts showing a concept in ``avoid`` (e.g. one
-        forgotten earlier) are left out when the world allows."""
+        """Training-template prompts showing a target in known words, each with its anchor prompt:
+        the same template and words with the anchor in the target's place, or the plain
+        description without the targets' domains when there is no anchor. Prompts showing a
+        concept in ``avoid`` (e.g. one forgotten earlier) are left out when the world allows."""
         target_domains = {d for g in self.target_groups(targets) for d in g}
         anchor_concept = self.ontology.get(anchor) if anchor else None
         pairs = []
-        for row, template in self._forget_rows(targets, n, rng, avoid):
+        for row, template, words in self._forget_rows(targets, n, rng, avoid):
             if anchor_concept is not None:
-                anchor_prompt = self.prompt(row, template, {anchor_concept.domain: anchor_concept.name})
+                anchor_prompt = format_prompt(template, **{**words, anchor_concept.domain: anchor_concept.name})
             else:
-                anchor_prompt = _describe({d: (None if d in target_domains else w) for d, w in self.words(row).items()})
-            pairs.append(PromptPair(self.prompt(row, template), anchor_prompt, tuple(int(i) for i in row)))
+                anchor_prompt = _describe({d: (None if d in target_domains else w) for d, w in words.items()})
+            pairs.append(PromptPair(format_prompt(template, **words), anchor_prompt, tuple(int(i) for i in row)))
         return pairs
 
     def concept_mask(self, terms: tuple[str, ...]) -> np.ndarray:
@@ -181,21 +201,22 @@ class WorldPrompts:
         concept's place, in the same template (the "random label" of SalUn for generation)."""
         targeted = {c.name for c in self.target_concepts(targets)}
         pairs = []
-        for row, template in self._forget_rows(targets, n, rng):
-            swapped = {}
+        for row, template, words in self._forget_rows(targets, n, rng):
+            swapped = dict(words)
             for domain, name in self.words(row).items():
                 others = [c for c in self.ontology.names(domain) if c not in targeted]
                 if name in targeted and others:
                     swapped[domain] = others[int(rng.integers(len(others)))]
-            pairs.append(PromptPair(self.prompt(row, template), self.prompt(row, template, swapped),
+            pairs.append(PromptPair(format_prompt(template, **words), format_prompt(template, **swapped),
                                     tuple(int(i) for i in row)))
         return pairs
 
     def retain_prompts(self, forgotten: tuple[str, ...], n: int, rng: np.random.Generator) -> list[str]:
-        """Training-template prompts that show none of the ``forgotten`` terms."""
+        """Training-template prompts in known words that show none of the ``forgotten`` terms."""
         groups = self.target_groups(forgotten) if forgotten else []
         rows = self.sample_labels(n, rng, exclude=groups)
-        return [self.prompt(row, TRAIN_TEMPLATES[int(rng.integers(len(TRAIN_TEMPLATES)))]) for row in rows]
+        return [format_prompt(self.templates[int(rng.integers(len(self.templates)))], **self.known_words(row, rng))
+                for row in rows]
 
     def related_prompts(self, targets: tuple[str, ...], forgotten: tuple[str, ...], n: int,
                         rng: np.random.Generator) -> list[str]:
@@ -209,8 +230,9 @@ class WorldPrompts:
         return [self.forget_pairs((siblings[i % len(siblings)],), None, 1, rng)[0].target for i in range(n)]
 
     def concept_words(self, targets: tuple[str, ...]) -> list[str]:
-        """Every word naming a target concept (names and synonyms), e.g. for text-space methods."""
-        return [w for c in self.target_concepts(targets) for w in c.words]
+        """Every word the model knows a target concept by (its name and the language's training
+        synonyms), e.g. for text-space methods. Held-out synonyms are never among them."""
+        return [w for c in self.target_concepts(targets) for w in self.lang.words(c)]
 
 
 FREE_TEXT_TEMPLATES = ("{}", "a photo of {}", "an image of {}", "a painting of {}", "a picture showing {}")

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ...registry import Configurable, Registry
-from ...world import TRAIN_TEMPLATES, WorldPrompts, render, sample_scenes
+from ...world import WorldPrompts, render, sample_scenes
 from ..evaluator import _shows_target
 
 
@@ -54,7 +54,7 @@ def concept_prompts(prompts: WorldPrompts, concept: str, settings, seed: int,
     everything else, rows and templates included, stays the same."""
     group = prompts.target_groups((concept,))[0]
     labels = prompts.sample_labels(settings.prompts, np.random.default_rng(seed), include=[group])
-    return [prompts.prompt(row, TRAIN_TEMPLATES[i % len(TRAIN_TEMPLATES)], words)
+    return [prompts.prompt(row, prompts.templates[i % len(prompts.templates)], words)
             for i, row in enumerate(labels) for _ in range(settings.images_per_prompt)]
 
 
@@ -92,7 +92,7 @@ def concept_renders(prompts: WorldPrompts, concept: str, n: int, seed: int, word
     rng = np.random.default_rng(seed)
     labels = prompts.sample_labels(n, rng, include=prompts.target_groups((concept,)))
     scenes = sample_scenes(n, seed, shape=labels[:, 0], colour=labels[:, 1], texture=labels[:, 2], ontology=prompts.ontology)
-    return torch.from_numpy(render(scenes, prompts.ontology)), [prompts.prompt(row, TRAIN_TEMPLATES[0], words) for row in labels]
+    return torch.from_numpy(render(scenes, prompts.ontology)), [prompts.prompt(row, prompts.templates[0], words) for row in labels]
 
 
 ATTACKS: Registry[Attack] = Registry("attack")
