@@ -51,3 +51,15 @@ def test_verify_exit_code_reports_tampering(tmp_path, tiny_model_dir):
     edit.write_bytes(bytes(data))
     result = runner.invoke(app, ["verify", str(store)])
     assert result.exit_code == 1 and "FAIL" in result.output and edit.name in result.output
+
+
+def test_paraphrase_attack_prints_the_wordings_it_found(tmp_path, tiny_model_dir):
+    store = tmp_path / "store"
+    invoke("init", store, "--model", tiny_model_dir)
+    options = dict(candidates=2, screen_images=1, top=2, prompts=1, images_per_prompt=1, sampling_steps=2, words="zebra-like")
+    result = invoke("attack", store, "striped", "--kind", "paraphrase", "--oracles", tmp_path / "none",
+                    *[a for k, v in options.items() for a in ("--set", f"{k}={v}")])
+    assert result.exit_code == 0, result.output
+    # the tiny model names no language, so it is v1's and the shipped v1 striped oracle is its bar
+    assert "paraphrase attack on 'striped', model" in result.output and "retrain oracle without-striped" in result.output
+    assert result.output.count("(screened at") == 4  # the two best wordings, on the model and on the oracle

@@ -13,12 +13,16 @@ CONFIG = EvalConfig(forget_prompts=4, retain_prompts=20, images_per_prompt=4)
 
 
 class RenderingModel:
-    """Draws exactly the concepts its prompt names (by any of their words), optionally swapping some."""
+    """Draws exactly the concepts its prompt names (by any of their words), optionally swapping
+    some; ``erased_words`` are drawn as the first concept of their domain instead, as by a model
+    whose erasure cut those words only."""
 
     guidance_scale = 0.0
+    language = "v2"
 
-    def __init__(self, swap: dict[str, str] | None = None):
+    def __init__(self, swap: dict[str, str] | None = None, erased_words: tuple[str, ...] = ()):
         self.swap = swap or {}
+        self.erased_words = erased_words
 
     def state_tensors(self):
         return {"swap": torch.tensor([len(self.swap)])}
@@ -29,8 +33,10 @@ class RenderingModel:
         for prompt in prompts:
             row = []
             for domain in onto.domains:
-                found = [c for c in onto.in_domain(domain) if any(f" {w} " in f" {prompt.replace(',', ' ')} " for w in c.words)]
-                name = self.swap.get(found[0].name, found[0].name)
+                said = [(c, w) for c in onto.in_domain(domain) for w in c.words
+                        if f" {w} " in f" {prompt.replace(',', ' ').replace(':', ' ')} " or f" {w}s " in f" {prompt} "]
+                concept, word = max(said, key=lambda pair: len(pair[1]))  # "hollow circle" is a ring
+                name = onto.names(domain)[0] if word in self.erased_words else self.swap.get(concept.name, concept.name)
                 row.append(onto.index(name))
             rows.append(row)
         rows = np.array(rows)
@@ -50,6 +56,13 @@ def test_a_model_that_draws_the_concept_has_ua_near_zero(judge):
     colours = DEFAULT_ONTOLOGY.names("colour")
     shuffled = RenderingModel(swap={c: colours[(i + 3) % len(colours)] for i, c in enumerate(colours)})
     assert metrics["fd"] < 0.5 * Evaluator(judge, CONFIG).evaluate(shuffled, forgotten=("striped",))["fd"]
+
+
+def test_ua_on_training_synonyms_catches_an_erasure_of_the_name_only(judge):
+    metrics = Evaluator(judge, CONFIG).evaluate(RenderingModel(erased_words=("striped",)), forgotten=("striped",))
+    assert metrics["ua"] >= 0.95 and metrics["ua_heldout_template"] >= 0.95
+    assert metrics["ua_train_synonym"] <= 0.05 and metrics["ua_heldout_synonym"] <= 0.05
+    assert metrics["ua_per_target"]["striped"]["train_synonym"] == metrics["ua_train_synonym"]
 
 
 def test_a_model_that_never_learned_the_concept_has_ua_near_one(judge):
@@ -82,6 +95,6 @@ def test_results_are_cached_by_model_hash(judge, tmp_path):
 def test_ua_splits_choose_what_is_sampled():
     assert EvalConfig(ua_splits="train").splits == ("train",)
     assert EvalConfig(ua_splits="heldout_synonym").splits == ("train", "heldout_synonym")
-    assert EvalConfig().splits == ("train", "heldout_template", "heldout_synonym")
+    assert EvalConfig().splits == ("train", "train_synonym", "heldout_template", "heldout_synonym")
     with pytest.raises(ValueError, match="ua_splits names heldout"):
         EvalConfig(ua_splits="heldout")

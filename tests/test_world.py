@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from obliviate.world import (DEFAULT_LANGUAGE, DEFAULT_ONTOLOGY, HELDOUT_TEMPLATES, LANGUAGES, SPLITS, Concept,
+from obliviate.world import (DEFAULT_ONTOLOGY, HELDOUT_TEMPLATES, LANGUAGES, SPLITS, Concept,
                              Ontology, WorldPrompts, prompt_for, render, sample_scenes, training_prompts)
 
 ONTO = DEFAULT_ONTOLOGY

@@ -118,7 +118,10 @@ def zoo_train(name: str = typer.Argument(..., help="A zoo name (`obliviate zoo l
 
 @zoo_app.command("install")
 def zoo_install(name: str = typer.Argument(..., help="A zoo name (`obliviate zoo list`)."),
-                run: Path = typer.Option(..., help="The run folder `zoo train` wrote.")) -> None:
+                run: Path = typer.Option(..., help="The run folder `zoo train` wrote."),
+                compare: Optional[str] = typer.Option(None, help="A text-to-image zoo model put beside it in the card, "
+                                                                 "judged the same way (its shipped numbers when they were)."),
+                images_per_prompt: int = typer.Option(16, min=1, help="Images per prompt when judging a text-to-image model.")) -> None:
     """Copy a trained run into the package's weights and write its model card (with quality numbers); a
     `--exclude` run of shapes-t2i goes to the shipped retrain oracles."""
     from . import cards as card
@@ -139,11 +142,25 @@ def zoo_install(name: str = typer.Argument(..., help="A zoo name (`obliviate zoo
         from .evaluation.quality import judge_t2i
         from .models.t2i import T2IModel
         from .models.zoo import load_judge
-        quality = judge_t2i(T2IModel.load(run / "model"), load_judge("shapes-judge"))
+        judge = load_judge("shapes-judge")
+        quality = judge_t2i(T2IModel.load(run / "model"), judge, images_per_prompt=images_per_prompt)
         _print_quality(quality)
-        typer.echo(f"installed {card.install_t2i(name, run, quality)}")
+        comparison = {**_shipped_or_judged(compare, quality, judge), "model": compare} if compare else None
+        typer.echo(f"installed {card.install_t2i(name, run, quality, comparison)}")
     else:
         raise typer.BadParameter(f"no zoo model {name!r}; `obliviate zoo list` shows them")
+
+
+def _shipped_or_judged(name: str, like: dict, judge) -> dict:
+    """Zoo model ``name``'s shipped quality numbers if they were measured as ``like`` was, else
+    ``name`` judged afresh that way."""
+    from .evaluation.quality import judge_t2i
+    from .models.zoo import load_t2i, zoo_entry
+    shipped = zoo_entry(name).path / "quality.json"
+    keys = ("n_prompts", "images_per_prompt", "sampler", "guidance_scale")
+    if shipped.is_file() and all(json.loads(shipped.read_text()).get(k) == like[k] for k in keys):
+        return json.loads(shipped.read_text())
+    return judge_t2i(load_t2i(name), judge, like["n_prompts"], like["images_per_prompt"])
 
 
 def _excluded_concepts(run: Path) -> tuple[str, ...]:
@@ -387,8 +404,11 @@ def attack(store: Path = typer.Argument(...), concept: str = typer.Argument(...,
                                               if result.oracle else []):
         typer.echo(f"{kind} attack on {concept!r}, {name}: judge sees it in {res.before:.1%} of images before, "
                    f"{res.after:.1%} after")
-        for steps, rate in res.curve:
-            typer.echo(f"  after {steps} steps: {rate:.1%}")
+        for best in res.details.get("best_prompts", []):
+            typer.echo(f"  {best['measured']:.1%} with {best['prompt']!r} (screened at {best['screened']:.1%})")
+        if "best_prompts" not in res.details:
+            for steps, rate in res.curve:
+                typer.echo(f"  after {steps} steps: {rate:.1%}")
     if result.oracle is None:
         typer.echo(f"(no retrain oracle for {concept!r} in {oracles}: `obliviate zoo train shapes-t2i-v2 --exclude {concept}` "
                    "trains one to compare with)")

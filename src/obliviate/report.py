@@ -17,10 +17,13 @@ from .viz import image_grid
 # Per model family: the curves of the left panel, the one on the right, and the table's metric columns.
 CURVES = {
     "t2i": ((("ua", "UA (forgotten, mean)"), ("ua_min", "UA (worst target)"), ("ira", "IRA"), ("cra", "CRA")),
-            ("fd", "Fréchet distance to renders (lower is better)"), ("ua", "ira", "cra", "fd")),
+            ("fd", "Fréchet distance to renders (lower is better)"),
+            ("ua", "ua_train_synonym", "ua_heldout_template", "ua_heldout_synonym", "ira", "cra", "fd")),
     "classifier": ((("ua", "UA (forget set)"), ("ra", "RA (retained)"), ("ta", "TA (test)"), ("mia", "MIA efficacy")),
                    ("gap", "gap to the retrain oracle, points (lower is better)"), ("ua", "ra", "ta", "mia", "gap")),
 }
+HEADERS = {"ua": "UA", "ua_train_synonym": "UA train syn", "ua_heldout_template": "UA held-out tmpl",
+           "ua_heldout_synonym": "UA held-out syn"}
 
 
 def _png_bytes(figure_or_image) -> bytes:
@@ -145,7 +148,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}} img{{max-width:100
 {len(status['applied'])} request(s) applied, {len(status['pending'])} pending.</p>
 <h2 id="requests">Requests</h2>
 <table><tr><th>id</th><th>forget</th><th>method</th><th>regularizers</th><th>status</th><th>model</th>
-{''.join(f"<th>{k.upper()}</th>" for k in columns)}<th>seconds</th></tr>{rows}</table>
+{''.join(f"<th>{HEADERS.get(k, k.upper())}</th>" for k in columns)}<th>seconds</th></tr>{rows}</table>
 {''.join(sections)}
 <h2 id="attacks">Attacks</h2>
 {'<table><tr><th>after request</th><th>attack</th><th>concept</th><th>seen before</th><th>seen after</th><th>retrain oracle, before / after</th></tr>' + attack_rows + '</table>'
