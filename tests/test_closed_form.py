@@ -31,8 +31,7 @@ def test_uce_satisfies_its_normal_equations_incrementally(tmp_path, tiny_model_d
     store.apply()
     config = UCEConfig(**{k: int(v) for k, v in FAST.items()})
     base, current, state = store.replay(0), store.load_model().state_tensors(), store.method_state()
-    prompts = WorldPrompts()
-    retained = prompts.retain_prompts(("striped", "circle"), config.preserve_prompts, np.random.default_rng(0))
+    prompts = store.prompts()  # in the model's language: the tiny model's is v1
     # the preserve set of request 2 is rebuilt from the same seeded draw as in the method
     rng = np.random.default_rng(0)
     prompts.forget_pairs(("circle",), None, config.erase_prompts, rng, avoid=("striped",))
@@ -88,9 +87,9 @@ def test_uce_keeps_earlier_erasures_and_preserves_retained_outputs(tmp_path, tin
     store.add_request(["circle"], "uce", options)
     store.apply(limit=1)
     model = store.load_model()
-    heldout = WorldPrompts().forget_pairs(("striped",), None, 16, np.random.default_rng(123))  # pairs UCE never saw
+    heldout = store.prompts().forget_pairs(("striped",), None, 16, np.random.default_rng(123))  # pairs UCE never saw
     c, g = aligned_token_states(model, [p.target for p in heldout], [p.anchor for p in heldout])
-    retained = token_states(model, WorldPrompts().retain_prompts(("striped", "circle"), 16, np.random.default_rng(7)))
+    retained = token_states(model, store.prompts().retain_prompts(("striped", "circle"), 16, np.random.default_rng(7)))
     store.apply()
     base, after_two = store.replay(0), store.load_model().state_tensors()
     for name in kv_layers(after_two):
