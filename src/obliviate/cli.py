@@ -156,10 +156,10 @@ def _shipped_or_judged(name: str, like: dict, judge) -> dict:
     ``name`` judged afresh that way."""
     from .evaluation.quality import judge_t2i
     from .models.zoo import load_t2i, zoo_entry
-    shipped = zoo_entry(name).path / "quality.json"
-    keys = ("n_prompts", "images_per_prompt", "sampler", "guidance_scale")
-    if shipped.is_file() and all(json.loads(shipped.read_text()).get(k) == like[k] for k in keys):
-        return json.loads(shipped.read_text())
+    shipped_file = zoo_entry(name).path / "quality.json"
+    shipped = json.loads(shipped_file.read_text()) if shipped_file.is_file() else {}
+    if all(shipped.get(k) == like[k] for k in ("n_prompts", "images_per_prompt", "sampler", "guidance_scale")):
+        return shipped
     return judge_t2i(load_t2i(name), judge, like["n_prompts"], like["images_per_prompt"])
 
 

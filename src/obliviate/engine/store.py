@@ -32,7 +32,7 @@ from ..classifiers.models import ClassifierModel
 from ..config import build_config, config_to_dict
 from ..hashing import file_hash, tensor_hash
 from ..methods.base import Edit, UnlearningContext, get_method
-from ..models.t2i import T2IModel
+from ..models.t2i import T2IModel, bundle_language
 from ..models.zoo import DEFAULT_T2I
 from ..regularizers import check_composition, get_regularizer
 from ..request import RegularizerSpec, Request
@@ -195,7 +195,6 @@ class Store:
     @property
     def language(self) -> str | None:
         """The embedded world's language the store's model was trained in; None for other models."""
-        from ..models.zoo import bundle_language
         return bundle_language(self.root / "base") if self.info["kind"] == "t2i" else None
 
     def prompts(self):

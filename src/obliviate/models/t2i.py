@@ -32,6 +32,12 @@ def _language(meta: dict) -> str | None:
     return meta.get("language", "v1") if meta.get("text_encoder") == "minilm" else None
 
 
+def bundle_language(folder: str | Path) -> str | None:
+    """The world language a model folder was trained in (None for free-text models)."""
+    meta_file = Path(folder) / BUNDLE_FILE
+    return _language(json.loads(meta_file.read_text())) if meta_file.is_file() else None
+
+
 @dataclass(frozen=True)
 class LinearTextTransform:
     """Maps every token state s to ``matrix @ s``; the mask is unchanged. Text-space edits
@@ -110,9 +116,8 @@ class T2IModel:
         """Prompts for request targets: the embedded world's ground truth for a MiniLM model,
         free text (with the user's retain list) for anything else."""
         from ..world import FreeTextPrompts, WorldPrompts, language
-        meta_file = Path(folder) / BUNDLE_FILE
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-        return WorldPrompts(lang=language(_language(meta))) if _language(meta) else FreeTextPrompts(tuple(retain))
+        lang = bundle_language(folder)
+        return WorldPrompts(lang=language(lang)) if lang else FreeTextPrompts(tuple(retain))
 
     @property
     def device(self) -> torch.device:

@@ -13,7 +13,6 @@ the world language both were trained in.
 from __future__ import annotations
 
 import difflib
-import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -79,13 +78,6 @@ def load_judge(name_or_path: str | Path = "shapes-judge"):
     return AttributeJudge.load(resolve_model_path(name_or_path))
 
 
-def bundle_language(folder: str | Path) -> str | None:
-    """The world language a model folder was trained in (None for free-text models)."""
-    from .t2i import BUNDLE_FILE, _language
-    meta_file = Path(folder) / BUNDLE_FILE
-    return _language(json.loads(meta_file.read_text())) if meta_file.is_file() else None
-
-
 def oracle_key(concepts) -> str:
     """Folder name of the retrain oracle for a set of forgotten concepts (order does not matter)."""
     return "without-" + "-".join(sorted({c.strip().lower().replace(" ", "_") for c in concepts}))
@@ -98,6 +90,7 @@ def find_oracle(concepts, language: str | None, oracles_dir: str | Path | None =
     """The folder of the oracle trained in world ``language`` without exactly these concepts, if
     there is one: in ``oracles_dir`` first, then among the shipped ones. Free-text models
     (``language`` None) have none."""
+    from .t2i import bundle_language
     if language is None:
         return None
     for root in ([Path(oracles_dir)] if oracles_dir else []) + [SHIPPED_ORACLES / language]:

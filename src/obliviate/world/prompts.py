@@ -9,6 +9,7 @@ model, and an erasure, generalise beyond the words they were taught.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -91,7 +92,12 @@ class Language:
     def synonyms_of(self, concept: Concept) -> tuple[str, ...]:
         return self.words(concept)[1:]
 
-    @property
+    def random_word(self, concept: Concept, rng: np.random.Generator) -> str:
+        """The concept's name or one of its known synonyms, uniformly."""
+        choices = self.words(concept)
+        return choices[int(rng.integers(len(choices)))]
+
+    @cached_property
     def full_templates(self) -> tuple[str, ...]:
         """The templates that name every attribute: prompts that must show a concept use these."""
         return tuple(t for t in self.templates if all(f"{{{d}}}" in t or f"{{{d}s}}" in t for d in ("shape", "colour", "texture")))
@@ -133,21 +139,13 @@ def prompt_for(labels: tuple[int, int, int], split: str = "train", variant: int 
     return format_prompt(templates[variant % len(templates)], *words)
 
 
-def random_prompt(concepts, rng: np.random.Generator, lang: Language = DEFAULT_LANGUAGE,
-                  fixed: dict[str, str] | None = None) -> str:
-    """A random training prompt showing ``concepts`` (shape, colour, texture): a random template
-    of the language and, per concept, its name or one of its known synonyms; ``fixed`` puts given
-    words in some domains' places."""
-    words = {}
-    for concept in concepts:
-        choices = lang.words(concept)
-        words[concept.domain] = choices[rng.integers(len(choices))]
-    words.update(fixed or {})
-    return format_prompt(lang.templates[rng.integers(len(lang.templates))], **words)
-
-
 def training_prompts(labels: np.ndarray, rng: np.random.Generator, ontology: Ontology = DEFAULT_ONTOLOGY,
                      lang: Language = DEFAULT_LANGUAGE) -> list[str]:
-    """Random training prompts for a batch of (shape, colour, texture) labels."""
+    """Random training prompts for a batch of (shape, colour, texture) labels: per concept a
+    random known word, then a random template of the language."""
     domains = [ontology.in_domain(d) for d in ontology.domains]
-    return [random_prompt([concepts[i] for concepts, i in zip(domains, row)], rng, lang) for row in labels]
+    prompts = []
+    for row in labels:
+        words = [lang.random_word(concepts[i], rng) for concepts, i in zip(domains, row)]
+        prompts.append(format_prompt(lang.templates[rng.integers(len(lang.templates))], *words))
+    return prompts

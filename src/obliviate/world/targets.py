@@ -139,11 +139,7 @@ class WorldPrompts:
 
     def known_words(self, row, rng: np.random.Generator) -> dict[str, str]:
         """Per domain, a random word the language names the row's concept with."""
-        words = {}
-        for domain, i in zip(self.ontology.domains, row):
-            choices = self.lang.words(self.ontology.in_domain(domain)[i])
-            words[domain] = choices[int(rng.integers(len(choices)))]
-        return words
+        return {d: self.lang.random_word(self.ontology.in_domain(d)[i], rng) for d, i in zip(self.ontology.domains, row)}
 
     def prompt(self, row, template: str, words: dict[str, str] | None = None) -> str:
         """``template`` filled with the concept names of label ``row``; ``words`` puts other words

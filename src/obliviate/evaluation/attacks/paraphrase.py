@@ -113,8 +113,8 @@ class ParaphraseAttack(Attack):
                                cfg.images_per_prompt, seed + 1)
         before = float(concept_shown(model, judge, concept, prompts, cfg, seed).float().mean())
         ranking = sorted(zip(best, measured.tolist()), key=lambda pair: -pair[1])
-        return AttackResult(self.name, concept, before, max(measured.tolist()),
-                            curve=((0, before), (len(chosen), max(measured.tolist()))),
+        after = ranking[0][1]
+        return AttackResult(self.name, concept, before, after, curve=((0, before), (len(chosen), after)),
                             details={"best_prompts": [{"prompt": chosen[i].describe(), "screened": round(float(screened[i]), 4),
                                                        "measured": round(rate, 4)} for i, rate in ranking],
                                      "screened_mean": round(float(screened.mean()), 4), "space": len(space),
