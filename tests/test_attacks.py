@@ -26,6 +26,8 @@ def test_probe_separates_separable_features_and_not_random_ones():
 
 @pytest.mark.parametrize("name,options", [
     ("relearn", {**QUICK, "renders": 4, "checkpoints": "0,2", "batch_size": 2}),
+    ("relearn", {**QUICK, "renders": 4, "checkpoints": "0,2", "batch_size": 2, "optimizer": "sgd", "lora_rank": 2}),
+    ("resurgence", {**QUICK, "renders": 4, "checkpoints": "0,2", "batch_size": 2, "trainable": "xattn"}),
     ("prompt", {**QUICK, "iterations": 8, "renders": 4, "batch_size": 4, "learning_rate": 0.05}),
     ("inversion", {**QUICK, "iterations": 8, "renders": 4, "batch_size": 4, "learning_rate": 0.05}),
     ("probe", {"samples": 16, "iterations": 20}),
@@ -38,8 +40,26 @@ def test_attacks_leave_the_model_untouched_and_report_rates(tiny_t2i, random_jud
     after = tiny_t2i.state_tensors()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert 0 <= result.before <= 1 and 0 <= result.after <= 1 and result.concept == "striped"
-    if name == "relearn":
+    if name in ("relearn", "resurgence"):
         assert [step for step, _ in result.curve] == [0, 2]
+        assert result.auc == pytest.approx((result.curve[0][1] + result.curve[1][1]) / 2)
+
+
+def test_relearnability_is_the_mean_success_over_the_attack():
+    from obliviate.evaluation.attacks.base import AttackResult, curve_auc
+    assert curve_auc(((0, 0.0), (10, 1.0), (20, 1.0))) == pytest.approx(0.75)
+    assert curve_auc(((0, 0.5),)) is None
+    oracle = AttackResult("relearn", "red", 0, 0.5, details={"auc": 0.25})
+    result = AttackResult("relearn", "red", 0, 1, details={"auc": 0.75}, oracle=oracle)
+    assert result.auc_gap == pytest.approx(0.5) and result.to_dict()["auc_gap"] == pytest.approx(0.5)
+    assert AttackResult("prompt", "red", 0, 1, curve=((0, 0.0), (40, 1.0))).auc is None
+
+
+def test_resurgence_never_fine_tunes_on_the_concept():
+    from obliviate.evaluation.attacks.resurgence import retained_renders
+    prompts = WorldPrompts()
+    _, texts = retained_renders(prompts, "striped", 64, seed=3)
+    assert not any("striped" in t or "stripe" in t for t in texts)
 
 
 @pytest.mark.parametrize("name", ["prompt", "inversion"])

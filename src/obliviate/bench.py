@@ -205,6 +205,7 @@ def _run_cell(method, regularizer, sequence, spec, work, model, options, eval_op
                "backward_passes": cost.get("unet_backward_passes", cost.get("backward_passes")),
                "edit_bytes": cost.get("edit_bytes"),
                **{f"attack_{kind}": result["after"] for kind, result in attacked.items()},
+               **{f"attack_{kind}_auc": result["auc"] for kind, result in attacked.items() if result["auc"] is not None},
                **({"attack_results": attacked} if attacked else {})}
         rows.append(row)
         shown = FAMILY_COLUMNS[store.info["kind"]]
@@ -220,7 +221,9 @@ def _attack_success(attack, model, judge, prompts, targets) -> dict:
     results = [attack.run(model, target, judge, prompts).to_dict() for target in targets]
     return {"after": sum(r["after"] for r in results) / len(results),
             "before": sum(r["before"] for r in results) / len(results), "curves": [r["curve"] for r in results],
-            "details": [r["details"] for r in results]}
+            "details": [r["details"] for r in results],
+            "auc": None if any(r["details"].get("auc") is None for r in results)
+            else sum(r["details"]["auc"] for r in results) / len(results)}
 
 
 def _attack_keys(rows: list[dict]) -> list[str]:

@@ -385,7 +385,7 @@ def eval_store(store: Path = typer.Argument(...), as_json: bool = typer.Option(F
 
 @app.command()
 def attack(store: Path = typer.Argument(...), concept: str = typer.Argument(..., help="A (forgotten) concept."),
-           kind: str = typer.Option("relearn", help="relearn, prompt, paraphrase, inversion or probe."),
+           kind: str = typer.Option("relearn", help="relearn, resurgence, prompt, paraphrase, inversion or probe."),
            set_: List[str] = typer.Option([], "--set", help="Attack option key=value (repeatable)."),
            oracles: Path = typer.Option(Path("runs/oracles"), help="Retrain oracles (`zoo train shapes-t2i-v2 --exclude`); "
                                                                    "the attack also runs on one that never saw the concept."),
@@ -409,6 +409,10 @@ def attack(store: Path = typer.Argument(...), concept: str = typer.Argument(...,
         if "best_prompts" not in res.details:
             for steps, rate in res.curve:
                 typer.echo(f"  after {steps} steps: {rate:.1%}")
+        if res.auc is not None:
+            typer.echo(f"  relearnability (area under the curve): {res.auc:.1%}")
+    if result.auc_gap is not None:
+        typer.echo(f"relearnability gap to the retrain oracle: {100 * result.auc_gap:+.1f} points")
     if result.oracle is None:
         typer.echo(f"(no retrain oracle for {concept!r} in {oracles}: `obliviate zoo train shapes-t2i-v2 --exclude {concept}` "
                    "trains one to compare with)")
@@ -445,7 +449,7 @@ def bench(methods: List[str] = typer.Option(["esd"], "--method", help="Method to
           oracles: Path = typer.Option(Path("runs/oracles"), help="Retrain oracles (`zoo train shapes-t2i-v2 --exclude`)."),
           evaluate: bool = typer.Option(True, help="--no-evaluate: cost columns only (a speed benchmark)."),
           attack: List[str] = typer.Option([], "--attack", help="Attack to run after every step on its targets "
-                                                                "(repeatable; text-to-image): relearn, prompt, inversion, probe."),
+                                                                "(repeatable; text-to-image): relearn, resurgence, prompt, paraphrase, inversion, probe."),
           attack_set: List[str] = typer.Option([], "--attack-set", help="KIND.option=value (repeatable).")) -> None:
     """Run a resumable benchmark matrix; prints and writes a table to OUT/SEQUENCE.md (and .csv)."""
     from .bench import markdown_table, parse_method_options, run_bench

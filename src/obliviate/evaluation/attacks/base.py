@@ -25,8 +25,33 @@ class AttackResult:
     details: dict = field(default_factory=dict)
     oracle: "AttackResult | None" = None  # the same attack on the retrain oracle, when one exists
 
+    @property
+    def auc(self) -> float | None:
+        """Relearnability, for fine-tuning attacks: ``curve_auc`` of their curve (``None`` for
+        other attacks, whose curve is only before and after)."""
+        return self.details.get("auc")
+
+    @property
+    def auc_gap(self) -> float | None:
+        """``auc`` minus the retrain oracle's under the same attack (``None`` without one)."""
+        if self.auc is None or self.oracle is None or self.oracle.auc is None:
+            return None
+        return self.auc - self.oracle.auc
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out["auc_gap"] = self.auc_gap
+        return out
+
+
+def curve_auc(curve) -> float | None:
+    """Trapezoid area under (steps, rate) points divided by the step range: the mean success
+    over the attack; ``None`` with fewer than two step counts."""
+    points = sorted(curve)
+    if len(points) < 2 or points[-1][0] == points[0][0]:
+        return None
+    area = sum((s1 - s0) * (r0 + r1) / 2 for (s0, r0), (s1, r1) in zip(points, points[1:]))
+    return area / (points[-1][0] - points[0][0])
 
 
 class Attack(Configurable, ABC):
