@@ -25,7 +25,9 @@ FAST = {"steps": 3, "forget_images": 2, "sampling_steps": 2, "batch_size": 2, "l
 # small options so every regularizer runs in a fraction of a second on the tiny UNet
 REGULARIZER_OPTIONS = {"gradproj": {"rank": 8, "prompts": 8}, "fgoriu": {"remain_rank": 8, "min_remain_rank": 4, "prompts": 8},
                        "selft": {"fraction": 0.2, "batches": 1}, "ewc": {"batches": 1}, "merge": {"strategy": "uniform"},
-                       "l1sp": {"weight": 10.0}, "l2sp": {"weight": 10.0}}
+                       "l1sp": {"weight": 10.0}, "l2sp": {"weight": 10.0},
+                       "meta": {"learning_rates": (1e-3,), "steps": (1,)}, "resalign": {"prox_steps": 1, "iterations": 1},
+                       "adversarial": {"inner_steps": 1}}
 
 
 # --------------------------------------------------------------------------- the projector

@@ -153,7 +153,7 @@ def run_bench(methods: list[str], regularizers: list[str], sequence: str, out: P
 def _run_cell(method, regularizer, sequence, spec, work, model, options, eval_options, echo,
               oracles: Path | None = None, evaluate: bool = True, attacks: dict | None = None) -> list[dict]:
     """Rows of one cell. ``base`` evaluates the unedited model; ``oracle`` the model retrained
-    without the forgotten concepts, where one exists for every step (else no rows). Classifier
+    without the forgotten concepts, at the steps where one exists. Classifier
     rows carry their oracle's numbers already, so they have no oracle cell."""
     from .evaluation import evaluator_for
     from .evaluation.attacks import get_attack
@@ -178,9 +178,9 @@ def _run_cell(method, regularizer, sequence, spec, work, model, options, eval_op
             metrics, cost = evaluator(model_now, store, forgotten=forgotten), {}
         elif method == "oracle":
             folder = find_oracle(forgotten, store.language, oracles)
-            if folder is None:
-                echo(f"  no retrain oracle for {', '.join(forgotten)} in {oracles}; oracle rows skipped")
-                return []
+            if folder is None:  # the step has no row; delete the cell to rerun it once the oracle is trained
+                echo(f"  no retrain oracle for {', '.join(forgotten)} in {oracles}; that step's oracle row is skipped")
+                continue
             model_now = store.family.load(folder).eval()
             metrics, cost = evaluator(model_now, store, forgotten=forgotten), {}
         else:

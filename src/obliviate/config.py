@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import types
 import typing
 from typing import Any
@@ -56,7 +57,7 @@ def _coerce(value: Any, annotation, name: str):
         if annotation in (int, float, str):
             return annotation(value)
         if origin is tuple:
-            parts = [p for p in value.split(",") if p.strip()]
+            parts = [p for p in re.split(r"[,/]", value) if p.strip()]  # "/" inside NAME:key=a/b specs
             kind = args[0] if args else str
             return tuple(kind(p.strip()) for p in parts)
         if origin is typing.Literal:

@@ -26,6 +26,15 @@ class TextEncoding:
     def __getitem__(self, index) -> "TextEncoding":
         return TextEncoding(self.states[index], self.mask[index])
 
+    def with_prefix(self, prefix: torch.Tensor) -> "TextEncoding":
+        """k extra states (k, D), attended to, placed after the first token of every prompt:
+        a soft prompt in the space the UNet reads."""
+        batch, k = len(self.states), prefix.shape[0]
+        states = torch.cat([self.states[:, :1], prefix.to(self.states).expand(batch, -1, -1), self.states[:, 1:]], 1)
+        mask = torch.cat([self.mask[:, :1], torch.ones(batch, k, dtype=self.mask.dtype, device=self.mask.device),
+                          self.mask[:, 1:]], 1)
+        return TextEncoding(states, mask)
+
     @staticmethod
     def cat(parts: list["TextEncoding"]) -> "TextEncoding":
         return TextEncoding(torch.cat([p.states for p in parts]), torch.cat([p.mask for p in parts]))

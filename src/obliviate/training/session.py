@@ -4,8 +4,9 @@ losses, the options every gradient method shares, and the parameter selection.""
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -74,6 +75,10 @@ class PassCounter:
     def _hook(self, *_):
         self.forward += 1
 
+    def watch(self, module: torch.nn.Module) -> None:
+        """Count ``module``'s forward calls too (a scratch copy used for simulations)."""
+        self._handles.append(module.register_forward_hook(self._hook))
+
     def count_backward(self) -> None:
         self.backward += 1
 
@@ -119,6 +124,7 @@ class TrainingSession:
     forget_latents: torch.Tensor | None = None
     retain_prompt_list: list[str] = field(default_factory=list)
     retain_latents: torch.Tensor | None = None
+    concept_latents: torch.Tensor | None = None
 
     @property
     def prompts(self) -> PromptSource:
@@ -135,6 +141,16 @@ class TrainingSession:
 
     def encode(self, prompts: list[str]) -> TextEncoding:
         return self.model.encode(prompts)
+
+    @contextmanager
+    def using(self, model: T2IModel) -> Iterator[None]:
+        """Run losses on ``model`` (a scratch copy a defence fine-tuned) in place of the trained
+        model, with the session's batches, teacher and random streams."""
+        trained, self.model = self.model, model
+        try:
+            yield
+        finally:
+            self.model = trained
 
     def noisy(self, clean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x_t, t, noise) for clean latents at random timesteps."""
@@ -166,6 +182,19 @@ class TrainingSession:
         clean = self.retain_latents[index]
         noisy, t, noise = self.noisy(clean)
         return Batch([self.retain_prompt_list[i] for i in index], clean, noisy, t, noise)
+
+    @torch.no_grad()
+    def concept_batch(self) -> Batch:
+        """A random batch of forget prompts on images of the targets that the frozen model drew
+        (once per request). Defences simulate attackers on these, never on the world's renders
+        that the evaluation's attacks use."""
+        if self.concept_latents is None:
+            self.concept_latents = self.draw_latents(self.forget_prompts[:self.config.forget_images])
+        index = self.rng.integers(0, len(self.concept_latents), self.config.batch_size)
+        clean = self.concept_latents[index]
+        noisy, t, noise = self.noisy(clean)
+        return Batch([self.forget_prompts[i] for i in index], clean, noisy, t, noise,
+                     [self.anchor_prompts[i] for i in index])
 
     @torch.no_grad()
     def draw_latents(self, prompts: list[str]) -> torch.Tensor:
