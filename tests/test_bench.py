@@ -15,8 +15,9 @@ def test_bench_writes_tables_and_resumes(tmp_path, tiny_model_dir):
     lines = []
     rows = run_bench(["esd"], ["", "l2sp"], "s3", out, tmp_path / "work", str(tiny_model_dir), options,
                      {**TINY_EVAL, "judge": str(judge_dir)}, echo=lines.append)
-    assert len(rows) == 3 * len(SEQUENCES["s3"]["requests"])  # base, esd, esd+l2sp
-    assert {r["method"] for r in rows} == {"base", "esd"}
+    assert len([r for r in rows if r["method"] != "oracle"]) == 3 * len(SEQUENCES["s3"]["requests"])  # base, esd, esd+l2sp
+    # the shipped v1 oracle has forgotten striped only: a row for the first step alone
+    assert [r["step"] for r in rows if r["method"] == "oracle"] == [1]
     table = (out / "s3.md").read_text()
     assert table.count("\n| esd |") == 6 and "| base |" in table
     assert (out / "s3.csv").read_text().count("\n") == len(rows) + 1
@@ -26,7 +27,7 @@ def test_bench_writes_tables_and_resumes(tmp_path, tiny_model_dir):
     lines.clear()
     run_bench(["esd"], ["", "l2sp"], "s3", out, tmp_path / "work", str(tiny_model_dir), options,
               {**TINY_EVAL, "judge": str(judge_dir)}, echo=lines.append)
-    assert sum(line.startswith("skip") for line in lines) == 3
+    assert sum(line.startswith("skip") for line in lines) == 4  # base, oracle and the two esd cells
     assert cells == {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
 
 
@@ -104,3 +105,34 @@ def test_a_request_the_method_refuses_ends_its_cell_with_the_rows_so_far(tmp_pat
                      {"uce": {"preserve": "none"}}, evaluate=False, echo=lines.append)
     assert [r["step"] for r in rows] == [1]
     assert any("refused, the cell stops: too many constraints" in line for line in lines)
+
+
+def test_relearnability_sits_in_every_row_beside_the_oracles(tmp_path, tiny_model_dir):
+    import shutil
+    judge_dir = tmp_path / "judge"
+    AttributeJudge({d: len(DEFAULT_ONTOLOGY.in_domain(d)) for d in DEFAULT_ONTOLOGY.domains}).save(judge_dir)
+    oracles = tmp_path / "oracles"
+    shutil.copytree(tiny_model_dir, oracles / "without-striped" / "model")
+    evaluation = {**TINY_EVAL, "judge": str(judge_dir), "relearn_checkpoints": "0,1", "oracles": str(oracles),
+                  "ua_splits": "train"}
+    out = tmp_path / "bench"
+    rows = run_bench(["uce"], [], "s1-striped", out, tmp_path / "work", str(tiny_model_dir), {"uce": {"preserve": "none"}},
+                     evaluation, oracles=oracles, echo=lambda _: None)
+    by_method = {r["method"]: r for r in rows}
+    assert set(by_method) == {"base", "oracle", "uce"}
+    assert by_method["oracle"]["relearn_auc_gap"] == 0  # the same model, the same attack
+    for row in rows:
+        assert 0 <= row["relearn_auc"] <= 1
+        assert row["relearn_auc_gap"] == pytest.approx(row["relearn_auc"] - by_method["oracle"]["relearn_auc"], abs=1e-4)
+    table = (out / "s1-striped.md").read_text()
+    assert "| relearn AUC | AUC gap |" in table
+    assert "UA held-out syn" not in table  # a column nothing measured is left out
+
+
+def test_relearn_checkpoints_are_validated():
+    from obliviate.evaluation.evaluator import EvalConfig
+    with pytest.raises(ValueError, match="relearn_checkpoints"):
+        EvalConfig(relearn_checkpoints="5")
+    with pytest.raises(ValueError, match="relearn_checkpoints"):
+        EvalConfig(relearn_checkpoints="0,x")
+    assert EvalConfig(relearn_checkpoints="10,0,5").checkpoints == (0, 5, 10)

@@ -68,7 +68,8 @@ def sequence_requests(sequence: str) -> list[tuple[str, ...]]:
 
 # Columns of each model family's tables: (header, row key, decimals).
 T2I_COLUMNS = [("UA", "ua", 3), ("UA min", "ua_min", 3), ("UA train syn", "ua_train_synonym", 3), ("UA held-out tmpl", "ua_heldout_template", 3),
-               ("UA held-out syn", "ua_heldout_synonym", 3), ("IRA", "ira", 3), ("CRA", "cra", 3), ("FD", "fd", 2)]
+               ("UA held-out syn", "ua_heldout_synonym", 3), ("IRA", "ira", 3), ("CRA", "cra", 3), ("FD", "fd", 2),
+               ("relearn AUC", "relearn_auc", 3), ("AUC gap", "relearn_auc_gap", 3)]
 CLASSIFIER_COLUMNS = [("UA", "ua", 3), ("UA test", "ua_test", 3), ("RA", "ra", 3), ("TA", "ta", 3), ("MIA", "mia", 3),
                       ("gap", "gap", 2), ("relearn", "relearn_steps", 0), ("oracle relearn", "oracle_relearn_steps", 0),
                       ("probe", "probe", 3), ("oracle probe", "oracle_probe", 3), ("retrain s", "retrain_seconds", 2)]
@@ -301,8 +302,8 @@ def _fmt(value, digits=3) -> str:
 def markdown_table(rows: list[dict], sequence: str) -> str:
     spec = SEQUENCES[sequence]
     family = _family(sequence)
-    columns = FAMILY_COLUMNS[family]
     attack_keys = _attack_keys(rows)
+    columns = [c for c in FAMILY_COLUMNS[family] if any(r.get(c[1]) is not None for r in rows)]  # what was measured
     columns = columns + [(f"{k[len('attack_'):]} attack", k, 3) for k in attack_keys]
     lines = [f"# Benchmark `{sequence}`: {spec['about']}", "", LEGENDS[family], ""]
     if attack_keys:

@@ -1,6 +1,7 @@
 """The evaluator run after every request: UA per forgotten target (concept names and training
 synonyms in training templates, names in held-out templates, held-out synonyms, each
-separately), IRA, CRA and FD on retained prompts.
+separately), IRA, CRA and FD on retained prompts; optionally (``relearn_checkpoints``) the
+relearnability of each forgotten target, beside the retrain oracle's when one exists.
 
 Definitions follow UnlearnCanvas, per forgotten target t in domain d:
 - UA(t): share of images generated for t's prompts that the judge does not classify as t;
@@ -35,12 +36,21 @@ class EvalConfig:
     judge: str = field(default="shapes-judge", metadata={"help": "zoo name or folder of the attribute judge"})
     ua_splits: str = field(default=",".join(SPLITS), metadata={
         "help": "prompt splits UA is measured on, comma-separated (train is always included); fewer = cheaper"})
+    relearn_checkpoints: str = field(default="", metadata={
+        "help": "fine-tuning step counts for relearnability, comma-separated (e.g. 0,5,10,20,50); empty = not measured"})
+    oracles: str = field(default="", metadata={"help": "folder of retrain oracles (besides the shipped ones)"})
     seed: int = 0
 
     def __post_init__(self):
         for name in ("forget_prompts", "retain_prompts", "images_per_prompt", "steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        try:
+            steps = self.checkpoints
+        except ValueError:
+            raise ValueError(f"relearn_checkpoints must be step counts like 0,5,10,20,50, got {self.relearn_checkpoints!r}") from None
+        if steps and (len(steps) < 2 or min(steps) < 0):
+            raise ValueError(f"relearn_checkpoints needs at least two step counts >= 0, got {self.relearn_checkpoints!r}")
         unknown = set(self.splits) - set(SPLITS)
         if unknown:
             raise ValueError(f"ua_splits names {', '.join(sorted(unknown))}; choose from {', '.join(SPLITS)}.")
@@ -49,6 +59,10 @@ class EvalConfig:
     def splits(self) -> tuple[str, ...]:
         named = {s.strip() for s in self.ua_splits.split(",") if s.strip()} | {"train"}
         return tuple(s for s in SPLITS if s in named) + tuple(sorted(named - set(SPLITS)))
+
+    @property
+    def checkpoints(self) -> tuple[int, ...]:
+        return tuple(sorted({int(s) for s in self.relearn_checkpoints.replace("/", ",").split(",") if s.strip()}))
 
     @property
     def key(self) -> str:
@@ -147,7 +161,35 @@ class Evaluator:
             out["cra"] = round(float(np.nanmean(cra)), 4) if not np.all(np.isnan(cra)) else None
         else:
             out["ira"] = out["cra"] = round(float(np.mean(list(per_domain.values()))), 4)
+        if groups and cfg.checkpoints:
+            with torch.enable_grad():  # the attack fine-tunes a copy
+                out.update(self.relearnability(model, tuple(groups)))
         return out
+
+    def relearnability(self, model, forgotten: tuple[str, ...]) -> dict:
+        """Per forgotten target, the relearning attack's curve and its area (``curve_auc``), and
+        the same for the retrain oracle that never saw it (one for everything forgotten, else for
+        the target alone) with the gap between the two; means over targets beside them."""
+        from ..models.t2i import T2IModel
+        from ..models.zoo import find_oracle
+        from .attacks.relearn import RelearnAttack, RelearnConfig
+        cfg = self.config
+        attack = RelearnAttack(RelearnConfig(prompts=cfg.forget_prompts, images_per_prompt=cfg.images_per_prompt,
+                                             sampling_steps=cfg.steps, checkpoints=cfg.checkpoints))
+        per_target = {}
+        for target in forgotten:
+            result = attack.run(model, target, self.judge, self.prompts, seed=cfg.seed)
+            entry = {"auc": round(result.auc, 4), "curve": [list(p) for p in result.curve]}
+            folder = (find_oracle(forgotten, model.language, cfg.oracles or None)
+                      or find_oracle((target,), model.language, cfg.oracles or None))
+            if folder is not None:
+                oracle = attack.run(T2IModel.load(folder).eval(), target, self.judge, self.prompts, seed=cfg.seed)
+                entry.update(oracle_auc=round(oracle.auc, 4), gap=round(result.auc - oracle.auc, 4),
+                             oracle_curve=[list(p) for p in oracle.curve], oracle=folder.parent.name)
+            per_target[target] = entry
+        gaps = [e["gap"] for e in per_target.values() if "gap" in e]
+        return {"relearn": per_target, "relearn_auc": round(float(np.mean([e["auc"] for e in per_target.values()])), 4),
+                "relearn_auc_gap": round(float(np.mean(gaps)), 4) if len(gaps) == len(per_target) else None}
 
     def _retained_labels(self, groups: list[dict[str, set[int]]], n: int) -> np.ndarray:
         """Balanced label rows, skipping any that show a forgotten target."""
