@@ -56,9 +56,9 @@ def test_relearnability_is_the_mean_success_over_the_attack():
 
 
 def test_resurgence_never_fine_tunes_on_the_concept():
-    from obliviate.evaluation.attacks.resurgence import retained_renders
+    from obliviate.evaluation.attacks.resurgence import retained_rows
     prompts = WorldPrompts()
-    _, texts = retained_renders(prompts, "striped", 64, seed=3)
+    _, texts = retained_rows(prompts, "striped", 64, seed=3)
     assert not any("striped" in t or "stripe" in t for t in texts)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from obliviate.engine import RegularizerSpec, Request
-from obliviate.evaluation.attacks.base import concept_renders
+from obliviate.evaluation.attacks import get_attack
 from obliviate.methods import UnlearningContext, get_method
 from obliviate.methods import gradient as gradient_loop
 from obliviate.regularizers import get_regularizer
@@ -197,16 +197,30 @@ def test_meta_gradient_in_a_request_is_the_outer_gradient_at_the_fine_tuned_copy
         torch.testing.assert_close(g, torch.zeros_like(g) if e is None else e, rtol=1e-4, atol=1e-6)
 
 
-def test_defences_never_train_on_the_attacks_renders(minilm, monkeypatch):
-    """The simulated attacker's images are the frozen model's drawings; the relearning attack's
-    renders, whatever seed it is given (the request's too), are none of them."""
+@pytest.mark.parametrize("data", ["renders", "model"])
+def test_an_attack_never_fine_tunes_on_the_defences_images(minilm, monkeypatch, tiny_model_dir, data):
+    """The simulated attacker's images are the frozen model's drawings at the start of the
+    request; the relearning attack's, rendered or drawn by a model (here the very model the
+    request started from), with any seed (the request's too), are none of them."""
+    from obliviate.evaluation.attacks.base import concept_rows
+    from obliviate.evaluation.attacks.finetune import attack_images
+    from obliviate.evaluation.attacks.relearn import RelearnConfig
     (reg, session, _), _ = _session_with(minilm, "meta", monkeypatch)
-    defence_images = session.concept_latents.flatten(1)
+    settings = RelearnConfig(sampling_steps=2, data="renders" if data == "renders" else str(tiny_model_dir))
+    defence_images = session.concept_latents
+    size = defence_images.shape[-2:]
+    defence_images = defence_images.flatten(1)
     for seed in (0, session.request.seed, 1, 7):
-        renders, _ = concept_renders(session.prompts, "striped", 16, seed)
-        attack_latents = session.model.to_latents(renders).flatten(1)
+        labels, texts = concept_rows(session.prompts, "striped", 16, seed)
+        images = torch.nn.functional.adaptive_avg_pool2d(attack_images(settings, session.prompts, labels, texts, seed), size)
+        attack_latents = session.model.to_latents(images).flatten(1)
         distance = torch.cdist(attack_latents, defence_images.to(attack_latents))
         assert float(distance.min()) > 1e-3
+
+
+def test_a_data_model_that_is_not_there_is_refused():
+    with pytest.raises(ValueError, match="neither a zoo model"):
+        get_attack("relearn").from_options({"data": "no-such-model"})
 
 
 def test_defence_options_are_validated_before_anything_runs():

@@ -111,13 +111,18 @@ def fixed_objective(model, clean: torch.Tensor, encode, texts: list[str], seed: 
     return float(model.denoising_loss(clean, encode(texts), generator))
 
 
+def concept_rows(prompts: WorldPrompts, concept: str, n: int, seed: int, words: dict[str, str] | None = None):
+    """``n`` label rows showing the concept with random other attributes, and a training prompt
+    for each (``words`` as in ``concept_prompts``)."""
+    labels = prompts.sample_labels(n, np.random.default_rng(seed), include=prompts.target_groups((concept,)))
+    return labels, [prompts.prompt(row, prompts.templates[0], words) for row in labels]
+
+
 def concept_renders(prompts: WorldPrompts, concept: str, n: int, seed: int, words: dict[str, str] | None = None):
-    """Renders of the concept with random other attributes, and a training prompt for each
-    (``words`` as in ``concept_prompts``)."""
-    rng = np.random.default_rng(seed)
-    labels = prompts.sample_labels(n, rng, include=prompts.target_groups((concept,)))
+    """Renders of ``concept_rows`` (seeded by ``seed``), and their prompts."""
+    labels, texts = concept_rows(prompts, concept, n, seed, words)
     scenes = sample_scenes(n, seed, shape=labels[:, 0], colour=labels[:, 1], texture=labels[:, 2], ontology=prompts.ontology)
-    return torch.from_numpy(render(scenes, prompts.ontology)), [prompts.prompt(row, prompts.templates[0], words) for row in labels]
+    return torch.from_numpy(render(scenes, prompts.ontology)), texts
 
 
 ATTACKS: Registry[Attack] = Registry("attack")

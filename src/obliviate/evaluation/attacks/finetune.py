@@ -12,6 +12,7 @@ from typing import Callable, Literal
 import torch
 
 from ...training import TRAINABLE_PRESETS, select_parameters
+from ...world import render, sample_scenes
 from .base import ProbeSettings, curve_auc
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
@@ -28,6 +29,9 @@ class FineTuneSettings(ProbeSettings):
         "help": f"what the attacker trains: a preset ({', '.join(TRAINABLE_PRESETS)}) or a regex over UNet parameter names"})
     lora_rank: int = field(default=0, metadata={
         "help": "0: fine-tune the chosen weights themselves; r > 0: a peft LoRA of rank r on the attention projections"})
+    data: str = field(default="renders", metadata={
+        "help": "'renders' (the world's own images) or a model (zoo name or folder) whose drawings are the data, "
+                "e.g. the store's base model"})
 
     def __post_init__(self):
         if self.renders <= 0 or self.batch_size <= 0 or not self.checkpoints or min(self.checkpoints) < 0:
@@ -36,6 +40,21 @@ class FineTuneSettings(ProbeSettings):
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.learning_rate <= 0 or self.lora_rank < 0:
             raise ValueError("learning_rate must be positive and lora_rank >= 0")
+        if self.data != "renders":
+            from ...models.zoo import resolve_model_path
+            resolve_model_path(self.data)  # names what is wrong with a model that is not there
+
+
+def attack_images(settings: FineTuneSettings, prompts, labels, texts: list[str], seed: int) -> torch.Tensor:
+    """The attacker's images for label rows: the world's renders of them, or the drawings of the
+    model named by ``settings.data`` for ``texts``. Either way they are made from the attack's
+    own seed, so they are never the images a defence drew while the model was trained."""
+    if settings.data == "renders":
+        scenes = sample_scenes(len(labels), seed, shape=labels[:, 0], colour=labels[:, 1], texture=labels[:, 2],
+                               ontology=prompts.ontology)
+        return torch.from_numpy(render(scenes, prompts.ontology))
+    from ...models.zoo import load_t2i
+    return load_t2i(settings.data).sample(texts, steps=settings.sampling_steps, seed=seed, solver="dpm")
 
 
 def attacker_copy(model, settings: FineTuneSettings):

@@ -1,15 +1,16 @@
 """Relearning attack: fine-tune a copy of the model on a few renders of the forgotten concept and
 watch how fast the judge sees it again. Forgetting that ten steps undo is not forgetting.
 
-The renders are the world's own (seeded by the attack's seed), never the images a defence drew
-from the frozen model, so a defence cannot have trained on its evaluation's data."""
+The images are the world's renders, or another model's drawings (``data``), made from the attack's
+seed; never the images a defence drew from the frozen model, so a defence cannot have trained on
+its evaluation's data."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Attack, AttackResult, concept_renders, concept_shown_rate, register_attack
-from .finetune import FineTuneSettings, fine_tune_curve, curve_details
+from .base import Attack, AttackResult, concept_rows, concept_shown_rate, register_attack
+from .finetune import FineTuneSettings, attack_images, curve_details, fine_tune_curve
 
 
 @dataclass
@@ -25,7 +26,8 @@ class RelearnAttack(Attack):
 
     def run(self, model, concept, judge, prompts, seed=0) -> AttackResult:
         cfg = self.config
-        images, texts = concept_renders(prompts, concept, cfg.renders, seed)
+        labels, texts = concept_rows(prompts, concept, cfg.renders, seed)
+        images = attack_images(cfg, prompts, labels, texts, seed)
         curve = fine_tune_curve(model, images, texts, cfg,
                                 lambda m: concept_shown_rate(m, judge, concept, prompts, cfg, seed), seed)
         return AttackResult(self.name, concept, before=dict(curve).get(0, curve[0][1]), after=curve[-1][1], curve=curve,
