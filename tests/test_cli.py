@@ -63,3 +63,23 @@ def test_paraphrase_attack_prints_the_wordings_it_found(tmp_path, tiny_model_dir
     # the tiny model names no language, so it is v1's and the shipped v1 striped oracle is its bar
     assert "paraphrase attack on 'striped', model" in result.output and "retrain oracle without-striped" in result.output
     assert result.output.count("(screened at") == 4  # the two best wordings, on the model and on the oracle
+
+
+def test_eval_reports_relearnability_beside_the_retrain_oracle(tmp_path, tiny_model_dir):
+    from obliviate.engine import Store
+    from obliviate.models.judge import AttributeJudge
+    from obliviate.world import DEFAULT_ONTOLOGY
+    judge_dir = tmp_path / "judge"
+    AttributeJudge({d: len(DEFAULT_ONTOLOGY.in_domain(d)) for d in DEFAULT_ONTOLOGY.domains}).save(judge_dir)
+    store = tmp_path / "store"
+    invoke("init", store, "--model", tiny_model_dir)
+    invoke("request", "add", store, "striped", "--method", "uce")
+    invoke("apply", store)
+    options = dict(relearn_checkpoints="0,1", judge=judge_dir, forget_prompts=1, retain_prompts=2, images_per_prompt=1,
+                   steps=2, ua_splits="train")
+    result = invoke("eval", store, *[a for k, v in options.items() for a in ("--set", f"{k}={v}")])
+    assert result.exit_code == 0, result.output
+    # the tiny model is v1's, so the shipped v1 oracle without striped is the bar
+    assert "relearnability striped: AUC" in result.output and "retrain oracle" in result.output
+    recorded = [e for e in Store(store).ledger.events() if e.kind == "evaluate"][-1].payload["metrics"]
+    assert set(recorded["relearn"]["striped"]) >= {"auc", "oracle_auc", "gap", "curve"}

@@ -376,11 +376,14 @@ def eval_store(store: Path = typer.Argument(...), as_json: bool = typer.Option(F
         _print_json({**metrics, "base": base_metrics} if base else metrics)
         return
     shown = ("ua", "ua_train_synonym", "ua_heldout_template", "ua_heldout_synonym", "ira", "cra", "fd", "ua_test", "ra", "ta", "mia",
-             "relearn_steps", "probe", "gap")
+             "relearn_steps", "probe", "gap", "relearn_auc", "relearn_auc_gap")
     rows = [[k, metrics[k], *([base_metrics.get(k)] if base else [])] for k in shown if metrics.get(k) is not None]
     _table("evaluation of the current model", ["metric", "value", *(["base model"] if base else [])], rows)
     for target, per_split in metrics.get("ua_per_target", {}).items():
         typer.echo(f"UA {target}: " + ", ".join(f"{k} {v:.3f}" for k, v in per_split.items()))
+    for target, relearn in metrics.get("relearn", {}).items():
+        oracle = f", retrain oracle {relearn['oracle_auc']:.3f} (gap {relearn['gap']:+.3f})" if "gap" in relearn else ", no oracle"
+        typer.echo(f"relearnability {target}: AUC {relearn['auc']:.3f} over steps {[s for s, _ in relearn['curve']]}{oracle}")
 
 
 @app.command()
