@@ -163,13 +163,16 @@ class TrainingSession:
         forgotten = self.context.forgotten + self.targets
         return self.prompts.retain_prompts(forgotten, n, self.rng) or [""] * n
 
+    def _batch(self, latents: torch.Tensor, prompts: list[str], anchors: list[str] | None = None) -> Batch:
+        """``batch_size`` random rows of ``latents`` with their prompts (and anchors), noised."""
+        index = self.rng.integers(0, len(latents), self.config.batch_size)
+        clean = latents[index]
+        noisy, t, noise = self.noisy(clean)
+        return Batch([prompts[i] for i in index], clean, noisy, t, noise, [anchors[i] for i in index] if anchors else [])
+
     def forget_batch(self) -> Batch:
         """A random batch of forget prompts (with their anchors) on the cached forget images."""
-        index = self.rng.integers(0, len(self.forget_latents), self.config.batch_size)
-        clean = self.forget_latents[index]
-        noisy, t, noise = self.noisy(clean)
-        return Batch([self.forget_prompts[i] for i in index], clean, noisy, t, noise,
-                     [self.anchor_prompts[i] for i in index])
+        return self._batch(self.forget_latents, self.forget_prompts, self.anchor_prompts)
 
     @torch.no_grad()
     def retain_batch(self) -> Batch:
@@ -178,23 +181,16 @@ class TrainingSession:
         if self.retain_latents is None:
             self.retain_prompt_list = self.retain_prompts(self.config.forget_images)
             self.retain_latents = self.draw_latents(self.retain_prompt_list)
-        index = self.rng.integers(0, len(self.retain_latents), self.config.batch_size)
-        clean = self.retain_latents[index]
-        noisy, t, noise = self.noisy(clean)
-        return Batch([self.retain_prompt_list[i] for i in index], clean, noisy, t, noise)
+        return self._batch(self.retain_latents, self.retain_prompt_list)
 
     @torch.no_grad()
     def concept_batch(self) -> Batch:
-        """A random batch of forget prompts on images of the targets that the frozen model drew
-        (once per request). Defences simulate attackers on these, never on the world's renders
-        that the evaluation's attacks use."""
+        """A random batch of forget prompts (with their anchors) on images of the targets that
+        the frozen model drew (once per request). Defences simulate attackers on these, never on
+        the world's renders that the evaluation's attacks use."""
         if self.concept_latents is None:
             self.concept_latents = self.draw_latents(self.forget_prompts[:self.config.forget_images])
-        index = self.rng.integers(0, len(self.concept_latents), self.config.batch_size)
-        clean = self.concept_latents[index]
-        noisy, t, noise = self.noisy(clean)
-        return Batch([self.forget_prompts[i] for i in index], clean, noisy, t, noise,
-                     [self.anchor_prompts[i] for i in index])
+        return self._batch(self.concept_latents, self.forget_prompts, self.anchor_prompts)
 
     @torch.no_grad()
     def draw_latents(self, prompts: list[str]) -> torch.Tensor:
