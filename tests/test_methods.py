@@ -220,6 +220,36 @@ def test_gradproj_keeps_protected_outputs_exactly_and_still_forgets(tiny_t2i):
         assert delta.abs().max() > 1e-6
 
 
+@pytest.mark.parametrize("target_rank", [0, 4])
+def test_gradproj_leaves_the_targets_own_directions_free(tiny_t2i, target_rank):
+    """With target_rank k, the k top directions of (target token states - anchor token states)
+    are orthogonal to the protected subspace, so the method can move along them; with 0 they are
+    protected like everything the retained prompts span."""
+    from obliviate.regularizers.projection import GradientProjection
+    from obliviate.training import aligned_token_states, orthonormal_basis
+    captured = {}
+    original = GradientProjection.setup
+
+    def setup(self, session):
+        original(self, session)
+        captured["reg"], captured["session"] = self, session
+    GradientProjection.setup = setup
+    try:
+        options = {"rank": 64, "prompts": 16, "target_rank": target_rank}
+        request = Request(("striped",), "esd", {}, None, (RegularizerSpec("gradproj", options),), 0)
+        get_method("esd").from_options({**FAST, "steps": 1}).unlearn(tiny_t2i, request, context_for(tiny_t2i))
+    finally:
+        GradientProjection.setup = original
+    session = captured["session"]
+    concept, anchor = aligned_token_states(session.model, session.forget_prompts[:16], session.anchor_prompts[:16])
+    own = orthonormal_basis((concept - anchor).T, 4, rtol=1e-8)
+    overlap = (captured["reg"].protected.double().T @ own).abs().max()
+    if target_rank:
+        assert overlap < 1e-5
+    else:
+        assert overlap > 0.1  # the retained prompts' states reach into the target's directions
+
+
 def test_selft_moves_only_the_selected_fraction(tiny_t2i):
     request = Request(("striped",), "esd", {}, None, (RegularizerSpec("selft", {"fraction": 0.05}),), 0)
     result = get_method("esd").from_options({**FAST, "steps": 3}).unlearn(tiny_t2i, request, context_for(tiny_t2i))
