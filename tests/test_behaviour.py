@@ -42,3 +42,26 @@ def test_best_recipe_forgets_striped_and_keeps_its_domain(tmp_path, method, base
     metrics = outcome.metrics
     assert metrics["ua"] >= min_ua, metrics
     assert metrics["ira"] >= base_ira - max_ira_drop, (metrics, base_ira)
+
+
+# On shapes-t2i-v2, the default model: concept ablation on to_k/to_v with gradproj is the recipe of
+# benchmarks/depth (gradproj's target_rank keeps striped's own directions movable), alone and
+# under each defence against relearning and prompt attacks.
+V2_EVAL = EvalConfig(forget_prompts=8, images_per_prompt=2, retain_prompts=24, ua_splits="train")
+
+
+@pytest.fixture(scope="module")
+def base_ira_v2(tmp_path_factory):
+    store = Store.init(tmp_path_factory.mktemp("base-v2") / "s", "shapes-t2i-v2")
+    return Evaluator.for_store(store, V2_EVAL)(store.load_model(), store, forgotten=("striped",))["ira"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("defence", ["none", "meta", "adversarial"])
+def test_v2_recipe_forgets_striped_and_keeps_its_domain_under_each_defence(tmp_path, defence, base_ira_v2):
+    regularizers = GRADPROJ + (() if defence == "none" else (RegularizerSpec(defence),))
+    store = Store.init(tmp_path / "s", "shapes-t2i-v2")
+    store.add_request(["striped"], "ablation", {"trainable": "xattn-kv"}, regularizers=regularizers)
+    outcome, = store.apply(evaluator=Evaluator.for_store(store, V2_EVAL))
+    assert outcome.metrics["ua"] >= 0.9, outcome.metrics
+    assert outcome.metrics["ira"] >= base_ira_v2 - 0.05, (outcome.metrics, base_ira_v2)

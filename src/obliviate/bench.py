@@ -299,12 +299,18 @@ def _fmt(value, digits=3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _attack_header(key: str) -> str:
+    """``attack_relearn`` -> "relearn attack", ``attack_relearn_auc`` -> "relearn attack AUC"."""
+    kind = key[len("attack_"):]
+    return f"{kind[:-len('_auc')]} attack AUC" if kind.endswith("_auc") else f"{kind} attack"
+
+
 def markdown_table(rows: list[dict], sequence: str) -> str:
     spec = SEQUENCES[sequence]
     family = _family(sequence)
     attack_keys = _attack_keys(rows)
     columns = [c for c in FAMILY_COLUMNS[family] if any(r.get(c[1]) is not None for r in rows)]  # what was measured
-    columns = columns + [(f"{k[len('attack_'):]} attack", k, 3) for k in attack_keys]
+    columns = columns + [(_attack_header(k), k, 3) for k in attack_keys]
     lines = [f"# Benchmark `{sequence}`: {spec['about']}", "", LEGENDS[family], ""]
     if attack_keys:
         lines += [ATTACK_LEGEND, ""]
