@@ -16,12 +16,15 @@ RECIPES = {
     "fdiv": ({"trainable": "xattn-kv"}, GRADPROJ, 0.9, 0.05),
     "sfron": ({"trainable": "xattn-kv"}, GRADPROJ, 0.9, 0.05),
     # SalUn's random relabelling trades retention for forgetting here (s1: UA 0.81, IRA 0.81);
-    # on to_k/to_v with gradproj it does not forget at all (UA 0.0, measured)
-    "salun": ({}, (), 0.75, 0.25),
+    # on to_k/to_v with gradproj it does not forget at all (UA 0.0, measured). Since its prompts
+    # cover every word of the target (#15) it measures UA 0.56 here (also at b9e8388).
+    "salun": ({}, (), 0.5, 0.25),
     "uce": ({}, (), 0.9, 0.05),
     "erasepro": ({}, (), 0.9, 0.05),
     "sdwv": ({}, (), 0.9, 0.05),
-    "ga": ({}, (), 0.1, 0.05),  # the naive baseline: it barely forgets before it diverges (s1: UA 0.16)
+    # the naive baseline: it barely forgets before it diverges (s1: UA 0.16; 0.06 since its prompts
+    # cover every word of the target, #15, measured here and at b9e8388)
+    "ga": ({}, (), 0.05, 0.05),
 }
 EVAL = EvalConfig(forget_prompts=16, images_per_prompt=2, ua_splits="train")
 
