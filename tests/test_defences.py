@@ -241,3 +241,14 @@ def test_resalign_refuses_an_attacker_that_cannot_move_the_trained_weights(minil
     with pytest.raises(ValueError, match="attacker must train"):
         get_method("esd").from_options(FAST).unlearn(
             model, request, UnlearningContext(prompts=WorldPrompts(), base_weights=model.state_tensors()))
+
+
+@pytest.mark.parametrize("method", ["ga", "esd", "ablation", "fdiv", "salun", "sfron"])
+def test_every_gradient_method_takes_all_three_defences_at_once(minilm, method):
+    from conftest import make_tiny_t2i
+    model = make_tiny_t2i(minilm)
+    specs = tuple(RegularizerSpec(name, options) for name, options in DEFENCES.items())
+    request = Request(("striped",), method, FAST, None, specs, 0)
+    result = get_method(method).from_options(FAST).unlearn(
+        model, request, UnlearningContext(prompts=WorldPrompts(), base_weights=model.state_tensors()))
+    assert result.edit.deltas and all(torch.isfinite(d).all() for d in result.edit.deltas.values())
