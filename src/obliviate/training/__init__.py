@@ -4,7 +4,8 @@
 - ``gradients``: gradient accumulation over batches (saliency, Fisher estimates);
 - ``masks``: top-fraction and Fisher-ratio parameter masks;
 - ``subspace``: orthonormal bases and the text token states they are built from;
-- ``simulation``: simulated fine-tuning on a scratch copy and the gradients defences take through it;
+- ``simulation``: simulated fine-tuning on a scratch copy and the gradients defences take through it
+  (and the optimizers an attacker, simulated or real, may use);
 - ``contract``: how constraints from a method and its regularizers combine into one projector
   per parameter.
 """
@@ -13,11 +14,11 @@ from .contract import ParameterConstraint, UpdateProjector, combine_constraints
 from .gradients import accumulate_gradients
 from .masks import fisher_ratio_mask, top_fraction_mask
 from .session import TRAINABLE_PRESETS, Batch, GradientConfig, PassCounter, TrainingSession, select_parameters
-from .simulation import (FineTuneDistribution, ScratchModule, first_order_meta_gradient, linear_surrogate,
+from .simulation import (OPTIMIZERS, FineTuneDistribution, ScratchModule, first_order_meta_gradient, linear_surrogate,
                          moreau_hypergradient)
 from .subspace import aligned_token_states, orthonormal_basis, token_states
 
-__all__ = ["TRAINABLE_PRESETS", "Batch", "FineTuneDistribution", "GradientConfig", "ParameterConstraint", "PassCounter",
+__all__ = ["OPTIMIZERS", "TRAINABLE_PRESETS", "Batch", "FineTuneDistribution", "GradientConfig", "ParameterConstraint", "PassCounter",
            "ScratchModule", "TrainingSession", "UpdateProjector", "accumulate_gradients", "aligned_token_states",
            "combine_constraints", "first_order_meta_gradient", "fisher_ratio_mask", "linear_surrogate",
            "moreau_hypergradient", "orthonormal_basis", "select_parameters", "token_states", "top_fraction_mask"]

@@ -11,11 +11,9 @@ from typing import Callable, Literal
 
 import torch
 
-from ...training import TRAINABLE_PRESETS, select_parameters
+from ...training import OPTIMIZERS, TRAINABLE_PRESETS, select_parameters
 from ...world import render, sample_scenes
 from .base import ProbeSettings, curve_auc
-
-OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
 
 @dataclass
