@@ -87,6 +87,7 @@ class Evaluator:
         self.ontology = ontology
         self.prompts = WorldPrompts(ontology)
         self.cache_dir = cache_dir
+        self._oracle_runs: dict = {}  # (oracle folder, target) -> its relearn result; the oracle never changes
 
     @classmethod
     def for_store(cls, store, config: EvalConfig = EvalConfig()) -> "Evaluator":
@@ -183,7 +184,10 @@ class Evaluator:
             folder = (find_oracle(forgotten, model.language, cfg.oracles or None)
                       or find_oracle((target,), model.language, cfg.oracles or None))
             if folder is not None:
-                oracle = attack.run(T2IModel.load(folder).eval(), target, self.judge, self.prompts, seed=cfg.seed)
+                if (folder, target) not in self._oracle_runs:
+                    self._oracle_runs[folder, target] = attack.run(T2IModel.load(folder).eval(), target, self.judge,
+                                                                   self.prompts, seed=cfg.seed)
+                oracle = self._oracle_runs[folder, target]
                 entry.update(oracle_auc=round(oracle.auc, 4), gap=round(result.auc - oracle.auc, 4),
                              oracle_curve=[list(p) for p in oracle.curve], oracle=folder.parent.name)
             per_target[target] = entry

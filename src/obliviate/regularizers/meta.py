@@ -42,6 +42,5 @@ class MetaUnlearning(FineTuningDefence):
         gradient = first_order_meta_gradient(self.scratch, self.current_weights(session), self.attacker_params,
                                              self.attacker_loss(session), self.outer_loss(session), list(session.params),
                                              steps, optimizer, learning_rate)
-        for _ in range(steps + 1):
-            session.counter.count_backward()
+        session.counter.count_backward(steps + 1)
         return self.config.weight * linear_surrogate(session.params, gradient)

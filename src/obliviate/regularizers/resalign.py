@@ -46,19 +46,22 @@ class ResAlign(FineTuningDefence):
     description = "ResAlign: hypergradient through fine-tuning modelled as a Moreau envelope (Richardson HVPs)"
     config_class = ResAlignConfig
 
+    def setup(self, session) -> None:
+        super().setup(session)
+        left_out = sorted(set(session.params) - set(self.attacker_params))
+        if left_out:
+            raise ValueError(f"resalign differentiates through the attacker's fine-tuning, so the attacker must train "
+                             f"every parameter the method trains; attacker_trains={self.config.attacker_trains!r} "
+                             f"leaves out {left_out[0]!r}.")
+
     def penalty(self, session):
         if not self.simulates(session):
             return None
         cfg = self.config
         gamma = float(cfg.gammas[session.rng.integers(len(cfg.gammas))])
         trained = list(session.params)
-        if set(trained) - set(self.attacker_params):
-            raise ValueError(f"resalign differentiates through the attacker's fine-tuning, so the attacker must train "
-                             f"every parameter the method trains; attacker_trains={cfg.attacker_trains!r} leaves out "
-                             f"{sorted(set(trained) - set(self.attacker_params))[0]!r}.")
         gradient = moreau_hypergradient(self.scratch, self.current_weights(session), self.attacker_params,
                                         self.attacker_loss(session), self.outer_loss(session), gamma,
                                         cfg.prox_steps, gamma / 2, cfg.iterations)
-        for _ in range(cfg.prox_steps + 1 + 2 * cfg.iterations):
-            session.counter.count_backward()
+        session.counter.count_backward(cfg.prox_steps + 1 + 2 * cfg.iterations)
         return cfg.weight * linear_surrogate(session.params, {n: gradient[n] for n in trained})

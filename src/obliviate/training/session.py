@@ -79,8 +79,8 @@ class PassCounter:
         """Count ``module``'s forward calls too (a scratch copy used for simulations)."""
         self._handles.append(module.register_forward_hook(self._hook))
 
-    def count_backward(self) -> None:
-        self.backward += 1
+    def count_backward(self, n: int = 1) -> None:
+        self.backward += n
 
     def close(self):
         for h in self._handles:

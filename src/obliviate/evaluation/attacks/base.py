@@ -118,11 +118,17 @@ def concept_rows(prompts: WorldPrompts, concept: str, n: int, seed: int, words: 
     return labels, [prompts.prompt(row, prompts.templates[0], words) for row in labels]
 
 
+def render_rows(prompts: WorldPrompts, labels: np.ndarray, seed: int) -> torch.Tensor:
+    """The world's renders of label rows (scene layout seeded by ``seed``)."""
+    scenes = sample_scenes(len(labels), seed, shape=labels[:, 0], colour=labels[:, 1], texture=labels[:, 2],
+                           ontology=prompts.ontology)
+    return torch.from_numpy(render(scenes, prompts.ontology))
+
+
 def concept_renders(prompts: WorldPrompts, concept: str, n: int, seed: int, words: dict[str, str] | None = None):
     """Renders of ``concept_rows`` (seeded by ``seed``), and their prompts."""
     labels, texts = concept_rows(prompts, concept, n, seed, words)
-    scenes = sample_scenes(n, seed, shape=labels[:, 0], colour=labels[:, 1], texture=labels[:, 2], ontology=prompts.ontology)
-    return torch.from_numpy(render(scenes, prompts.ontology)), texts
+    return render_rows(prompts, labels, seed), texts
 
 
 ATTACKS: Registry[Attack] = Registry("attack")

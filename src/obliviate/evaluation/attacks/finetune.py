@@ -12,8 +12,7 @@ from typing import Callable, Literal
 import torch
 
 from ...training import OPTIMIZERS, TRAINABLE_PRESETS, select_parameters
-from ...world import render, sample_scenes
-from .base import ProbeSettings, curve_auc
+from .base import ProbeSettings, curve_auc, render_rows
 
 
 @dataclass
@@ -48,9 +47,7 @@ def attack_images(settings: FineTuneSettings, prompts, labels, texts: list[str],
     model named by ``settings.data`` for ``texts``. Either way they are made from the attack's
     own seed, so they are never the images a defence drew while the model was trained."""
     if settings.data == "renders":
-        scenes = sample_scenes(len(labels), seed, shape=labels[:, 0], colour=labels[:, 1], texture=labels[:, 2],
-                               ontology=prompts.ontology)
-        return torch.from_numpy(render(scenes, prompts.ontology))
+        return render_rows(prompts, labels, seed)
     from ...models.zoo import load_t2i
     return load_t2i(settings.data).sample(texts, steps=settings.sampling_steps, seed=seed, solver="dpm")
 
