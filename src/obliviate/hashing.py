@@ -24,3 +24,9 @@ def file_hash(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def folder_hashes(folder: str | Path) -> dict[str, str]:
+    """sha256 of every file under ``folder``, keyed by its path relative to it (``unet/config.json``)."""
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): file_hash(p) for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -1,9 +1,9 @@
 """The continual engine: requests, the ledger and the model store."""
 
-from .ledger import Ledger, LedgerState
-from .lock import StoreLocked
+from ..errors import LedgerError, StoreIntegrityError, StoreLocked
+from .ledger import Head, Ledger, LedgerState
 from ..request import RegularizerSpec, Request
-from .store import ApplyOutcome, Store, StoreIntegrityError
+from .store import ApplyOutcome, Store
 
-__all__ = ["ApplyOutcome", "Ledger", "LedgerState", "RegularizerSpec", "Request", "Store",
+__all__ = ["ApplyOutcome", "Head", "Ledger", "LedgerError", "LedgerState", "RegularizerSpec", "Request", "Store",
            "StoreIntegrityError", "StoreLocked"]

@@ -3,23 +3,39 @@
 Each event stores the hash of the previous event, so editing, deleting or reordering any row
 breaks the chain at that row. The state of every request (pending, applied, rolled back) is
 derived from the events, never stored as a mutable column.
+
+A chain alone cannot stop someone who rewrites history and recomputes every hash after it, nor
+notice that its last rows were cut off. Two anchors close that gap:
+
+- the head (sequence number and hash of the last row), written to ``ledger.head`` beside the
+  database at every commit and printed by ``obliviate status``: a head recorded anywhere must
+  still be a row of the chain;
+- an optional key (``OBLIVIATE_LEDGER_KEY`` or ``OBLIVIATE_LEDGER_KEY_FILE``, never stored):
+  each row then carries HMAC-SHA256(key, row hash), which nobody without the key can forge.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import os
+import re
 import sqlite3
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..errors import LedgerError
 from ..request import Request
+from .files import atomic_write_text
 
 GENESIS = "0" * 64
+HEAD_FILE = "ledger.head"
+KEY_VARIABLE = "OBLIVIATE_LEDGER_KEY"
+KEY_FILE_VARIABLE = "OBLIVIATE_LEDGER_KEY_FILE"
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS events (
+SCHEMA = """CREATE TABLE events (
     seq INTEGER PRIMARY KEY,
     kind TEXT NOT NULL,
     request_id INTEGER,
@@ -27,11 +43,28 @@ CREATE TABLE IF NOT EXISTS events (
     model_hash TEXT,
     at TEXT NOT NULL,
     prev_hash TEXT NOT NULL,
-    hash TEXT NOT NULL
-);
-"""
+    hash TEXT NOT NULL,
+    mac TEXT
+)"""
 
 EVENT_KINDS = ("init", "add", "apply", "rollback", "evaluate", "attack")
+_COLUMNS = "seq, kind, request_id, payload, model_hash, at, prev_hash, hash"
+
+
+def ledger_key() -> bytes | None:
+    """The signing key from the environment: ``OBLIVIATE_LEDGER_KEY`` (the key itself) or
+    ``OBLIVIATE_LEDGER_KEY_FILE`` (a file holding it); None when neither is set."""
+    if os.environ.get(KEY_VARIABLE):
+        return os.environ[KEY_VARIABLE].encode()
+    if os.environ.get(KEY_FILE_VARIABLE):
+        path = Path(os.environ[KEY_FILE_VARIABLE])
+        if not path.is_file():
+            raise FileNotFoundError(f"{KEY_FILE_VARIABLE} names {path}, which is not a file; point it at the ledger key.")
+        key = path.read_bytes().strip()
+        if not key:
+            raise ValueError(f"The ledger key file {path} is empty.")
+        return key
+    return None
 
 
 @dataclass(frozen=True)
@@ -46,18 +79,69 @@ class Event:
     hash: str
 
 
+@dataclass(frozen=True)
+class Head:
+    """The last row of the chain, as ``status`` prints it and ``verify --expect`` takes it."""
+
+    seq: int
+    hash: str
+
+    def __str__(self) -> str:
+        return f"{self.seq}:{self.hash}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Head":
+        match = re.fullmatch(r"\s*(\d{1,18}):([0-9a-f]{64})\s*", text)
+        if not match:
+            raise ValueError(f"{text[:80]!r} is not a ledger head; expected SEQ:HASH as `obliviate status` prints it "
+                             "(a row number, a colon and 64 hex digits).")
+        return cls(int(match[1]), match[2])
+
+
 def _event_hash(seq, kind, request_id, payload_text, model_hash, at, prev_hash) -> str:
     canonical = json.dumps([seq, kind, request_id, payload_text, model_hash, at, prev_hash])
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def _signature(key: bytes, digest: str) -> str:
+    return hmac.new(key, digest.encode(), hashlib.sha256).hexdigest()
+
+
+def _normalised(sql: str | None) -> str:
+    return " ".join((sql or "").split())
+
+
 class Ledger:
-    def __init__(self, path: str | Path):
+    """Opens an existing ledger (``create`` makes a new one). ``key`` signs appended rows and must
+    be the key the ledger was signed with, if any."""
+
+    def __init__(self, path: str | Path, key: bytes | None = None, create: bool = False):
         self.path = Path(path)
-        self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        self.key = key
+        if not create and not self.path.is_file():
+            raise LedgerError(f"{self.path} is missing: the store has lost its history. Restore it from a backup.")
+        mode = "rwc" if create else "rw"
+        try:
+            self._db = sqlite3.connect(f"file:{self.path}?mode={mode}", uri=True, isolation_level=None, timeout=30)
+            self._db.execute("PRAGMA trusted_schema=OFF")  # no functions or virtual tables run from the schema
+            if create:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute(SCHEMA)
+            self._check_schema()
+            self._db.execute("PRAGMA synchronous=FULL")
+        except sqlite3.DatabaseError as error:
+            raise LedgerError(f"{self.path} is not a readable ledger database ({error}). "
+                              "Restore it from a backup; obliviate will not work on a damaged history.") from None
+
+    def _check_schema(self) -> None:
+        """Refuse anything obliviate did not create: a trigger or view would run inside our writes."""
+        objects = self._db.execute("SELECT type, name, sql FROM sqlite_master").fetchall()
+        unexpected = [f"{kind} {name!r}" for kind, name, sql in objects
+                      if (kind, name) != ("table", "events") or _normalised(sql) != _normalised(SCHEMA)]
+        if unexpected or not objects:
+            found = ", ".join(unexpected) if unexpected else "no events table"
+            raise LedgerError(f"{self.path} does not have the schema obliviate creates (found {found}). "
+                              "Someone changed the database; restore it from a backup.")
 
     def close(self) -> None:
         self._db.close()
@@ -71,26 +155,53 @@ class Ledger:
         at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            row = self._db.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+            row = self._db.execute("SELECT seq, hash, mac FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+            if row:
+                self._check_signing(row[1], row[2])
             seq, prev = (row[0] + 1, row[1]) if row else (1, GENESIS)
             digest = _event_hash(seq, kind, request_id, payload_text, model_hash, at, prev)
-            self._db.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                             (seq, kind, request_id, payload_text, model_hash, at, prev, digest))
+            mac = _signature(self.key, digest) if self.key else None
+            self._db.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                             (seq, kind, request_id, payload_text, model_hash, at, prev, digest, mac))
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
+        atomic_write_text(f"{Head(seq, digest)}\n", self.path.parent / HEAD_FILE)
         return Event(seq, kind, request_id, json.loads(payload_text), model_hash, at, prev, digest)
+
+    def _check_signing(self, last_hash: str, last_mac: str | None) -> None:
+        """A signed ledger stays signed, with its own key; an unsigned one stays unsigned."""
+        if last_mac and not self.key:
+            raise LedgerError(f"{self.path} is signed; set {KEY_VARIABLE} or {KEY_FILE_VARIABLE} to its key to write to it.")
+        if last_mac and not hmac.compare_digest(last_mac, _signature(self.key, last_hash)):
+            raise LedgerError(f"The key in {KEY_VARIABLE}/{KEY_FILE_VARIABLE} is not the key {self.path} was signed with.")
+        if not last_mac and self.key:
+            raise LedgerError(f"{self.path} is not signed, but a ledger key is set; unset {KEY_VARIABLE} and "
+                              f"{KEY_FILE_VARIABLE} to write to it, or create a new store with the key set.")
 
     # ------------------------------------------------------------------ reading
     def events(self) -> list[Event]:
-        rows = self._db.execute("SELECT seq, kind, request_id, payload, model_hash, at, prev_hash, hash FROM events ORDER BY seq")
+        rows = self._db.execute(f"SELECT {_COLUMNS} FROM events ORDER BY seq")
         return [Event(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6], r[7]) for r in rows]
+
+    def head(self) -> Head | None:
+        row = self._db.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+        return Head(*row) if row else None
+
+    def recorded_head(self) -> Head | None:
+        """The head written beside the database at the last commit (None if the file is gone)."""
+        path = self.path.parent / HEAD_FILE
+        return Head.parse(path.read_text()) if path.is_file() else None
+
+    @property
+    def signed(self) -> bool:
+        return self._db.execute("SELECT mac FROM events ORDER BY seq LIMIT 1").fetchone() not in (None, (None,))
 
     def check_chain(self) -> list[str]:
         """Problems with the hash chain, one message per broken row (empty when intact)."""
         problems, prev = [], GENESIS
-        rows = self._db.execute("SELECT seq, kind, request_id, payload, model_hash, at, prev_hash, hash FROM events ORDER BY seq").fetchall()
+        rows = self._db.execute(f"SELECT {_COLUMNS} FROM events ORDER BY seq").fetchall()
         for index, (seq, kind, request_id, payload_text, model_hash, at, prev_hash, digest) in enumerate(rows, start=1):
             if seq != index:
                 problems.append(f"ledger row {seq}: expected sequence number {index} (a row was deleted or inserted)")
@@ -100,6 +211,26 @@ class Ledger:
                 problems.append(f"ledger row {seq} ({kind}, request {request_id}): contents do not match its hash (row edited)")
             prev = digest
         return problems
+
+    def check_signatures(self, key: bytes) -> list[str]:
+        """Rows whose signature is missing or was not made with ``key``: with the key, a history
+        rewritten and rechained by someone without it shows here."""
+        problems = []
+        for seq, digest, mac in self._db.execute("SELECT seq, hash, mac FROM events ORDER BY seq"):
+            if mac is None:
+                problems.append(f"ledger row {seq} is not signed (a signed ledger signs every row)")
+            elif not hmac.compare_digest(mac, _signature(key, digest)):
+                problems.append(f"ledger row {seq}: signature does not match (row forged, or signed with another key)")
+        return problems
+
+    def check_head(self, head: Head, source: str) -> list[str]:
+        """A head recorded earlier must still be in the chain: history may grow, never change or shrink."""
+        row = self._db.execute("SELECT hash FROM events WHERE seq = ?", (head.seq,)).fetchone()
+        if row is None:
+            return [f"ledger row {head.seq} named by {source} is gone (rows were deleted from the end of the ledger)"]
+        if row[0] != head.hash:
+            return [f"ledger row {head.seq} does not have the hash {source} recorded (history rewritten)"]
+        return []
 
 
 @dataclass(frozen=True)

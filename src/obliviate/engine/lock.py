@@ -8,9 +8,7 @@ import os
 import time
 from pathlib import Path
 
-
-class StoreLocked(RuntimeError):
-    pass
+from ..errors import StoreLocked
 
 
 @contextlib.contextmanager

@@ -8,18 +8,23 @@ Layout of a store directory::
     state/<id>.safetensors  method state after each applied request (running statistics, ...)
     weights/after-<id>.safetensors   the current weights (only the latest is kept)
     ledger.sqlite           the hash-chained event log
+    ledger.head             the ledger's last row (sequence number and hash), rewritten at each commit
     lock                    held while anything writes
 
 The model after request k is, by definition, ``base`` with the edits of the applied requests
 replayed in order; the ledger records its hash. Every write goes to a temporary file that is
 renamed into place, and the ledger row is the commit point: files that no ledger row refers to
 are leftovers of an interrupted operation and are removed before the next write.
+
+The init row records the hash of ``store.json`` and of every file under ``base/`` (configs,
+tokenizer, bundle metadata, weights), so ``verify`` names any byte changed anywhere in the store.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -30,7 +35,8 @@ import torch
 
 from ..classifiers.models import ClassifierModel
 from ..config import build_config, config_to_dict
-from ..hashing import file_hash, tensor_hash
+from ..errors import StoreIntegrityError
+from ..hashing import file_hash, folder_hashes, tensor_hash
 from ..methods.base import Edit, UnlearningContext, get_method
 from ..models.t2i import T2IModel, bundle_language
 from ..models.zoo import DEFAULT_T2I
@@ -38,11 +44,12 @@ from ..regularizers import check_composition, get_regularizer
 from ..request import RegularizerSpec, Request
 from ..resources import PeakMemory
 from .files import TMP_SUFFIX, atomic_save_tensors, load_tensors
-from .ledger import Ledger, LedgerState, derive_state
+from .ledger import Head, Ledger, LedgerState, derive_state, ledger_key
 from .lock import exclusive_lock
 
 STORE_FILE = "store.json"
-FORMAT_VERSION = 1
+LEDGER_FILE = "ledger.sqlite"
+FORMAT_VERSION = 2  # 2: the init row hashes every file of the base model and store.json; rows may be signed
 MODEL_FAMILIES = {"t2i": T2IModel, "classifier": ClassifierModel}
 
 
@@ -51,6 +58,34 @@ def model_family(folder: Path) -> str:
     and Stable Diffusion folders)."""
     bundle = folder / "obliviate.json"
     return json.loads(bundle.read_text()).get("kind", "t2i") if bundle.is_file() else "t2i"
+
+
+def _read_store_file(path: Path) -> dict:
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise StoreIntegrityError(f"{path} is not valid JSON ({error}); restore it from a backup.") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT_VERSION:
+        found = info.get("format") if isinstance(info, dict) else None
+        raise StoreIntegrityError(f"{path.parent} has store format {found}; this obliviate reads format {FORMAT_VERSION}. "
+                                  "Export the model with the obliviate that made the store and init a new store from it.")
+    if info.get("kind") not in MODEL_FAMILIES:
+        raise StoreIntegrityError(f"{path} names model kind {info.get('kind')!r}; expected one of {', '.join(MODEL_FAMILIES)}. "
+                                  "Restore it from a backup.")
+    return info
+
+
+def _new_folder(path: str | Path, what: str) -> Path:
+    """``path`` as an absolute, normalised folder that does not exist yet or is empty."""
+    path = Path(os.path.abspath(path))
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} is a file; choose a new folder for the {what}.")
+    if path.exists() and any(path.iterdir()):
+        raise FileExistsError(f"{path} already exists and is not empty; choose a new folder for the {what}.")
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise NotADirectoryError(f"{blocking} is a file, so {path} cannot be created under it; choose another folder.")
+    return path
 
 
 def _methods_accepting_regularizers():
@@ -63,10 +98,6 @@ def _namespace(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
     return {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + "/")}
 
 
-class StoreIntegrityError(RuntimeError):
-    """The store's files or ledger do not match what the ledger recorded."""
-
-
 @dataclass(frozen=True)
 class ApplyOutcome:
     request_id: int
@@ -76,30 +107,32 @@ class ApplyOutcome:
 
 
 class Store:
-    def __init__(self, root: str | Path):
+    """A store on disk. ``key`` signs the ledger rows this process appends and checks every row's
+    signature in ``verify``; by default it comes from ``OBLIVIATE_LEDGER_KEY`` or
+    ``OBLIVIATE_LEDGER_KEY_FILE`` (see ``ledger``), and it is never written into the store."""
+
+    def __init__(self, root: str | Path, key: bytes | None = None):
         self.root = Path(root)
         if not (self.root / STORE_FILE).is_file():
             raise FileNotFoundError(f"{self.root} is not an obliviate store (no {STORE_FILE}); "
                                     f"create one with `obliviate init {self.root} --model shapes-t2i`.")
-        self.info = json.loads((self.root / STORE_FILE).read_text())
-        if self.info.get("format") != FORMAT_VERSION:
-            raise StoreIntegrityError(f"{self.root} has store format {self.info.get('format')}, this obliviate reads {FORMAT_VERSION}.")
+        self.info = _read_store_file(self.root / STORE_FILE)
         self.family = MODEL_FAMILIES[self.info["kind"]]
-        self.ledger = Ledger(self.root / "ledger.sqlite")
+        self.key = key if key is not None else ledger_key()
+        self.ledger = Ledger(self.root / LEDGER_FILE, self.key)
 
     # ------------------------------------------------------------------ creation
     @classmethod
     def init(cls, root: str | Path, model: str | Path = DEFAULT_T2I, retain: tuple[str, ...] = (),
-             evaluation: dict | None = None) -> "Store":
+             evaluation: dict | None = None, key: bytes | None = None) -> "Store":
         """Create a store holding ``model`` (a zoo name or a model folder) and an empty ledger.
         ``evaluation`` (EvalConfig fields) configures the evaluator `apply` runs after each
         request. The store is built beside ``root`` and renamed into place, so it appears whole
         or not at all."""
         from ..models.zoo import resolve_model_path
 
-        root = Path(root)
-        if root.exists() and any(root.iterdir()):
-            raise FileExistsError(f"{root} already exists and is not empty; choose a new store path.")
+        root = _new_folder(root, "store")
+        key = key if key is not None else ledger_key()
         source = resolve_model_path(model)
         staging = root.with_name(root.name + ".init" + TMP_SUFFIX)
         shutil.rmtree(staging, ignore_errors=True)
@@ -112,9 +145,10 @@ class Store:
             info = {"format": FORMAT_VERSION, "kind": kind, "model_source": str(model), "retain": list(retain),
                     "evaluation": evaluation}
             (staging / STORE_FILE).write_text(json.dumps(info, indent=2))
-            ledger = Ledger(staging / "ledger.sqlite")
-            ledger.append("init", {"model_source": str(model), "base_hash": base_hash, "weights_file": None},
-                          model_hash=base_hash)
+            ledger = Ledger(staging / LEDGER_FILE, key, create=True)
+            ledger.append("init", {"model_source": str(model), "base_hash": base_hash, "weights_file": None,
+                                   "store_file_hash": file_hash(staging / STORE_FILE),
+                                   "base_files": folder_hashes(staging / "base")}, model_hash=base_hash)
             ledger.close()
             if root.exists():
                 root.rmdir()
@@ -122,7 +156,7 @@ class Store:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        return cls(root)
+        return cls(root, key)
 
     # ------------------------------------------------------------------ reading
     def state(self) -> LedgerState:
@@ -306,17 +340,26 @@ class Store:
         return self.ledger.events()[0].payload["base_hash"]
 
     # ------------------------------------------------------------------ integrity
-    def verify(self, replay: bool = True) -> list[str]:
-        """Every mismatch between files, weights and ledger, as messages (empty when sound)."""
+    def verify(self, replay: bool = True, expect: Head | None = None) -> list[str]:
+        """Every mismatch between files, weights and ledger, as messages (empty when sound).
+        ``expect`` is a head recorded earlier (``status`` prints it): it must still be in the chain.
+        With a key, every ledger row must carry its signature."""
         problems = self.ledger.check_chain()
+        if self.key:
+            problems += self.ledger.check_signatures(self.key)
+        recorded = self.ledger.recorded_head()
+        if recorded is None:
+            problems.append(f"{self.root / 'ledger.head'} is missing (it records the ledger's last row at each commit)")
+        else:
+            problems += self.ledger.check_head(recorded, "ledger.head")
+        if expect is not None:
+            problems += self.ledger.check_head(expect, "the expected head")
         events = self.ledger.events()
         if not events or events[0].kind != "init":
             return problems + ["ledger has no init row"]
+        init = events[0].payload
+        problems += self._check_recorded_files(init)
         state = derive_state(events)
-        base_weights = self._base_model().state_tensors()
-        base_hash = tensor_hash(base_weights)
-        if base_hash != events[0].payload["base_hash"]:
-            problems.append(f"base model weights in {self.root / 'base'} do not match the hash recorded at init")
         for rid in state.applied:
             event = state.apply_events[rid]
             for key in ("edit", "state"):
@@ -333,10 +376,30 @@ class Store:
                 problems.append(f"{path} (current weights) is missing")
             elif tensor_hash(load_tensors(path)) != current.model_hash:
                 problems.append(f"{path} (current weights) does not match the hash in ledger row {current.seq}")
-        elif current.model_hash != base_hash:
+        elif current.model_hash != init["base_hash"]:
             problems.append(f"ledger row {current.seq} expects weights {current.model_hash[:12]} but the base model is current")
-        if replay and not problems and tensor_hash(self.replay(base=base_weights)) != current.model_hash:
-            problems.append("replaying base + edits does not reproduce the current weights recorded in the ledger")
+        if replay and not problems:
+            base_weights = self._base_model().state_tensors()
+            if tensor_hash(base_weights) != init["base_hash"]:
+                problems.append(f"base model weights in {self.root / 'base'} do not match the hash recorded at init")
+            elif tensor_hash(self.replay(base=base_weights)) != current.model_hash:
+                problems.append("replaying base + edits does not reproduce the current weights recorded in the ledger")
+        return problems
+
+    def _check_recorded_files(self, init: dict) -> list[str]:
+        """store.json and every file of the base model against the hashes the init row recorded."""
+        problems = []
+        if file_hash(self.root / STORE_FILE) != init["store_file_hash"]:
+            problems.append(f"{self.root / STORE_FILE} was modified after init")
+        recorded, present = init["base_files"], folder_hashes(self.root / "base")
+        for name in sorted(recorded.keys() | present.keys()):
+            path = self.root / "base" / name
+            if name not in present:
+                problems.append(f"{path} is missing (a file of the base model)")
+            elif name not in recorded:
+                problems.append(f"{path} was added after init (not a file of the base model)")
+            elif present[name] != recorded[name]:
+                problems.append(f"{path} was modified after init (a file of the base model)")
         return problems
 
     def raise_if_corrupt(self, replay: bool = False) -> None:
@@ -401,10 +464,18 @@ class Store:
     def export(self, out: str | Path) -> Path:
         """Write the current model as a folder that diffusers (unet/, scheduler/) and
         ``T2IModel.load`` read."""
-        out = Path(out)
-        if out.exists() and any(out.iterdir()):
-            raise FileExistsError(f"{out} exists and is not empty; choose a new folder to export into.")
-        self.load_model(check=True).save(out)
+        out = _new_folder(out, "export")
+        model = self.load_model(check=True)
+        staging = out.with_name(out.name + ".export" + TMP_SUFFIX)  # the folder appears whole or not at all
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            model.save(staging)
+            if out.exists():
+                out.rmdir()
+            staging.rename(out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         return out
 
     def status(self) -> dict:
@@ -412,7 +483,7 @@ class Store:
         current = state.model_event
         return {
             "store": str(self.root), "model_source": self.info["model_source"], "kind": self.info["kind"],
-            "model_hash": current.model_hash, "applied": list(state.applied), "pending": list(state.pending),
+            "ledger_head": str(self.ledger.head()), "signed": self.ledger.signed, "model_hash": current.model_hash, "applied": list(state.applied), "pending": list(state.pending),
             "requests": [{"id": rid, "targets": list(r.targets), "label": r.label, "method": r.method, "anchor": r.anchor,
                           "regularizers": [x.name for x in r.regularizers], "status": state.status[rid],
                           "model_hash": state.apply_events[rid].model_hash if rid in state.apply_events else None,
