@@ -203,7 +203,7 @@ DRIVER = textwrap.dedent("""
     from obliviate.engine.ledger import Ledger
     from obliviate.methods import esd
 
-    point = sys.argv[2]
+    point, operation = sys.argv[2], sys.argv[3]
 
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
@@ -234,7 +234,7 @@ DRIVER = textwrap.dedent("""
     elif point == "before_commit":
         original_append = Ledger.append
         def append(self, kind, *args, **kwargs):
-            if kind == "apply":
+            if kind == operation:
                 die()
             return original_append(self, kind, *args, **kwargs)
         Ledger.append = append
@@ -242,12 +242,25 @@ DRIVER = textwrap.dedent("""
         original_append = Ledger.append
         def append(self, kind, *args, **kwargs):
             event = original_append(self, kind, *args, **kwargs)
-            if kind == "apply":
+            if kind == operation:
                 die()
             return event
         Ledger.append = append
+    elif point == "export_before_rename":
+        original_rename = os.rename
+        def rename(src, dst):
+            if str(src).endswith(".export.tmp"):
+                die()
+            return original_rename(src, dst)
+        os.rename = rename
 
-    store_module.Store(sys.argv[1]).apply()
+    store = store_module.Store(sys.argv[1])
+    if operation == "apply":
+        store.apply()
+    elif operation == "rollback":
+        store.rollback(1)
+    else:
+        store.export(sys.argv[4])
 """)
 
 
@@ -264,7 +277,7 @@ def test_kill_during_apply_leaves_store_as_before_and_redo_works(tmp_path, tiny_
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(driver), str(store.root), point], env=env, capture_output=True)
+    result = subprocess.run([sys.executable, str(driver), str(store.root), point, "apply"], env=env, capture_output=True)
     assert result.returncode == -9, result.stderr.decode()[-2000:]
 
     reopened = Store(store.root)
@@ -282,8 +295,50 @@ def test_kill_right_after_commit_keeps_the_request(tmp_path, tiny_model_dir):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(driver), str(store.root), "after_commit"], env=env, capture_output=True)
+    result = subprocess.run([sys.executable, str(driver), str(store.root), "after_commit", "apply"], env=env,
+                            capture_output=True)
     assert result.returncode == -9
     reopened = Store(store.root)
     assert reopened.status()["applied"] == [1]
     assert reopened.verify() == []
+
+
+@pytest.mark.parametrize("point", ["after_write_1", "before_commit", "after_commit"])
+def test_kill_during_rollback_leaves_the_store_before_or_after_it(tmp_path, tiny_model_dir, point):
+    store = Store.init(tmp_path / "store", tiny_model_dir)
+    store.add_request(["striped"], "esd", FAST)
+    store.add_request(["dotted"], "esd", FAST)
+    after_first = store.apply()[0].model_hash
+    before = snapshot(store.root)
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(driver), str(store.root), point, "rollback"], env=env, capture_output=True)
+    assert result.returncode == -9, result.stderr.decode()[-2000:]
+
+    reopened = Store(store.root)
+    with reopened.locked():
+        pass
+    assert reopened.verify() == []
+    if point == "after_commit":  # the ledger row landed: the rollback happened
+        assert reopened.status()["applied"] == [1]
+    else:
+        assert snapshot(store.root) == before
+        assert reopened.rollback(1) == after_first
+
+
+def test_kill_during_export_leaves_no_half_written_model(tmp_path, tiny_model_dir):
+    store = Store.init(tmp_path / "store", tiny_model_dir)
+    store.add_request(["striped"], "esd", FAST)
+    store.apply()
+    before = snapshot(store.root)
+    out = tmp_path / "exported"
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(driver), str(store.root), "export_before_rename", "export", str(out)],
+                            env=env, capture_output=True)
+    assert result.returncode == -9, result.stderr.decode()[-2000:]
+    assert not out.exists() and snapshot(store.root) == before
+    store.export(out)  # a second try replaces what the killed one left beside it
+    assert (out / "unet" / "config.json").is_file() and not list(tmp_path.glob("*.export.tmp"))

@@ -1,18 +1,51 @@
-"""The ``obliviate`` command line: argument parsing and printing only; the work is in the library."""
+"""The ``obliviate`` command line: argument parsing and printing only; the work is in the library.
+
+Every failure leaves through one door (``Commands.invoke``): the library's refusals print their
+message and exit with code 2, a bug prints one line asking for a report and exits with code 70,
+and ``--debug`` shows the traceback instead. ``verify`` exits with 1 when it finds problems.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import traceback
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
+
+from .errors import USER_ERRORS
 from .models.zoo import DEFAULT_T2I
 
+USAGE_ERROR, INTERNAL_ERROR = 2, 70  # 70: EX_SOFTWARE in sysexits.h
+
+
+class Commands(TyperGroup):
+    """Runs a command and turns any exception it raises into a message and an exit code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, typer.exceptions.TyperException):
+            raise  # typer prints these itself, with the usage line where it helps
+        except Exception as error:
+            if ctx.params.get("debug"):
+                raise
+            if isinstance(error, USER_ERRORS):
+                typer.echo(f"error: {error}", err=True)
+                raise typer.Exit(USAGE_ERROR) from None
+            where = traceback.extract_tb(error.__traceback__)[-1]
+            typer.echo(f"internal error: {type(error).__name__}: {error} (at {Path(where.filename).name}:{where.lineno}). "
+                       "This is a bug in obliviate; rerun with --debug and report the traceback.", err=True)
+            raise typer.Exit(INTERNAL_ERROR) from None
+
+
 app = typer.Typer(help="Continual unlearning for text-to-image diffusion models and classifiers.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
+                  pretty_exceptions_enable=False, cls=Commands)
 world_app = typer.Typer(help="The embedded concept world.", no_args_is_help=True)
 zoo_app = typer.Typer(help="Models that ship with obliviate.", no_args_is_help=True)
 app.add_typer(world_app, name="world")
@@ -20,6 +53,24 @@ app.add_typer(zoo_app, name="zoo")
 request_app = typer.Typer(help="Deletion requests of a store.", no_args_is_help=True)
 app.add_typer(request_app, name="request")
 console = Console()
+
+
+@app.callback()
+def options(debug: bool = typer.Option(False, "--debug", help="Show the traceback when a command fails.")) -> None:
+    """Continual unlearning for text-to-image diffusion models and classifiers."""
+
+
+def _number_between(low: float, high: float):
+    """A typer callback for a float option (typer's own range check lets NaN through)."""
+    def check(value: float | None) -> float | None:
+        if value is not None and not (math.isfinite(value) and low <= value <= high):
+            raise typer.BadParameter(f"{value} is not a number from {low:g} to {high:g}.")
+        return value
+    return check
+
+
+SEED = dict(min=0, max=2**32 - 1, help="Random seed, 0 to 2^32-1.")
+WAIT = dict(callback=_number_between(0, 86400), help="Seconds to wait for a busy store (up to a day).")
 
 
 def _sequence_names() -> list[str]:
@@ -51,8 +102,8 @@ def env() -> None:
 # ------------------------------------------------------------------ world
 @world_app.command("render")
 def world_render(out: Path = typer.Option(Path("world.png"), help="PNG file to write."),
-                 n: int = typer.Option(32, min=1, help="Number of scenes."),
-                 seed: int = typer.Option(0, help="Scene seed.")) -> None:
+                 n: int = typer.Option(32, min=1, max=4096, help="Number of scenes."),
+                 seed: int = typer.Option(0, **SEED)) -> None:
     """Render a labelled grid of random scenes."""
     import torch
     from .viz import image_grid
@@ -89,7 +140,7 @@ def zoo_train(name: str = typer.Argument(..., help="A zoo name (`obliviate zoo l
               exclude: List[str] = typer.Option([], help="Concepts to leave out of the data: trains the retrain "
                                                          "oracle for them (shapes-t2i models; repeatable)."),
               oracles: Path = typer.Option(Path("runs/oracles"), help="Where oracles go when --exclude is given."),
-              seed: int = typer.Option(0)) -> None:
+              seed: int = typer.Option(0, **SEED)) -> None:
     """Train a zoo model from its recipe (resumable for shapes-t2i)."""
     from .classifiers.train import ZOO_RECIPES, train_classifier
     from .models.zoo import oracle_key
@@ -172,11 +223,12 @@ def _excluded_concepts(run: Path) -> tuple[str, ...]:
 @app.command()
 def sample(model: str = typer.Argument(..., help="Zoo name, model folder or store."),
            prompt: List[str] = typer.Argument(..., help="One or more prompts."),
-           n: int = typer.Option(8, min=1, help="Images per prompt."),
-           out: Path = typer.Option(Path("samples.png")),
-           steps: int = typer.Option(25), solver: str = typer.Option("ddim"),
-           guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale."),
-           seed: int = typer.Option(0)) -> None:
+           n: int = typer.Option(8, min=1, max=256, help="Images per prompt."),
+           out: Path = typer.Option(Path("samples.png"), dir_okay=False, help="PNG file to write."),
+           steps: int = typer.Option(25, min=1, max=1000, help="Sampling steps."), solver: str = typer.Option("ddim"),
+           guidance: Optional[float] = typer.Option(None, callback=_number_between(0, 100),
+                                                    help="Classifier-free guidance scale."),
+           seed: int = typer.Option(0, **SEED)) -> None:
     """Generate images for prompts and save them as a captioned grid."""
     from .viz import image_grid
     t2i = _load_t2i_or_store(model)
@@ -191,7 +243,10 @@ def _load_t2i_or_store(name: str):
     from .engine.store import STORE_FILE, Store
     from .models.zoo import load_t2i
     if (Path(name) / STORE_FILE).is_file():
-        return Store(name).load_model(check=True)
+        store = Store(name)
+        if store.info["kind"] != "t2i":
+            raise ValueError(f"{name} holds a {store.info['kind']} model; `sample` draws images from text-to-image models.")
+        return store.load_model(check=True)
     return load_t2i(name)
 
 
@@ -262,10 +317,13 @@ def request_add(store: Path = typer.Argument(...),
                 anchor: Optional[str] = typer.Option(None, help="What the targets should become instead."),
                 set_: List[str] = typer.Option([], "--set", help="Method option key=value (repeatable)."),
                 regularizer: List[str] = typer.Option([], help="NAME or NAME:key=value,key=value (repeatable)."),
-                samples: Optional[Path] = typer.Option(None, help="Classifier stores: a file of training-sample indices "
+                samples: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, readable=True,
+                                                       help="Classifier stores: a file of training-sample indices "
                                                                     "to forget (whitespace or comma separated)."),
-                seed: int = typer.Option(0),
-                wait: float = typer.Option(0.0, help="Seconds to wait for a busy store.")) -> None:
+                seed: int = typer.Option(0, **SEED),
+                no_limits: bool = typer.Option(False, "--no-limits", help="Accept step counts and sizes above the "
+                                                                           "limits that catch typos."),
+                wait: float = typer.Option(0.0, **WAIT)) -> None:
     """Record a pending deletion request (validated now, applied by `obliviate apply`)."""
     from .config import parse_assignments, parse_spec
     from .engine import RegularizerSpec, Store
@@ -281,16 +339,17 @@ def request_add(store: Path = typer.Argument(...),
     regs = []
     for spec in regularizer:
         regs.append(RegularizerSpec(*parse_spec(spec)))
-    rid = Store(store).add_request(concepts, method, parse_assignments(set_), anchor, tuple(regs), seed, wait=wait)
+    rid = Store(store).add_request(concepts, method, parse_assignments(set_), anchor, tuple(regs), seed, wait=wait,
+                                   limits=not no_limits)
     what = " + ".join(concepts) if len(concepts) <= 6 else f"{len(concepts)} targets ({', '.join(concepts[:3])}, ...)"
     typer.echo(f"request {rid} added (pending): forget {what} with {method}")
 
 
 @app.command()
-def apply(store: Path = typer.Argument(...), wait: float = typer.Option(0.0, help="Seconds to wait for a busy store."),
+def apply(store: Path = typer.Argument(...), wait: float = typer.Option(0.0, **WAIT),
           evaluate: Optional[bool] = typer.Option(None, help="Evaluate after each request (UA/IRA/CRA/FD); "
                                                              "default: as configured at init."),
-          limit: Optional[int] = typer.Option(None, help="Apply at most this many pending requests.")) -> None:
+          limit: Optional[int] = typer.Option(None, min=1, help="Apply at most this many pending requests.")) -> None:
     """Apply pending requests in order; each is all-or-nothing."""
     from .engine import Store
     from .evaluation import evaluator_for
@@ -324,6 +383,8 @@ def status(store: Path = typer.Argument(...), as_json: bool = typer.Option(False
         _print_json(info)
         return
     typer.echo(f"store {info['store']} ({info['model_source']}), model {info['model_hash'][:12]}")
+    typer.echo(f"ledger head {info['ledger_head']}" + (" (signed)" if info["signed"] else "")
+               + ": keep it outside the store; `obliviate verify STORE --expect HEAD` proves history since is unchanged")
     rows = []
     for r in info["requests"]:
         cost = r["cost"] or {}
@@ -336,8 +397,8 @@ def status(store: Path = typer.Argument(...), as_json: bool = typer.Option(False
 
 
 @app.command()
-def rollback(store: Path = typer.Argument(...), to: int = typer.Option(..., help="Request id to return to (0 = base)."),
-             wait: float = typer.Option(0.0)) -> None:
+def rollback(store: Path = typer.Argument(...), to: int = typer.Option(..., min=0, help="Request id to return to (0 = base)."),
+             wait: float = typer.Option(0.0, **WAIT)) -> None:
     """Return to the model exactly as it was after request N."""
     from .engine import Store
     digest = Store(store).rollback(to, wait=wait)
@@ -345,15 +406,22 @@ def rollback(store: Path = typer.Argument(...), to: int = typer.Option(..., help
 
 
 @app.command()
-def verify(store: Path = typer.Argument(...), quick: bool = typer.Option(False, help="Skip replaying the edits.")) -> None:
-    """Re-hash the ledger, edits and weights; report every mismatch."""
-    from .engine import Store
-    problems = Store(store).verify(replay=not quick)
+def verify(store: Path = typer.Argument(...), quick: bool = typer.Option(False, help="Skip replaying the edits."),
+           expect: Optional[str] = typer.Option(None, help="A ledger head `obliviate status` printed earlier (SEQ:HASH); "
+                                                           "it must still be in the history.")) -> None:
+    """Re-hash the ledger, every file of the store and the weights; report every mismatch. With
+    OBLIVIATE_LEDGER_KEY (or _FILE) set, every ledger row's signature is checked too."""
+    from .engine import Head, Store
+    s = Store(store)
+    problems = s.verify(replay=not quick, expect=Head.parse(expect) if expect else None)
     if problems:
         for p in problems:
             typer.echo(f"FAIL {p}")
         raise typer.Exit(1)
-    typer.echo("ok: ledger chain, base, edits, state and current weights match")
+    checked = ["ledger chain"] + (["signatures"] if s.key else []) + (["expected head"] if expect else [])
+    typer.echo(f"ok: {', '.join(checked)}, store.json, base model files, edits, state and current weights match"
+               + ("" if s.key or expect else " (without a key or an expected head, a rewritten and rechained "
+                                               "history would pass too)"))
 
 
 @app.command("eval")
@@ -392,7 +460,7 @@ def attack(store: Path = typer.Argument(...), concept: str = typer.Argument(...,
            set_: List[str] = typer.Option([], "--set", help="Attack option key=value (repeatable)."),
            oracles: Path = typer.Option(Path("runs/oracles"), help="Retrain oracles (`zoo train shapes-t2i-v2 --exclude`); "
                                                                    "the attack also runs on one that never saw the concept."),
-           as_json: bool = typer.Option(False, "--json"), seed: int = typer.Option(0)) -> None:
+           as_json: bool = typer.Option(False, "--json"), seed: int = typer.Option(0, **SEED)) -> None:
     """Try to bring a concept back; reports how often the judge sees it before and after."""
     from .config import parse_assignments
     from .engine import Store
@@ -468,8 +536,4 @@ def bench(methods: List[str] = typer.Option(["esd"], "--method", help="Method to
 
 
 def main() -> None:
-    try:
-        app()
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise SystemExit(2) from None
+    app(prog_name="obliviate")

@@ -24,9 +24,10 @@ class Configurable:
         self.config = config if config is not None else self.config_class()
 
     @classmethod
-    def from_options(cls, options: dict | None = None):
-        """Build from ``key=value`` strings or plain values; unknown keys list the valid ones."""
-        return cls(build_config(cls.config_class, options, owner=f"{cls.kind} {cls.name!r}"))
+    def from_options(cls, options: dict | None = None, limits: bool = True):
+        """Build from ``key=value`` strings or plain values; unknown keys list the valid ones
+        (``limits``: see ``build_config``)."""
+        return cls(build_config(cls.config_class, options, owner=f"{cls.kind} {cls.name!r}", limits=limits))
 
 
 class Registry(Generic[T]):

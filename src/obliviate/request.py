@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from .config import SEED_RANGE, check_number
 from .world.targets import TargetSource
 
 
@@ -39,6 +40,9 @@ class Request:
             raise ValueError("A request needs at least one non-empty target concept, e.g. `obliviate request add STORE striped`.")
         if not self.method:
             raise ValueError("A request needs a method; `obliviate methods` lists them.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"A request's seed must be an integer, got {self.seed!r}.")
+        check_number("seed", self.seed, SEED_RANGE)
 
     def to_json(self) -> str:
         return json.dumps({"targets": list(self.targets), "method": self.method, "method_config": self.method_config,

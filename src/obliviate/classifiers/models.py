@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -145,6 +146,12 @@ class ClassifierModel:
         meta = {"kind": "classifier", "arch": self.arch, "dataset": self.dataset, "arch_config": self.arch_config,
                 "recipe": self.recipe}
         (folder / BUNDLE_FILE).write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def parameter_names(cls, folder: str | Path) -> list[str]:
+        """The network's parameter names (with its buffers), read from the saved weights."""
+        with safe_open(Path(folder) / WEIGHTS_FILE, "pt") as weights:
+            return list(weights.keys())
 
     @classmethod
     def request_vocabulary(cls, folder: str | Path, retain: tuple[str, ...] = ()):

@@ -39,7 +39,8 @@ class DataTargets:
         if anchor is not None:
             raise ValueError("Classifier requests take no anchor: the method decides where forgotten data goes. "
                              "Drop --anchor.")
-        self.classes(targets)
+        if len(set(self.classes(targets))) == self.dataset.num_classes:
+            raise ValueError(f"The request names all {self.dataset.num_classes} classes; a classifier must keep at least one.")
         self.samples(targets)
         if len(set(targets)) != len(targets):
             raise ValueError(f"A target is named twice in {', '.join(targets)}.")

@@ -9,9 +9,10 @@ notice that its last rows were cut off. Two anchors close that gap:
 
 - the head (sequence number and hash of the last row), written to ``ledger.head`` beside the
   database at every commit and printed by ``obliviate status``: a head recorded anywhere must
-  still be a row of the chain;
+  still be a row of the chain, so rows can be appended but not changed or cut off;
 - an optional key (``OBLIVIATE_LEDGER_KEY`` or ``OBLIVIATE_LEDGER_KEY_FILE``, never stored):
-  each row then carries HMAC-SHA256(key, row hash), which nobody without the key can forge.
+  each row, and the head in ``ledger.head``, then carries HMAC-SHA256(key, hash), which nobody
+  without the key can forge.
 """
 
 from __future__ import annotations
@@ -167,7 +168,11 @@ class Ledger:
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
-        atomic_write_text(f"{Head(seq, digest)}\n", self.path.parent / HEAD_FILE)
+        # fold the write-ahead log into the database now: ledger.sqlite alone then holds the whole
+        # history (for backups), and no later reader changes its bytes by checkpointing on close
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        head_mac = _signature(self.key, f"head {Head(seq, digest)}") if self.key else ""
+        atomic_write_text(f"{Head(seq, digest)} {head_mac}".strip() + "\n", self.path.parent / HEAD_FILE)
         return Event(seq, kind, request_id, json.loads(payload_text), model_hash, at, prev, digest)
 
     def _check_signing(self, last_hash: str, last_mac: str | None) -> None:
@@ -189,10 +194,21 @@ class Ledger:
         row = self._db.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
         return Head(*row) if row else None
 
-    def recorded_head(self) -> Head | None:
-        """The head written beside the database at the last commit (None if the file is gone)."""
+    def check_recorded_head(self) -> list[str]:
+        """The head written beside the database at each commit must be in the chain and, with a
+        key, carry its signature. A crash between commit and this write leaves it one row behind,
+        which is still in the chain."""
         path = self.path.parent / HEAD_FILE
-        return Head.parse(path.read_text()) if path.is_file() else None
+        if not path.is_file():
+            return [f"{path} is missing (it records the ledger's last row at each commit)"]
+        head_text, _, mac = path.read_text().strip().partition(" ")
+        try:
+            head = Head.parse(head_text)
+        except ValueError:
+            return [f"{path} is damaged: {head_text[:80]!r} is not SEQ:HASH"]
+        if self.key and not hmac.compare_digest(mac, _signature(self.key, f"head {head}")):
+            return [f"{path} is not signed with the ledger key (the head was rewritten)"]
+        return self.check_head(head, HEAD_FILE)
 
     @property
     def signed(self) -> bool:

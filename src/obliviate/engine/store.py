@@ -204,27 +204,29 @@ class Store:
     # ------------------------------------------------------------------ requests
     def add_request(self, targets: tuple[str, ...] | list[str], method: str, method_config: dict | None = None,
                     anchor: str | None = None, regularizers: tuple[RegularizerSpec, ...] = (), seed: int = 0,
-                    wait: float = 0.0) -> int:
-        """Validate and record a pending request; returns its id. Nothing is written if invalid."""
+                    wait: float = 0.0, limits: bool = True) -> int:
+        """Validate and record a pending request; returns its id. Nothing is written if invalid.
+        ``limits=False`` accepts step counts and other sizes above the config limits."""
         targets = tuple(t.strip() for t in targets)
         method_cls = get_method(method, self.info["kind"])
         if regularizers and not method_cls.accepts_regularizers:
             raise ValueError(f"Method {method!r} does not run regularizers (they plug into the diffusion gradient methods: "
                              f"{', '.join(n for n, c in _methods_accepting_regularizers())}); drop --regularizer.")
-        config = config_to_dict(build_config(method_cls.config_class, method_config, owner=f"method {method!r}"))
-        checked_regs = tuple(self._check_regularizer(r) for r in regularizers)
+        config = build_config(method_cls.config_class, method_config, owner=f"method {method!r}", limits=limits)
+        method_cls(config).check_parameters(self.family.parameter_names(self.root / "base"))
+        checked_regs = tuple(self._check_regularizer(r, limits) for r in regularizers)
         check_composition([r.name for r in checked_regs])
-        request = Request(targets, method, config, anchor, checked_regs, seed)
+        request = Request(targets, method, config_to_dict(config), anchor, checked_regs, seed)
         self.prompts().validate(targets, anchor)
         with self.locked(wait):
             next_id = max(self.state().requests, default=0) + 1
             self.ledger.append("add", {"request": request.to_json()}, request_id=next_id)
         return next_id
 
-    def _check_regularizer(self, spec: RegularizerSpec) -> RegularizerSpec:
+    def _check_regularizer(self, spec: RegularizerSpec, limits: bool) -> RegularizerSpec:
         reg_cls = get_regularizer(spec.name)
         return RegularizerSpec(spec.name, config_to_dict(build_config(reg_cls.config_class, spec.config,
-                                                                      owner=f"regularizer {spec.name!r}")))
+                                                                      owner=f"regularizer {spec.name!r}", limits=limits)))
 
     @property
     def language(self) -> str | None:
@@ -257,7 +259,7 @@ class Store:
         base_weights = model.state_tensors()
         model.load_state_tensors(self._weights_at(state))
         weights_before = model.state_tensors()
-        method = get_method(request.method, self.info["kind"]).from_options(request.method_config)
+        method = get_method(request.method, self.info["kind"]).from_options(request.method_config, limits=False)
         previous_state = self._method_state(state)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         context = UnlearningContext(
@@ -347,11 +349,7 @@ class Store:
         problems = self.ledger.check_chain()
         if self.key:
             problems += self.ledger.check_signatures(self.key)
-        recorded = self.ledger.recorded_head()
-        if recorded is None:
-            problems.append(f"{self.root / 'ledger.head'} is missing (it records the ledger's last row at each commit)")
-        else:
-            problems += self.ledger.check_head(recorded, "ledger.head")
+        problems += self.ledger.check_recorded_head()
         if expect is not None:
             problems += self.ledger.check_head(expect, "the expected head")
         events = self.ledger.events()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -71,6 +71,10 @@ class UnlearningMethod(Configurable, ABC):
     kind = "method"
     family: str = "t2i"  # the model family it edits: "t2i" or "classifier"
     accepts_regularizers: bool = False  # the shared diffusion training loop runs them; nothing else does
+
+    def check_parameters(self, names: Sequence[str]) -> None:
+        """Raise ValueError if this configuration selects none of the model's parameters
+        ``names``; `request add` runs it so that a typo fails before any work is done."""
 
     @abstractmethod
     def unlearn(self, model, request, context: UnlearningContext) -> MethodResult:

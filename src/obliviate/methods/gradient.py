@@ -26,7 +26,7 @@ from accelerate import Accelerator
 
 from ..regularizers import Regularizer, check_composition, get_regularizer
 from ..training import (ParameterConstraint, PassCounter, TrainingSession, UpdateProjector,
-                        combine_constraints, select_parameters)
+                        combine_constraints, match_names, select_parameters)
 from .base import Edit, MethodResult, UnlearningContext, UnlearningMethod
 
 
@@ -60,13 +60,17 @@ class GradientMethod(UnlearningMethod):
         """Prompts whose images serve as x_0: the targets' by default (data-free, as in ESD)."""
         return session.forget_prompts
 
+    def check_parameters(self, names) -> None:
+        match_names(names, self.config.trainable_regex)
+
     def unlearn(self, model, request, context: UnlearningContext) -> MethodResult:
         config = self.config
         check_composition([spec.name for spec in request.regularizers])
         # A canonical order: penalties sum and setups draw from the request's random streams in
         # the same order whatever order the user listed the regularizers in.
         specs = sorted(request.regularizers, key=lambda s: (s.name, json.dumps(s.config, sort_keys=True)))
-        regularizers: list[Regularizer] = [get_regularizer(spec.name).from_options(spec.config) for spec in specs]
+        # limits were checked (or lifted on purpose) when the request was added
+        regularizers: list[Regularizer] = [get_regularizer(spec.name).from_options(spec.config, limits=False) for spec in specs]
 
         accelerator = Accelerator(cpu=context.device.type == "cpu")
         model.to(accelerator.device)

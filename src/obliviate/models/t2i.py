@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
                        UNet2DConditionModel)
+from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 
 from .text import CLIPEncoder, MiniLMEncoder, TextEncoder, TextEncoding
 
@@ -75,16 +77,19 @@ class T2IModel:
             raise FileNotFoundError(
                 f"{folder} is neither an obliviate model ({BUNDLE_FILE}) nor a diffusers folder (model_index.json). "
                 "Pass a zoo name such as 'shapes-t2i' or a folder saved by T2IModel.save().")
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True)
-        scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
-        if meta["text_encoder"] == "minilm":
-            text_encoder = MiniLMEncoder.from_package(meta.get("max_length", 24))
-        elif meta["text_encoder"] == "clip":
-            text_encoder = CLIPEncoder.from_folder(folder)
-        else:
-            raise ValueError(f"{folder / BUNDLE_FILE} names unknown text encoder {meta['text_encoder']!r}; expected 'minilm' or 'clip'.")
-        vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True) if (folder / "vae").is_dir() else None
-        model = cls(unet.eval(), scheduler, text_encoder, vae, meta.get("guidance_scale", 2.0), language=_language(meta))
+        if meta.get("text_encoder") not in ("minilm", "clip"):
+            raise ValueError(f"{folder / BUNDLE_FILE} names unknown text encoder {meta.get('text_encoder')!r}; expected 'minilm' or 'clip'.")
+        try:  # diffusers and transformers report broken folders as many kinds of exception
+            unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True)
+            scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
+            text_encoder = (MiniLMEncoder.from_package(meta.get("max_length", 24)) if meta["text_encoder"] == "minilm"
+                            else CLIPEncoder.from_folder(folder))
+            vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True) if (folder / "vae").is_dir() else None
+            model = cls(unet.eval(), scheduler, text_encoder, vae, meta.get("guidance_scale", 2.0), language=_language(meta))
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, ZeroDivisionError, RuntimeError) as error:
+            raise ValueError(f"{folder} is not a model obliviate can load: {type(error).__name__}: {error}. "
+                             "Check its config files (unet/config.json, scheduler/scheduler_config.json, "
+                             f"{BUNDLE_FILE}) or save the model again.") from error
         if (folder / TEXT_TRANSFORMS_FILE).is_file():
             model.load_state_tensors({**model.state_tensors(), **load_file(folder / TEXT_TRANSFORMS_FILE)})
         return model
@@ -110,6 +115,13 @@ class T2IModel:
         if self.text_encoder.kind == "clip" and self.vae is not None:
             (folder / "model_index.json").write_text(json.dumps(_SD_MODEL_INDEX, indent=2))
         (folder / BUNDLE_FILE).write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def parameter_names(cls, folder: str | Path) -> list[str]:
+        """The UNet's parameter names, read from the saved weights without building the model:
+        what a method's ``trainable`` pattern is matched against."""
+        with safe_open(Path(folder) / "unet" / SAFETENSORS_WEIGHTS_NAME, "pt") as weights:
+            return list(weights.keys())
 
     @classmethod
     def request_vocabulary(cls, folder: str | Path, retain: tuple[str, ...] = ()):
@@ -216,6 +228,8 @@ class T2IModel:
         """Like ``sample`` but from token states directly (attacks condition on optimised states)."""
         if solver not in SOLVERS:
             raise ValueError(f"Unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}.")
+        if not 1 <= steps <= self.scheduler.config.num_train_timesteps:
+            raise ValueError(f"Sampling takes 1 to {self.scheduler.config.num_train_timesteps} steps, got {steps}.")
         guidance = self.guidance_scale if guidance_scale is None else guidance_scale
         generator = torch.Generator().manual_seed(seed)
         n = len(encoding.states)

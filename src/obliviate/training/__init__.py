@@ -13,7 +13,8 @@
 from .contract import ParameterConstraint, UpdateProjector, combine_constraints
 from .gradients import accumulate_gradients
 from .masks import fisher_ratio_mask, top_fraction_mask
-from .session import TRAINABLE_PRESETS, Batch, GradientConfig, PassCounter, TrainingSession, select_parameters
+from .session import (TRAINABLE_PRESETS, Batch, GradientConfig, PassCounter, TrainingSession, match_names,
+                      select_parameters)
 from .simulation import (OPTIMIZERS, FineTuneDistribution, ScratchModule, first_order_meta_gradient, linear_surrogate,
                          moreau_hypergradient)
 from .subspace import aligned_token_states, orthonormal_basis, token_states
@@ -21,4 +22,4 @@ from .subspace import aligned_token_states, orthonormal_basis, token_states
 __all__ = ["OPTIMIZERS", "TRAINABLE_PRESETS", "Batch", "FineTuneDistribution", "GradientConfig", "ParameterConstraint", "PassCounter",
            "ScratchModule", "TrainingSession", "UpdateProjector", "accumulate_gradients", "aligned_token_states",
            "combine_constraints", "first_order_meta_gradient", "fisher_ratio_mask", "linear_surrogate",
-           "moreau_hypergradient", "orthonormal_basis", "select_parameters", "token_states", "top_fraction_mask"]
+           "match_names", "moreau_hypergradient", "orthonormal_basis", "select_parameters", "token_states", "top_fraction_mask"]

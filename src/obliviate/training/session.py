@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -54,13 +54,19 @@ class GradientConfig:
         return TRAINABLE_PRESETS.get(self.trainable, self.trainable)
 
 
-def select_parameters(unet: torch.nn.Module, pattern: str) -> dict[str, torch.nn.Parameter]:
+def match_names(names: Sequence[str], pattern: str, network: str = "UNet") -> list[str]:
+    """The parameter names ``pattern`` (a regex) finds; a clear error when it finds none."""
     regex = re.compile(pattern)
-    chosen = {n: p for n, p in unet.named_parameters() if regex.search(n)}
+    chosen = [n for n in names if regex.search(n)]
     if not chosen:
-        raise ValueError(f"No UNet parameter matches {pattern!r}; names look like "
-                         f"{next(iter(dict(unet.named_parameters())))!r}.")
+        raise ValueError(f"No {network} parameter matches {pattern!r}; names look like {names[0]!r} "
+                         f"(and {len(names) - 1} more). Fix the trainable pattern.")
     return chosen
+
+
+def select_parameters(unet: torch.nn.Module, pattern: str) -> dict[str, torch.nn.Parameter]:
+    params = dict(unet.named_parameters())
+    return {n: params[n] for n in match_names(list(params), pattern)}
 
 
 class PassCounter:

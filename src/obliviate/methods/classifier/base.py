@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..base import Edit, MethodResult, UnlearningContext, UnlearningMethod
-from ...training import PassCounter, accumulate_gradients
+from ...training import PassCounter, accumulate_gradients, match_names
 
 
 @dataclass
@@ -116,6 +116,9 @@ class ClassifierMethod(UnlearningMethod):
         """Update ``session.net`` in place; return the method's state for the next request."""
         raise NotImplementedError
 
+    def check_parameters(self, names) -> None:
+        match_names(names, self.config.trainable, "network")
+
     def unlearn(self, model, request, context: UnlearningContext) -> MethodResult:
         targets = context.prompts
         device = model.device
@@ -125,12 +128,12 @@ class ClassifierMethod(UnlearningMethod):
             raise ValueError(f"Request {request.label!r} names no training data.")
         forgotten_classes = targets.classes(context.forgotten + tuple(request.targets))
         known = torch.tensor([c for c in range(targets.dataset.num_classes) if c not in forgotten_classes])
+        if len(known) == 0:
+            raise ValueError(f"Request {request.label!r} would forget the last classes the model knows; a classifier "
+                             "must keep at least one. Roll back or drop the request.")
         before = model.state_tensors()
-        regex = re.compile(self.config.trainable)
-        params = {n: p for n, p in model.net.named_parameters() if regex.search(n)}
-        if not params:
-            raise ValueError(f"No parameter matches trainable={self.config.trainable!r}; names look like "
-                             f"{next(iter(dict(model.net.named_parameters())))!r}.")
+        named = dict(model.net.named_parameters())
+        params = {n: named[n] for n in match_names(list(named), self.config.trainable, "network")}
         for name, p in model.net.named_parameters():
             p.requires_grad_(name in params)
         session = ClassifierSession(
