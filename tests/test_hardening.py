@@ -316,6 +316,7 @@ BAD_COMMANDS = [
     "export {t2i} {t2i}",
     "eval {t2i} --set images_per_prompt=nan",
     "eval {t2i} --set bogus=1",
+    "eval {t2i} --set relearn_checkpoints=0,99999999999",
     "attack {t2i} striped --kind nope",
     "attack {t2i} striped --set steps=nan",
     "attack {t2i} nonsense-concept",
@@ -390,8 +391,6 @@ COMMAND_TEMPLATES = [
     "request add {t2i} striped --wait {v}",
     "request add {classifier} {v} --method ft",
     "status {v}",
-    "init {tmp}/{v}/store --model {t2i}/base",
-    "export {t2i} {tmp}/{v}",
     "world render --n {v} --out {tmp}/w.png",
 ]
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import check_number
 from ..world import DEFAULT_ONTOLOGY, SPLITS, Ontology, WorldPrompts, render, sample_scenes
 from .metrics import Accuracy, FrechetDistance, UnlearningAccuracy
 from .quality import balanced_combinations, generate_and_judge
@@ -51,6 +52,7 @@ class EvalConfig:
             raise ValueError(f"relearn_checkpoints must be step counts like 0,5,10,20,50, got {self.relearn_checkpoints!r}") from None
         if steps and (len(steps) < 2 or min(steps) < 0):
             raise ValueError(f"relearn_checkpoints needs at least two step counts >= 0, got {self.relearn_checkpoints!r}")
+        check_number("relearn_checkpoints", steps)
         unknown = set(self.splits) - set(SPLITS)
         if unknown:
             raise ValueError(f"ua_splits names {', '.join(sorted(unknown))}; choose from {', '.join(SPLITS)}.")
