@@ -206,7 +206,7 @@ class Ledger:
             head = Head.parse(head_text)
         except ValueError:
             return [f"{path} is damaged: {head_text[:80]!r} is not SEQ:HASH"]
-        if self.key and not hmac.compare_digest(mac, _signature(self.key, f"head {head}")):
+        if self.key and self.signed and not hmac.compare_digest(mac, _signature(self.key, f"head {head}")):
             return [f"{path} is not signed with the ledger key (the head was rewritten)"]
         return self.check_head(head, HEAD_FILE)
 
@@ -231,6 +231,9 @@ class Ledger:
     def check_signatures(self, key: bytes) -> list[str]:
         """Rows whose signature is missing or was not made with ``key``: with the key, a history
         rewritten and rechained by someone without it shows here."""
+        if not self.signed:
+            return [f"{self.path} is not signed, but a ledger key is set: the store was made without a key, "
+                    "or its signatures were stripped"]
         problems = []
         for seq, digest, mac in self._db.execute("SELECT seq, hash, mac FROM events ORDER BY seq"):
             if mac is None:
