@@ -7,6 +7,13 @@ from obliviate.models.text import MiniLMEncoder
 from obliviate.models.train_t2i import embedded_scheduler
 
 
+@pytest.fixture(autouse=True)
+def no_ledger_key_from_the_environment(monkeypatch):
+    """Tests choose their stores' keys themselves; a key in the developer's shell must not sign them."""
+    monkeypatch.delenv("OBLIVIATE_LEDGER_KEY", raising=False)
+    monkeypatch.delenv("OBLIVIATE_LEDGER_KEY_FILE", raising=False)
+
+
 def tiny_unet_config(**overrides) -> dict:
     config = dict(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),

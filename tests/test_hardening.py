@@ -407,3 +407,27 @@ def test_fuzzed_commands_never_reach_a_traceback(stores, tmp_path_factory, templ
     assert "Traceback" not in result.output and "internal error" not in result.output, result.output
     if result.exit_code == 2:
         assert {name: snapshot(stores / name) for name in ("t2i", "classifier")} == before
+
+
+def test_a_store_signed_from_the_environment_round_trips_through_the_cli(tmp_path, tiny_model_dir):
+    store, signed = tmp_path / "store", {"OBLIVIATE_LEDGER_KEY": "s3cret"}
+    assert runner.invoke(app, ["init", str(store), "--model", str(tiny_model_dir)], env=signed).exit_code == 0
+    status = runner.invoke(app, ["status", str(store)], env=signed).output
+    head = next(w for w in status.split() if ":" in w and len(w) > 64)
+    assert "(signed)" in status
+    result = runner.invoke(app, ["verify", str(store), "--expect", head], env=signed)
+    assert result.exit_code == 0 and "signatures" in result.output
+    refused = runner.invoke(app, ["request", "add", str(store), "striped"], env={"OBLIVIATE_LEDGER_KEY": ""})
+    assert refused.exit_code == 2 and "is signed" in refused.output
+    forged = runner.invoke(app, ["request", "add", str(store), "striped"], env={"OBLIVIATE_LEDGER_KEY": "guess"})
+    assert forged.exit_code == 2 and "not the key" in forged.output
+
+
+def test_no_limits_accepts_a_large_step_count_on_purpose(tmp_path, tiny_model_dir):
+    store = Store.init(tmp_path / "store", tiny_model_dir)
+    with pytest.raises(ValueError, match="--no-limits"):
+        store.add_request(["striped"], "esd", {"steps": "200000"})
+    rid = store.add_request(["striped"], "esd", {"steps": "200000"}, limits=False)
+    assert store.state().requests[rid].method_config["steps"] == 200000
+    with pytest.raises(ValueError, match="not a finite number"):
+        store.add_request(["striped"], "esd", {"learning_rate": "nan"}, limits=False)  # validity is never lifted
