@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
@@ -7,11 +9,12 @@ from obliviate.models.text import MiniLMEncoder
 from obliviate.models.train_t2i import embedded_scheduler
 
 
-@pytest.fixture(autouse=True)
-def no_ledger_key_from_the_environment(monkeypatch):
+@pytest.fixture(scope="session", autouse=True)
+def no_ledger_key_from_the_environment():
     """Tests choose their stores' keys themselves; a key in the developer's shell must not sign them."""
-    monkeypatch.delenv("OBLIVIATE_LEDGER_KEY", raising=False)
-    monkeypatch.delenv("OBLIVIATE_LEDGER_KEY_FILE", raising=False)
+    saved = {k: os.environ.pop(k) for k in ("OBLIVIATE_LEDGER_KEY", "OBLIVIATE_LEDGER_KEY_FILE") if k in os.environ}
+    yield
+    os.environ.update(saved)
 
 
 def tiny_unet_config(**overrides) -> dict:
