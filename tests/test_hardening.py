@@ -177,6 +177,19 @@ def test_an_edited_row_is_detected_without_key_or_head(copy):
     assert any("ledger row 2" in p and "edited" in p for p in problems)
 
 
+@pytest.mark.parametrize("payload", ["not json", '{"request": 3}', '"a string"', "{}"])
+def test_a_row_that_is_not_our_event_is_a_problem_not_a_crash(copy, payload):
+    root, key = copy
+    db = sqlite3.connect(root / "ledger.sqlite")
+    db.execute("UPDATE events SET payload = ? WHERE seq IN (1, 2)", (payload,))
+    db.commit()
+    db.close()
+    assert detected(root, key)
+    for command in (["status", str(root)], ["verify", str(root)]):
+        result = runner.invoke(app, command)
+        assert result.exit_code in (1, 2) and "internal error" not in result.output, result.output
+
+
 def test_a_planted_trigger_never_runs(copy):
     root, key = copy
     db = sqlite3.connect(root / "ledger.sqlite")

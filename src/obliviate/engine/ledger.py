@@ -187,8 +187,14 @@ class Ledger:
 
     # ------------------------------------------------------------------ reading
     def events(self) -> list[Event]:
-        rows = self._db.execute(f"SELECT {_COLUMNS} FROM events ORDER BY seq")
-        return [Event(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6], r[7]) for r in rows]
+        events = []
+        for r in self._db.execute(f"SELECT {_COLUMNS} FROM events ORDER BY seq"):
+            try:
+                events.append(Event(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6], r[7]))
+            except (TypeError, ValueError):
+                raise LedgerError(f"{self.path}: row {r[0]} holds a payload that is not JSON (the row was edited). "
+                                  "Restore the ledger from a backup.") from None
+        return events
 
     def head(self) -> Head | None:
         row = self._db.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()

@@ -160,7 +160,11 @@ class Store:
 
     # ------------------------------------------------------------------ reading
     def state(self) -> LedgerState:
-        return derive_state(self.ledger.events())
+        try:
+            return derive_state(self.ledger.events())
+        except (KeyError, TypeError, ValueError) as error:
+            raise StoreIntegrityError(f"The ledger's rows do not describe a store obliviate wrote ({type(error).__name__}: "
+                                      f"{error}); run `obliviate verify {self.root}` and restore from a backup.") from None
 
     @contextlib.contextmanager
     def locked(self, wait: float = 0.0):
@@ -355,9 +359,17 @@ class Store:
         events = self.ledger.events()
         if not events or events[0].kind != "init":
             return problems + ["ledger has no init row"]
+        try:
+            problems += self._check_contents(events, replay and not problems)
+        except (KeyError, TypeError, ValueError, StoreIntegrityError) as error:  # rows that are JSON but not our events
+            problems.append(f"ledger rows do not describe a store obliviate wrote ({type(error).__name__}: {error})")
+        return problems
+
+    def _check_contents(self, events, replay: bool) -> list[str]:
+        """The store's files and weights against what the ledger's events recorded."""
         init = events[0].payload
-        problems += self._check_recorded_files(init)
-        state = derive_state(events)
+        problems = self._check_recorded_files(init)
+        state = self.state()
         for rid in state.applied:
             event = state.apply_events[rid]
             for key in ("edit", "state"):
