@@ -157,6 +157,26 @@ def test_sdwv_edits_compose_and_roll_back(tmp_path, tiny_model_dir):
     assert store.verify() == []
 
 
+def test_exported_sdwv_edits_are_folded_so_a_plain_unet_predicts_the_same(tmp_path, tiny_model_dir):
+    from diffusers import UNet2DConditionModel
+    store = Store.init(tmp_path / "s", tiny_model_dir)
+    store.add_request(["striped"], "sdwv", {"steps": "0"})
+    store.add_request(["circle"], "sdwv", {"steps": "0"})
+    store.apply()
+    model = store.load_model()
+    store.export(tmp_path / "out")
+    assert not (tmp_path / "out" / "text_transforms.safetensors").exists()
+    plain = UNet2DConditionModel.from_pretrained(tmp_path / "out" / "unet")  # what a stock pipeline loads
+    raw = model.text_encoder.encode(["a striped circle", "a red square", ""])  # no transform applied
+    latents, t = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 500, 900])
+    with torch.no_grad():
+        expected = model.predict(latents, t, model.encode(["a striped circle", "a red square", ""]))
+        folded = plain(latents, t, encoder_hidden_states=raw.states, encoder_attention_mask=raw.mask).sample
+    assert not torch.allclose(model.predict(latents, t, raw), expected, atol=1e-4)  # the edit matters
+    assert torch.allclose(folded, expected, atol=1e-5)
+    assert len(model.text_transforms) == 2  # exporting left the store's model as it was
+
+
 def test_erasepro_meets_its_constraint_exactly_and_keeps_earlier_ones(tmp_path, tiny_model_dir):
     from obliviate.methods.erasepro import unet_depth_order
     from obliviate.methods.closed_form import KV_PATTERN as EP_KV

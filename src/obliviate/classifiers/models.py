@@ -147,6 +147,10 @@ class ClassifierModel:
                 "recipe": self.recipe}
         (folder / BUNDLE_FILE).write_text(json.dumps(meta, indent=2))
 
+    def export(self, folder: str | Path) -> None:
+        """Write the model for other readers: a classifier's saved folder is already plain."""
+        self.save(folder)
+
     @classmethod
     def parameter_names(cls, folder: str | Path) -> list[str]:
         """The network's parameter names (with its buffers), read from the saved weights."""

@@ -473,13 +473,14 @@ class Store:
     # ------------------------------------------------------------------ export and status
     def export(self, out: str | Path) -> Path:
         """Write the current model as a folder that diffusers (unet/, scheduler/) and
-        ``T2IModel.load`` read."""
+        ``T2IModel.load`` read. Text-space edits are folded into the UNet's cross-attention, so a
+        reader that knows nothing of obliviate draws the same images."""
         out = _new_folder(out, "export")
         model = self.load_model(check=True)
         staging = out.with_name(out.name + ".export" + TMP_SUFFIX)  # the folder appears whole or not at all
         shutil.rmtree(staging, ignore_errors=True)
         try:
-            model.save(staging)
+            model.export(staging)
             if out.exists():
                 out.rmdir()
             staging.rename(out)

@@ -4,6 +4,7 @@ MiniLM tokens) and real Stable Diffusion folders (VAE latents, CLIP tokens)."""
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
                        UNet2DConditionModel)
+from diffusers.models.attention_processor import Attention
 from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 
 from .text import CLIPEncoder, MiniLMEncoder, TextEncoder, TextEncoding
@@ -116,6 +118,15 @@ class T2IModel:
             (folder / "model_index.json").write_text(json.dumps(_SD_MODEL_INDEX, indent=2))
         (folder / BUNDLE_FILE).write_text(json.dumps(meta, indent=2))
 
+    def export(self, folder: str | Path) -> None:
+        """Write a folder for readers that know nothing of obliviate (diffusers pipelines): the
+        text transforms folded into the UNet (``fold_text_transforms``); this model is unchanged."""
+        if not self.text_transforms:
+            return self.save(folder)
+        portable = copy.deepcopy(self)
+        portable.fold_text_transforms()
+        portable.save(folder)
+
     @classmethod
     def parameter_names(cls, folder: str | Path) -> list[str]:
         """The UNet's parameter names, read from the saved weights without building the model:
@@ -167,6 +178,24 @@ class T2IModel:
         unknown = set(tensors) - set(text) - {f"unet.{k}" for k in unet}
         if unknown:
             raise KeyError(f"Unknown tensors for a text-to-image model: {sorted(unknown)[:3]}")
+
+    @torch.no_grad()
+    def fold_text_transforms(self) -> None:
+        """Fold the text transforms into the UNet and drop them: with M the product of their
+        matrices (the first applied on the right), every cross-attention key and value projection
+        becomes W M. Those projections are the only places the UNet reads token states, so the
+        model draws the same images, and a stock diffusers pipeline, which never applies
+        obliviate's transforms, draws them too."""
+        if not self.text_transforms:
+            return
+        folded = self.text_transforms[0].matrix
+        for transform in self.text_transforms[1:]:
+            folded = transform.matrix @ folded
+        for module in self.unet.modules():
+            if isinstance(module, Attention) and module.is_cross_attention:
+                for projection in (module.to_k, module.to_v):
+                    projection.weight.copy_(projection.weight @ folded.to(projection.weight))
+        self.text_transforms = []
 
     def next_text_transform_key(self) -> str:
         return f"{TEXT_PREFIX}{len(self.text_transforms):04d}.matrix"
