@@ -225,7 +225,8 @@ def sample(model: str = typer.Argument(..., help="Zoo name, model folder or stor
            prompt: List[str] = typer.Argument(..., help="One or more prompts."),
            n: int = typer.Option(8, min=1, max=256, help="Images per prompt."),
            out: Path = typer.Option(Path("samples.png"), dir_okay=False, help="PNG file to write."),
-           steps: int = typer.Option(25, min=1, max=1000, help="Sampling steps."), solver: str = typer.Option("ddim"),
+           steps: int = typer.Option(25, min=1, max=1000, help="Sampling steps."),
+           solver: str = typer.Option("ddim", help="ddim, dpm or o-belm (exactly invertible)."),
            guidance: Optional[float] = typer.Option(None, callback=_number_between(0, 100),
                                                     help="Classifier-free guidance scale."),
            seed: int = typer.Option(0, **SEED)) -> None:

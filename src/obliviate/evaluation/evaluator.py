@@ -33,7 +33,7 @@ class EvalConfig:
     retain_prompts: int = field(default=40, metadata={"help": "prompts of retained concepts (IRA, CRA, FD)"})
     images_per_prompt: int = field(default=4, metadata={"help": "images sampled per prompt"})
     steps: int = field(default=20, metadata={"help": "sampler steps"})
-    solver: str = field(default="dpm", metadata={"help": "ddim or dpm"})
+    solver: str = field(default="dpm", metadata={"help": "ddim, dpm or o-belm"})
     judge: str = field(default="shapes-judge", metadata={"help": "zoo name or folder of the attribute judge"})
     ua_splits: str = field(default=",".join(SPLITS), metadata={
         "help": "prompt splits UA is measured on, comma-separated (train is always included); fewer = cheaper"})

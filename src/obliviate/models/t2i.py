@@ -18,6 +18,7 @@ from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMul
 from diffusers.models.attention_processor import Attention
 from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 
+from .belm import OBELMScheduler
 from .text import CLIPEncoder, MiniLMEncoder, TextEncoder, TextEncoding
 
 BUNDLE_FILE = "obliviate.json"
@@ -28,7 +29,7 @@ _SD_MODEL_INDEX = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers
                    "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
                    "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"],
                    "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
-SOLVERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
+SOLVERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "o-belm": OBELMScheduler}
 
 
 def _language(meta: dict) -> str | None:
@@ -276,9 +277,50 @@ class T2IModel:
         both = TextEncoding.cat([self.encode([""] * len(latents)), cond])
         latents = latents * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
-            model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            uncond_out, cond_out = self.predict(model_in, t.expand(len(model_in)).to(self.device), both).chunk(2)
-            latents = scheduler.step(uncond_out + guidance * (cond_out - uncond_out), t, latents).prev_sample
+            latents = scheduler.step(self._guided(scheduler.scale_model_input(latents, t), t, both, guidance), t, latents).prev_sample
+        return self.from_latents(latents)
+
+    def _guided(self, latents: torch.Tensor, t: torch.Tensor, both: TextEncoding, guidance: float) -> torch.Tensor:
+        """Classifier-free guided output; ``both`` is the unconditional encoding, then the prompts'."""
+        model_in = torch.cat([latents, latents])
+        uncond_out, cond_out = self.predict(model_in, t.expand(len(model_in)).to(self.device), both).chunk(2)
+        return uncond_out + guidance * (cond_out - uncond_out)
+
+    # ---------------------------------------------------------------- exact inversion (O-BELM)
+    @torch.no_grad()
+    def invert(self, images: torch.Tensor, prompts: list[str], steps: int = 25,
+               guidance_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The noise that O-BELM turns into ``images`` under ``prompts``: the trajectory's last
+        two states (x_N, x_{N-1}), which ``regenerate`` follows back to the images exactly, up to
+        rounding (``models.belm``).
+
+        The two-step relation also has a parasitic solution that inversion multiplies by
+        (h_N / h_1)^2 in all and generation divides by the same factor. On schedules where
+        s = sigma/alpha spans many decades (the embedded models' cosine schedule reaches s = 2e4)
+        the states are therefore far from Gaussian noise in scale, though exact."""
+        scheduler = OBELMScheduler.from_config(self.scheduler.config)
+        scheduler.set_timesteps(steps)
+        guidance = self.guidance_scale if guidance_scale is None else guidance_scale
+        both = TextEncoding.cat([self.encode([""] * len(prompts)), self.encode(prompts)])
+        ascending = scheduler.timesteps.flip(0)  # t_1 .. t_N; the clean image is read at t_1
+        lower, x = None, self.to_latents(images, torch.Generator().manual_seed(0))
+        for i in range(steps):
+            model_output = self._guided(x, ascending[max(i, 1) - 1], both, guidance)
+            lower, x = x, scheduler.invert_step(model_output, i, x, lower)
+        return x, lower
+
+    @torch.no_grad()
+    def regenerate(self, states: tuple[torch.Tensor, torch.Tensor], prompts: list[str], steps: int = 25,
+                   guidance_scale: float | None = None) -> torch.Tensor:
+        """Images from the last two states of an O-BELM trajectory (what ``invert`` returns)."""
+        scheduler = OBELMScheduler.from_config(self.scheduler.config)
+        scheduler.set_timesteps(steps)
+        guidance = self.guidance_scale if guidance_scale is None else guidance_scale
+        both = TextEncoding.cat([self.encode([""] * len(prompts)), self.encode(prompts)])
+        upper, latents = states
+        scheduler.resume(upper)
+        for t in scheduler.timesteps[1:]:
+            latents = scheduler.step(self._guided(latents, t, both, guidance), t, latents).prev_sample
         return self.from_latents(latents)
 
     def encode_with_embeddings(self, prompts: list[str], replace: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> TextEncoding:

@@ -1,0 +1,89 @@
+"""O-BELM: exact inversion (an image inverted to noise regenerates to itself), second-order
+accuracy on a Gaussian whose probability-flow ODE is solved in closed form, and use as a solver."""
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from obliviate.models.belm import OBELMScheduler
+from obliviate.models.zoo import load_t2i
+from obliviate.world import render, sample_scenes
+
+MU, TAU = 0.3, 0.5  # data: every pixel ~ N(MU, TAU^2), independently
+
+
+def gaussian_eps(x, alpha, sigma):
+    """The exact noise prediction for Gaussian data: E[eps | x_t]."""
+    return sigma * (x - alpha * MU) / (alpha**2 * TAU**2 + sigma**2)
+
+
+def scheduler(steps, prediction_type="epsilon"):
+    s = OBELMScheduler(prediction_type=prediction_type)
+    s.set_timesteps(steps)
+    return s
+
+
+def generate(s, x, eps_at, ddim_only=False):
+    for t in s.timesteps:
+        i = s.index(t)
+        if ddim_only:
+            s.resume(None)
+        x = s.step(eps_at(x, i), t, x).prev_sample
+    return x
+
+
+def exact_clean(s, x_noise):
+    """Where the probability-flow ODE takes x_N for Gaussian data: the same quantile at t = 0."""
+    alpha, sigma = s.alpha[-1], s.sigma[-1]
+    return MU + TAU * (x_noise - alpha * MU) / torch.sqrt(alpha**2 * TAU**2 + sigma**2)
+
+
+def test_o_belm_is_second_order_where_ddim_is_first_order():
+    x_noise = torch.randn(4096, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    errors = {}
+    for ddim_only in (False, True):
+        for steps in (10, 20):
+            s = scheduler(steps)
+            eps_at = lambda x, i: gaussian_eps(x, s.alpha[i], s.sigma[i])  # noqa: E731
+            errors[ddim_only, steps] = (generate(s, x_noise, eps_at, ddim_only) - exact_clean(s, x_noise)).abs().max()
+    assert errors[False, 10] < errors[True, 10] / 3
+    assert errors[False, 10] / errors[False, 20] > 3.0  # error ~ N^-2
+    assert errors[True, 10] / errors[True, 20] < 2.5  # error ~ N^-1
+
+
+@settings(max_examples=20, deadline=None)
+@given(steps=st.integers(2, 60), seed=st.integers(0, 2**16), v=st.booleans())
+def test_inverting_then_regenerating_returns_the_image_in_float64(steps, seed, v):
+    """Any eps(x, t) works: exactness comes from the relation, not from a good model."""
+    weights = torch.randn(8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) / 3
+    s = scheduler(steps, "v_prediction" if v else "epsilon")
+    model = lambda x, i: torch.tanh(x @ weights + float(s.s[max(i, 1)]))  # noqa: E731
+    clean = torch.rand(5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
+    lower, x = None, clean
+    for i in range(steps):
+        lower, x = x, s.invert_step(model(x, i), i, x, lower)
+    s.resume(x)
+    regenerated = lower
+    for t in s.timesteps[1:]:
+        regenerated = s.step(model(regenerated, s.index(t)), t, regenerated).prev_sample
+    assert torch.allclose(regenerated, clean, atol=1e-9, rtol=0)
+
+
+def test_the_shipped_model_inverts_renders_to_noise_and_back_in_float32():
+    model = load_t2i("shapes-t2i-v2")
+    scenes = sample_scenes(4, seed=3)
+    images = torch.from_numpy(render(scenes))
+    prompts = ["a striped red triangle", "a blue circle", "a dotted green square", "a star"]
+    states = model.invert(images, prompts, steps=20)
+    regenerated = model.regenerate(states, prompts, steps=20)
+    assert (regenerated - images).abs().max() < 1e-4
+    elsewhere = model.regenerate(states, prompts[::-1], steps=20)  # the states alone do not hold the images
+    assert (elsewhere - images).abs().mean() > 1e-2
+
+
+def test_o_belm_samples_like_the_other_solvers(tiny_t2i):
+    images = tiny_t2i.sample(["a red circle"] * 2, steps=4, seed=1, solver="o-belm")
+    again = tiny_t2i.sample(["a red circle"] * 2, steps=4, seed=1, solver="o-belm")
+    assert images.shape == (2, 3, 16, 16) and torch.equal(images, again)
+    with pytest.raises(ValueError, match="not on this scheduler's grid"):
+        scheduler(4).step(torch.zeros(1), 7, torch.zeros(1))
