@@ -45,6 +45,16 @@ def test_attacks_leave_the_model_untouched_and_report_rates(tiny_t2i, random_jud
         assert result.auc == pytest.approx((result.curve[0][1] + result.curve[1][1]) / 2)
 
 
+def test_the_inverter_regenerating_its_own_inversion_redraws_what_it_inverted(tiny_model_dir, random_judge):
+    from obliviate.models.t2i import T2IModel
+    model = T2IModel.load(tiny_model_dir)
+    attack = get_attack("regenerate").from_options({**QUICK, "renders": 4, "steps": 3, "inverter": str(tiny_model_dir)})
+    result = attack.run(model, "striped", random_judge, WorldPrompts(), seed=0)
+    assert result.after == result.details["inverter_redraws"]  # same model: the round trip is exact
+    with pytest.raises(ValueError, match="positive"):
+        get_attack("regenerate").from_options({"steps": "0"})
+
+
 def test_relearnability_is_the_mean_success_over_the_attack():
     from obliviate.evaluation.attacks.base import AttackResult, curve_auc
     assert curve_auc(((0, 0.0), (10, 1.0), (20, 1.0))) == pytest.approx(0.75)
