@@ -249,7 +249,7 @@ DRIVER = textwrap.dedent("""
     elif point == "export_before_rename":
         original_rename = os.rename
         def rename(src, dst):
-            if str(src).endswith(".export.tmp"):
+            if str(src).endswith(".partial.tmp"):
                 die()
             return original_rename(src, dst)
         os.rename = rename
@@ -264,6 +264,14 @@ DRIVER = textwrap.dedent("""
 """)
 
 
+def run_driver(tmp_path, *args) -> subprocess.CompletedProcess:
+    """Run DRIVER in a fresh process (one thread) with ``args``: store, kill point, operation[, out]."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(driver), *map(str, args)], env=env, capture_output=True)
+
+
 @pytest.mark.parametrize("point", ["during_training", "before_rename", "after_write_1", "after_write_2",
                                    "after_write_3", "before_commit"])
 def test_kill_during_apply_leaves_store_as_before_and_redo_works(tmp_path, tiny_model_dir, point):
@@ -274,10 +282,7 @@ def test_kill_during_apply_leaves_store_as_before_and_redo_works(tmp_path, tiny_
     store = Store.init(tmp_path / "store", tiny_model_dir)
     store.add_request(["striped"], "esd", FAST)
     before = snapshot(store.root)
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(driver), str(store.root), point, "apply"], env=env, capture_output=True)
+    result = run_driver(tmp_path, str(store.root), point, "apply")
     assert result.returncode == -9, result.stderr.decode()[-2000:]
 
     reopened = Store(store.root)
@@ -292,11 +297,7 @@ def test_kill_during_apply_leaves_store_as_before_and_redo_works(tmp_path, tiny_
 def test_kill_right_after_commit_keeps_the_request(tmp_path, tiny_model_dir):
     store = Store.init(tmp_path / "store", tiny_model_dir)
     store.add_request(["striped"], "esd", FAST)
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(driver), str(store.root), "after_commit", "apply"], env=env,
-                            capture_output=True)
+    result = run_driver(tmp_path, str(store.root), "after_commit", "apply")
     assert result.returncode == -9
     reopened = Store(store.root)
     assert reopened.status()["applied"] == [1]
@@ -310,10 +311,7 @@ def test_kill_during_rollback_leaves_the_store_before_or_after_it(tmp_path, tiny
     store.add_request(["dotted"], "esd", FAST)
     after_first = store.apply()[0].model_hash
     before = snapshot(store.root)
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(driver), str(store.root), point, "rollback"], env=env, capture_output=True)
+    result = run_driver(tmp_path, str(store.root), point, "rollback")
     assert result.returncode == -9, result.stderr.decode()[-2000:]
 
     reopened = Store(store.root)
@@ -333,12 +331,8 @@ def test_kill_during_export_leaves_no_half_written_model(tmp_path, tiny_model_di
     store.apply()
     before = snapshot(store.root)
     out = tmp_path / "exported"
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(driver), str(store.root), "export_before_rename", "export", str(out)],
-                            env=env, capture_output=True)
+    result = run_driver(tmp_path, str(store.root), "export_before_rename", "export", str(out))
     assert result.returncode == -9, result.stderr.decode()[-2000:]
     assert not out.exists() and snapshot(store.root) == before
     store.export(out)  # a second try replaces what the killed one left beside it
-    assert (out / "unet" / "config.json").is_file() and not list(tmp_path.glob("*.export.tmp"))
+    assert (out / "unet" / "config.json").is_file() and not list(tmp_path.glob("*.partial.tmp"))

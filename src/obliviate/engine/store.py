@@ -88,6 +88,23 @@ def _new_folder(path: str | Path, what: str) -> Path:
     return path
 
 
+def _build_whole(folder: Path, build: Callable[[Path], None]) -> None:
+    """``build(staging)`` fills a staging folder beside ``folder``, which is then renamed into
+    place: the folder appears whole or not at all, and a killed run leaves only the staging
+    folder, which the next try replaces."""
+    staging = folder.with_name(folder.name + ".partial" + TMP_SUFFIX)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        build(staging)
+        if folder.exists():
+            folder.rmdir()
+        staging.rename(folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def _methods_accepting_regularizers():
     from ..methods import METHODS
     return [(n, c) for n, c in METHODS["t2i"].items() if c.accepts_regularizers]
@@ -134,10 +151,8 @@ class Store:
         root = _new_folder(root, "store")
         key = key if key is not None else ledger_key()
         source = resolve_model_path(model)
-        staging = root.with_name(root.name + ".init" + TMP_SUFFIX)
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        try:
+
+        def build(staging: Path) -> None:
             kind = model_family(source)
             bundle = MODEL_FAMILIES[kind].load(source)
             bundle.save(staging / "base")
@@ -150,12 +165,8 @@ class Store:
                                    "store_file_hash": file_hash(staging / STORE_FILE),
                                    "base_files": folder_hashes(staging / "base")}, model_hash=base_hash)
             ledger.close()
-            if root.exists():
-                root.rmdir()
-            staging.rename(root)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+
+        _build_whole(root, build)
         return cls(root, key)
 
     # ------------------------------------------------------------------ reading
@@ -476,17 +487,7 @@ class Store:
         ``T2IModel.load`` read. Text-space edits are folded into the UNet's cross-attention, so a
         reader that knows nothing of obliviate draws the same images."""
         out = _new_folder(out, "export")
-        model = self.load_model(check=True)
-        staging = out.with_name(out.name + ".export" + TMP_SUFFIX)  # the folder appears whole or not at all
-        shutil.rmtree(staging, ignore_errors=True)
-        try:
-            model.export(staging)
-            if out.exists():
-                out.rmdir()
-            staging.rename(out)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        _build_whole(out, self.load_model(check=True).export)
         return out
 
     def status(self) -> dict:
