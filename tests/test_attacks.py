@@ -32,6 +32,7 @@ def test_probe_separates_separable_features_and_not_random_ones():
     ("inversion", {**QUICK, "iterations": 8, "renders": 4, "batch_size": 4, "learning_rate": 0.05}),
     ("probe", {"samples": 16, "iterations": 20}),
     ("paraphrase", {**QUICK, "candidates": 3, "screen_images": 1, "top": 2}),
+    ("noise", {**QUICK, "etas": "0/1"}),
 ])
 def test_attacks_leave_the_model_untouched_and_report_rates(tiny_t2i, random_judge, name, options):
     before = tiny_t2i.state_tensors()
@@ -53,6 +54,29 @@ def test_the_inverter_regenerating_its_own_inversion_redraws_what_it_inverted(ti
     assert result.after == result.details["inverter_redraws"]  # same model: the round trip is exact
     with pytest.raises(ValueError, match="positive"):
         get_attack("regenerate").from_options({"steps": "0"})
+
+
+def test_handing_over_to_the_same_model_changes_nothing(tiny_model_dir, random_judge):
+    """Completion splits one sampling run between two models; with one model on both sides the
+    images, and so every point of the curve, are those of the model alone."""
+    from obliviate.models.t2i import T2IModel
+    model = T2IModel.load(tiny_model_dir)
+    attack = get_attack("completion").from_options({**QUICK, "sampling_steps": 4, "handoffs": "0/1/3",
+                                                     "starter": str(tiny_model_dir)})
+    result = attack.run(model, "striped", random_judge, WorldPrompts(), seed=0)
+    assert [step for step, _ in result.curve] == [0, 1, 3]
+    assert len({rate for _, rate in result.curve}) == 1
+    from obliviate.models.t2i import SOLVERS
+    noise, encoding = torch.randn(2, 3, 16, 16), model.encode(["a red circle", "a blue star"])
+    runs = []
+    for split in (0, 2):
+        scheduler = SOLVERS["dpm"].from_config(model.scheduler.config)
+        scheduler.set_timesteps(4)
+        first = model.denoise(noise, encoding, scheduler, scheduler.timesteps[:split])
+        runs.append(model.denoise(first, encoding, scheduler, scheduler.timesteps[split:]))
+    assert torch.equal(runs[0], runs[1])
+    with pytest.raises(ValueError, match="handoffs"):
+        get_attack("completion").from_options({"handoffs": "0/20", "sampling_steps": "20"})
 
 
 def test_relearnability_is_the_mean_success_over_the_attack():

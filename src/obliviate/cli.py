@@ -457,7 +457,7 @@ def eval_store(store: Path = typer.Argument(...), as_json: bool = typer.Option(F
 
 @app.command()
 def attack(store: Path = typer.Argument(...), concept: str = typer.Argument(..., help="A (forgotten) concept."),
-           kind: str = typer.Option("relearn", help="relearn, resurgence, prompt, paraphrase, inversion, regenerate or probe."),
+           kind: str = typer.Option("relearn", help="relearn, resurgence, prompt, paraphrase, inversion, regenerate, completion, noise or probe."),
            set_: List[str] = typer.Option([], "--set", help="Attack option key=value (repeatable)."),
            oracles: Path = typer.Option(Path("runs/oracles"), help="Retrain oracles (`zoo train shapes-t2i-v2 --exclude`); "
                                                                    "the attack also runs on one that never saw the concept."),
@@ -521,7 +521,7 @@ def bench(methods: List[str] = typer.Option(["esd"], "--method", help="Method to
           oracles: Path = typer.Option(Path("runs/oracles"), help="Retrain oracles (`zoo train shapes-t2i-v2 --exclude`)."),
           evaluate: bool = typer.Option(True, help="--no-evaluate: cost columns only (a speed benchmark)."),
           attack: List[str] = typer.Option([], "--attack", help="Attack to run after every step on its targets "
-                                                                "(repeatable; text-to-image): relearn, resurgence, prompt, paraphrase, inversion, regenerate, probe."),
+                                                                "(repeatable; text-to-image): relearn, resurgence, prompt, paraphrase, inversion, regenerate, completion, noise, probe."),
           attack_set: List[str] = typer.Option([], "--attack-set", help="KIND.option=value (repeatable).")) -> None:
     """Run a resumable benchmark matrix; prints and writes a table to OUT/SEQUENCE.md (and .csv)."""
     from .bench import markdown_table, parse_method_options, run_bench

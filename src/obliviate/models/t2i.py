@@ -274,11 +274,20 @@ class T2IModel:
     def _denoise(self, latents, cond: TextEncoding, steps, guidance, solver):
         scheduler = SOLVERS[solver].from_config(self.scheduler.config)
         scheduler.set_timesteps(steps)
-        both = TextEncoding.cat([self.encode([""] * len(latents)), cond])
-        latents = latents * scheduler.init_noise_sigma
-        for t in scheduler.timesteps:
-            latents = scheduler.step(self._guided(scheduler.scale_model_input(latents, t), t, both, guidance), t, latents).prev_sample
-        return self.from_latents(latents)
+        return self.from_latents(self.denoise(latents * scheduler.init_noise_sigma, cond, scheduler, scheduler.timesteps, guidance))
+
+    @torch.no_grad()
+    def denoise(self, latents: torch.Tensor, cond: TextEncoding, scheduler, timesteps, guidance: float | None = None,
+                **step_options) -> torch.Tensor:
+        """Run ``scheduler`` (already ``set_timesteps``) over ``timesteps`` from ``latents``; the
+        latents after the last one. Part of a schedule may run here and the rest on another
+        model with the same scheduler (the completion attack hands over mid-way)."""
+        guidance = self.guidance_scale if guidance is None else guidance
+        both = TextEncoding.cat([self.encode([""] * len(latents)), cond.to(self.device)])
+        for t in timesteps:
+            output = self._guided(scheduler.scale_model_input(latents, t), t, both, guidance)
+            latents = scheduler.step(output, t, latents, **step_options).prev_sample
+        return latents
 
     def _guided(self, latents: torch.Tensor, t: torch.Tensor, both: TextEncoding, guidance: float) -> torch.Tensor:
         """Classifier-free guided output; ``both`` is the unconditional encoding, then the prompts'."""

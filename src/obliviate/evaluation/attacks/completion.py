@@ -1,0 +1,55 @@
+"""Completion: a model that knows the concept (the base, by default) takes the first m denoising
+steps of the concept's prompts and the attacked model the rest. If a few steps of the base's
+layout are enough for the attacked model to finish the concept, the erasure only blocks its
+start. The retrain oracle gets the same hand-overs: the curve is read against its curve."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ...models.t2i import SOLVERS
+from ...models.zoo import DEFAULT_T2I, load_t2i
+from ..evaluator import _shows_target
+from .base import Attack, AttackResult, ProbeSettings, concept_prompts, curve_auc, register_attack
+
+
+@dataclass
+class CompletionConfig(ProbeSettings):
+    handoffs: tuple[int, ...] = field(default=(0, 2, 4, 6), metadata={
+        "help": "denoising steps the starting model takes before handing over (0 = the attacked model alone)"})
+    starter: str = field(default=DEFAULT_T2I, metadata={
+        "help": "model that takes the first steps (a zoo name or folder): one that knows the concept, the store's base"})
+
+    def __post_init__(self):
+        if not self.handoffs or min(self.handoffs) < 0 or max(self.handoffs) >= self.sampling_steps:
+            raise ValueError(f"handoffs must be step counts from 0 to sampling_steps - 1 ({self.sampling_steps - 1}), "
+                             f"got {self.handoffs}")
+
+
+@register_attack
+class CompletionAttack(Attack):
+    name = "completion"
+    description = "the base model draws the first m steps of the concept, this one finishes; success per m"
+    config_class = CompletionConfig
+
+    def run(self, model, concept, judge, prompts, seed=0) -> AttackResult:
+        cfg = self.config
+        texts = concept_prompts(prompts, concept, cfg, seed)
+        starter = load_t2i(cfg.starter).to(model.device).eval()
+        group = prompts.target_groups((concept,))[0]
+        shape = (model.unet.config.in_channels, model.unet.config.sample_size, model.unet.config.sample_size)
+        noise = torch.randn((len(texts), *shape), generator=torch.Generator().manual_seed(seed)).to(model.device)
+        curve = []
+        for handoff in sorted(set(cfg.handoffs)):
+            scheduler = SOLVERS["dpm"].from_config(model.scheduler.config)
+            scheduler.set_timesteps(cfg.sampling_steps)
+            latents = starter.denoise(noise * scheduler.init_noise_sigma, starter.encode(texts), scheduler,
+                                      scheduler.timesteps[:handoff])
+            latents = model.denoise(latents, model.encode(texts), scheduler, scheduler.timesteps[handoff:])
+            with torch.no_grad():
+                shown = _shows_target(judge.predict(model.from_latents(latents)), group, prompts.ontology)
+            curve.append((handoff, float(shown.float().mean())))
+        return AttackResult(self.name, concept, before=curve[0][1], after=curve[-1][1], curve=tuple(curve),
+                            details={"auc": curve_auc(curve), "starter": cfg.starter})
