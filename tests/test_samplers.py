@@ -87,3 +87,13 @@ def test_o_belm_samples_like_the_other_solvers(tiny_t2i):
     assert images.shape == (2, 3, 16, 16) and torch.equal(images, again)
     with pytest.raises(ValueError, match="not on this scheduler's grid"):
         scheduler(4).step(torch.zeros(1), 7, torch.zeros(1))
+
+
+def test_the_sampler_benchmark_writes_a_row_per_solver_and_step_count(tmp_path, tiny_model_dir):
+    from obliviate.bench import sampler_benchmark
+    table = sampler_benchmark(str(tiny_model_dir), ["ddim", "o-belm"], [2, 3], tmp_path, n_prompts=2,
+                              images_per_prompt=1, inversion_images=2, echo=lambda line: None)
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ddim") or line.startswith("| o-belm")]
+    assert [(r[0], r[1]) for r in rows] == [("| ddim", "2"), ("| ddim", "3"), ("| o-belm", "2"), ("| o-belm", "3")]
+    assert [r[-1] for r in rows][:2] == ["- |", "- |"] and float(rows[2][-1].rstrip(" |")) < 1e-4
+    assert (tmp_path / f"{tiny_model_dir.name}.md").read_text() == table

@@ -107,11 +107,9 @@ def world_render(out: Path = typer.Option(Path("world.png"), help="PNG file to w
     """Render a labelled grid of random scenes."""
     import torch
     from .viz import image_grid
-    from .world import DEFAULT_ONTOLOGY as onto, render, sample_scenes
+    from .world import render, sample_scenes
     scenes = sample_scenes(n, seed)
-    captions = [" ".join(onto.names(d)[i] for d, i in zip(("texture", "colour", "shape"), (t, c, s)))
-                for s, c, t in scenes.labels]
-    image_grid(torch.from_numpy(render(scenes)), captions, columns=8, scale=4).save(out)
+    image_grid(torch.from_numpy(render(scenes)), scenes.captions(), columns=8, scale=4).save(out)
     typer.echo(f"wrote {out}")
 
 
@@ -534,6 +532,18 @@ def bench(methods: List[str] = typer.Option(["esd"], "--method", help="Method to
                      eval_options, oracles=oracles, echo=typer.echo, evaluate=evaluate,
                      attacks={kind: parse_method_options(attack_set).get(kind, {}) for kind in attack})
     typer.echo(markdown_table(rows, sequence))
+
+
+@app.command("bench-samplers")
+def bench_samplers(model: str = typer.Option(DEFAULT_T2I, help="Zoo name or model folder."),
+                   solver: List[str] = typer.Option(["ddim", "dpm", "o-belm"], help="Solver (repeatable)."),
+                   steps: List[int] = typer.Option([5, 10, 20], min=1, max=1000, help="Step count (repeatable)."),
+                   prompts: int = typer.Option(40, min=1, max=1000, help="Training prompts judged per cell."),
+                   images_per_prompt: int = typer.Option(4, min=1, max=64),
+                   out: Path = typer.Option(Path("benchmarks/samplers"))) -> None:
+    """Judge accuracy, FD, cost and O-BELM's inversion round trip per solver and step count."""
+    from .bench import sampler_benchmark
+    typer.echo(sampler_benchmark(model, solver, steps, out, prompts, images_per_prompt, echo=typer.echo))
 
 
 def main() -> None:

@@ -53,6 +53,11 @@ class SceneBatch:
         """(B, 3) class indices for (shape, colour, texture)."""
         return np.stack([self.shape, self.colour, self.texture], axis=1)
 
+    def captions(self, ontology: Ontology = DEFAULT_ONTOLOGY) -> list[str]:
+        """What each scene shows, as "striped red triangle"."""
+        return [" ".join(ontology.names(d)[i] for d, i in (("texture", t), ("colour", c), ("shape", s)))
+                for s, c, t in self.labels]
+
 
 def sample_scenes(
     n: int,
