@@ -478,11 +478,11 @@ def attack(store: Path = typer.Argument(...), concept: str = typer.Argument(...,
             typer.echo(f"  {best['measured']:.1%} with {best['prompt']!r} (screened at {best['screened']:.1%})")
         if "best_prompts" not in res.details:
             for steps, rate in res.curve:
-                typer.echo(f"  after {steps} steps: {rate:.1%}")
+                typer.echo(f"  {steps} {attack_obj.curve_axis}: {rate:.1%}")
         if res.auc is not None:
-            typer.echo(f"  relearnability (area under the curve): {res.auc:.1%}")
+            typer.echo(f"  area under the curve (mean success): {res.auc:.1%}")
     if result.auc_gap is not None:
-        typer.echo(f"relearnability gap to the retrain oracle: {100 * result.auc_gap:+.1f} points")
+        typer.echo(f"area gap to the retrain oracle: {100 * result.auc_gap:+.1f} points")
     if result.oracle is None:
         typer.echo(f"(no retrain oracle for {concept!r} in {oracles}: `obliviate zoo train shapes-t2i-v2 --exclude {concept}` "
                    "trains one to compare with)")

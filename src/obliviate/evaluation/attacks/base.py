@@ -56,6 +56,7 @@ def curve_auc(curve) -> float | None:
 
 class Attack(Configurable, ABC):
     kind = "attack"
+    curve_axis = "fine-tuning steps"  # what the x of ``AttackResult.curve`` counts, for printing
 
     @abstractmethod
     def run(self, model, concept: str, judge, prompts: WorldPrompts, seed: int = 0) -> AttackResult:

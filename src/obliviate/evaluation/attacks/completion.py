@@ -33,6 +33,7 @@ class CompletionAttack(Attack):
     name = "completion"
     description = "the base model draws the first m steps of the concept, this one finishes; success per m"
     config_class = CompletionConfig
+    curve_axis = "steps by the starting model"
 
     def run(self, model, concept, judge, prompts, seed=0) -> AttackResult:
         cfg = self.config
