@@ -97,3 +97,46 @@ def test_the_sampler_benchmark_writes_a_row_per_solver_and_step_count(tmp_path, 
     assert [(r[0], r[1]) for r in rows] == [("| ddim", "2"), ("| ddim", "3"), ("| o-belm", "2"), ("| o-belm", "3")]
     assert [r[-1] for r in rows][:2] == ["- |", "- |"] and float(rows[2][-1].rstrip(" |")) < 1e-4
     assert (tmp_path / f"{tiny_model_dir.name}.md").read_text() == table
+
+
+def lml_and_ddim(model, spec):
+    from obliviate.models.t2i import make_scheduler
+    steps = []
+    for solver in (spec, "ddim"):
+        s = make_scheduler(solver, model.scheduler.config)
+        s.set_timesteps(5)
+        x, out = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)), []
+        for t in s.timesteps:
+            eps = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(int(t)))
+            x = s.step(eps, t, x).prev_sample
+            out.append(x)
+        steps.append(out)
+    return steps
+
+
+def test_lml_with_the_released_default_momentum_is_plain_ddim(tiny_t2i):
+    lml, ddim = lml_and_ddim(tiny_t2i, "ddim-lml:momentum=0")
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(lml, ddim))
+
+
+def test_lml_with_momentum_changes_the_step_and_keeps_its_length(tiny_t2i):
+    lml, ddim = lml_and_ddim(tiny_t2i, "ddim-lml:momentum=0.5")
+    assert torch.allclose(lml[0], ddim[0], atol=1e-5)  # the first step has no average yet
+    assert not torch.allclose(lml[-1], ddim[-1], atol=1e-3)
+    from obliviate.models.lml import LMLOptions, LMLScheduler
+    s = LMLScheduler.from_config(tiny_t2i.scheduler.config)
+    s.options, s._average = LMLOptions(damping=1e-12, momentum=0.5), torch.randn(1, 64, dtype=torch.float64)
+    eps = torch.randn(1, 64, dtype=torch.float64)
+    corrected = s.corrected_noise(eps)
+    assert torch.allclose(corrected.norm(), eps.norm()) and abs(float(corrected @ s._average.T)) < 1e-3 * float(eps.norm() * s._average.norm())
+
+
+def test_solver_specs_are_checked(tiny_t2i):
+    images = tiny_t2i.sample(["a red circle"], steps=3, solver="ddim-lml:momentum=0.3")
+    assert images.shape == (1, 3, 16, 16)
+    with pytest.raises(ValueError, match="Valid options: damping"):
+        tiny_t2i.sample(["a red circle"], steps=3, solver="ddim-lml:kappa=0.3")
+    with pytest.raises(ValueError, match="outside its range"):
+        tiny_t2i.sample(["a red circle"], steps=3, solver="ddim-lml:momentum=2")
+    with pytest.raises(ValueError, match="takes no options"):
+        tiny_t2i.sample(["a red circle"], steps=3, solver="dpm:order=2")

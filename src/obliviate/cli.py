@@ -536,7 +536,8 @@ def bench(methods: List[str] = typer.Option(["esd"], "--method", help="Method to
 
 @app.command("bench-samplers")
 def bench_samplers(model: str = typer.Option(DEFAULT_T2I, help="Zoo name or model folder."),
-                   solver: List[str] = typer.Option(["ddim", "dpm", "o-belm"], help="Solver (repeatable)."),
+                   solver: List[str] = typer.Option(["ddim", "ddim-lml:momentum=0.5", "dpm", "o-belm"],
+                                                    help="Solver spec (repeatable), e.g. ddim-lml:momentum=0.3."),
                    steps: List[int] = typer.Option([5, 10, 20], min=1, max=1000, help="Step count (repeatable)."),
                    prompts: int = typer.Option(40, min=1, max=1000, help="Training prompts judged per cell."),
                    images_per_prompt: int = typer.Option(4, min=1, max=64),

@@ -18,7 +18,9 @@ from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMul
 from diffusers.models.attention_processor import Attention
 from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 
+from ..config import build_config, parse_spec
 from .belm import OBELMScheduler
+from .lml import LMLScheduler
 from .text import CLIPEncoder, MiniLMEncoder, TextEncoder, TextEncoding
 
 BUNDLE_FILE = "obliviate.json"
@@ -29,7 +31,22 @@ _SD_MODEL_INDEX = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers
                    "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
                    "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"],
                    "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
-SOLVERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "o-belm": OBELMScheduler}
+SOLVERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "o-belm": OBELMScheduler, "ddim-lml": LMLScheduler}
+
+
+def make_scheduler(solver: str, config):
+    """The scheduler a solver spec names, built from a model's scheduler ``config``: a name in
+    ``SOLVERS``, with options for those that take them (``ddim-lml:momentum=0.3,damping=1e-3``)."""
+    name, options = parse_spec(solver)
+    if name not in SOLVERS:
+        raise ValueError(f"Unknown solver {name!r}; choose one of {', '.join(SOLVERS)}.")
+    scheduler = SOLVERS[name].from_config(config)
+    option_class = getattr(scheduler, "options_class", None)
+    if options and option_class is None:
+        raise ValueError(f"Solver {name!r} takes no options, got {', '.join(options)}.")
+    if option_class is not None:
+        scheduler.options = build_config(option_class, options, owner=f"solver {name!r}")
+    return scheduler
 
 
 def _language(meta: dict) -> str | None:
@@ -256,8 +273,7 @@ class T2IModel:
     def sample_encoding(self, encoding: TextEncoding, steps: int = 25, guidance_scale: float | None = None,
                         seed: int = 0, solver: str = "ddim", batch_size: int = 128) -> torch.Tensor:
         """Like ``sample`` but from token states directly (attacks condition on optimised states)."""
-        if solver not in SOLVERS:
-            raise ValueError(f"Unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}.")
+        make_scheduler(solver, self.scheduler.config)  # a bad spec fails before any work
         if not 1 <= steps <= self.scheduler.config.num_train_timesteps:
             raise ValueError(f"Sampling takes 1 to {self.scheduler.config.num_train_timesteps} steps, got {steps}.")
         guidance = self.guidance_scale if guidance_scale is None else guidance_scale
@@ -272,7 +288,7 @@ class T2IModel:
         return torch.cat(images)
 
     def _denoise(self, latents, cond: TextEncoding, steps, guidance, solver):
-        scheduler = SOLVERS[solver].from_config(self.scheduler.config)
+        scheduler = make_scheduler(solver, self.scheduler.config)
         scheduler.set_timesteps(steps)
         return self.from_latents(self.denoise(latents * scheduler.init_noise_sigma, cond, scheduler, scheduler.timesteps, guidance))
 
