@@ -330,6 +330,8 @@ BAD_COMMANDS = [
     "eval {t2i} --set images_per_prompt=nan",
     "eval {t2i} --set bogus=1",
     "eval {t2i} --set relearn_checkpoints=0,99999999999",
+    "eval {t2i} --set solver=euler",
+    "sample {t2i} x --solver ddim-lml:momentum=nan --steps 2 --n 1 --out {tmp}/s.png",
     "attack {t2i} striped --kind nope",
     "attack {t2i} striped --set steps=nan",
     "attack {t2i} nonsense-concept",

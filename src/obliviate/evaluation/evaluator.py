@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..config import check_number
+from ..models.t2i import solver_options
 from ..world import DEFAULT_ONTOLOGY, SPLITS, Ontology, WorldPrompts, render, sample_scenes
 from .metrics import Accuracy, FrechetDistance, UnlearningAccuracy
 from .quality import balanced_combinations, generate_and_judge
@@ -33,7 +34,7 @@ class EvalConfig:
     retain_prompts: int = field(default=40, metadata={"help": "prompts of retained concepts (IRA, CRA, FD)"})
     images_per_prompt: int = field(default=4, metadata={"help": "images sampled per prompt"})
     steps: int = field(default=20, metadata={"help": "sampler steps"})
-    solver: str = field(default="dpm", metadata={"help": "ddim, dpm or o-belm"})
+    solver: str = field(default="dpm", metadata={"help": "ddim, dpm, o-belm or ddim-lml (with options: ddim-lml:momentum=0.5)"})
     judge: str = field(default="shapes-judge", metadata={"help": "zoo name or folder of the attribute judge"})
     ua_splits: str = field(default=",".join(SPLITS), metadata={
         "help": "prompt splits UA is measured on, comma-separated (train is always included); fewer = cheaper"})
@@ -53,6 +54,7 @@ class EvalConfig:
         if steps and (len(steps) < 2 or min(steps) < 0):
             raise ValueError(f"relearn_checkpoints needs at least two step counts >= 0, got {self.relearn_checkpoints!r}")
         check_number("relearn_checkpoints", steps)
+        solver_options(self.solver)
         unknown = set(self.splits) - set(SPLITS)
         if unknown:
             raise ValueError(f"ua_splits names {', '.join(sorted(unknown))}; choose from {', '.join(SPLITS)}.")

@@ -34,18 +34,26 @@ _SD_MODEL_INDEX = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers
 SOLVERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "o-belm": OBELMScheduler, "ddim-lml": LMLScheduler}
 
 
-def make_scheduler(solver: str, config):
-    """The scheduler a solver spec names, built from a model's scheduler ``config``: a name in
-    ``SOLVERS``, with options for those that take them (``ddim-lml:momentum=0.3,damping=1e-3``)."""
+def solver_options(solver: str):
+    """Check a solver spec, a name in ``SOLVERS`` with options for those that take them
+    (``ddim-lml:momentum=0.3,damping=1e-3``); returns its scheduler class and typed options."""
     name, options = parse_spec(solver)
     if name not in SOLVERS:
         raise ValueError(f"Unknown solver {name!r}; choose one of {', '.join(SOLVERS)}.")
-    scheduler = SOLVERS[name].from_config(config)
-    option_class = getattr(scheduler, "options_class", None)
-    if options and option_class is None:
-        raise ValueError(f"Solver {name!r} takes no options, got {', '.join(options)}.")
-    if option_class is not None:
-        scheduler.options = build_config(option_class, options, owner=f"solver {name!r}")
+    option_class = getattr(SOLVERS[name], "options_class", None)
+    if option_class is None:
+        if options:
+            raise ValueError(f"Solver {name!r} takes no options, got {', '.join(options)}.")
+        return SOLVERS[name], None
+    return SOLVERS[name], build_config(option_class, options, owner=f"solver {name!r}")
+
+
+def make_scheduler(solver: str, config):
+    """The scheduler a solver spec names, built from a model's scheduler ``config``."""
+    scheduler_class, options = solver_options(solver)
+    scheduler = scheduler_class.from_config(config)
+    if options is not None:
+        scheduler.options = options
     return scheduler
 
 
@@ -273,7 +281,7 @@ class T2IModel:
     def sample_encoding(self, encoding: TextEncoding, steps: int = 25, guidance_scale: float | None = None,
                         seed: int = 0, solver: str = "ddim", batch_size: int = 128) -> torch.Tensor:
         """Like ``sample`` but from token states directly (attacks condition on optimised states)."""
-        make_scheduler(solver, self.scheduler.config)  # a bad spec fails before any work
+        solver_options(solver)  # a bad spec fails before any work
         if not 1 <= steps <= self.scheduler.config.num_train_timesteps:
             raise ValueError(f"Sampling takes 1 to {self.scheduler.config.num_train_timesteps} steps, got {steps}.")
         guidance = self.guidance_scale if guidance_scale is None else guidance_scale
