@@ -97,3 +97,26 @@ def test_an_installed_retrain_oracle_is_found_by_its_concepts(tiny_model_dir, tm
     assert zoo.find_oracle(["striped"], "v1", user_oracles) == user_oracles / installed.name / "model"
     assert "| retrain oracle | 1.000 |" in (installed / "MODEL_CARD.md").read_text()
     assert T2IModel.load(zoo.find_oracle(["striped"], "v1")).state_tensors().keys() == T2IModel.load(tiny_model_dir).state_tensors().keys()
+
+
+def test_a_lora_export_loads_in_a_stock_pipeline_and_reproduces_the_store(tiny_sd_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    store = Store.init(tmp_path / "store", tiny_sd_dir, retain=("a dog",))
+    store.add_request(["a cat"], "uce", {"preserve": "retained", "erase_prompts": "4", "preserve_prompts": "4"})
+    store.apply()
+    exact = store.export_lora(tmp_path / "lora")
+    assert exact["max_relative_error"] < 1e-6
+    pipe = StableDiffusionPipeline.from_pretrained(store.root / "base", safety_checker=None, feature_extractor=None)
+    pipe.load_lora_weights(tmp_path / "lora")
+    model = store.load_model()
+    latents, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 700])
+    states = model.encode(["a cat", "a dog"]).states
+    with torch.no_grad():
+        expected = model.unet(latents, t, encoder_hidden_states=states).sample
+        loaded = pipe.unet(latents, t, encoder_hidden_states=states).sample
+        base = store.base_model().unet(latents, t, encoder_hidden_states=states).sample
+    assert not torch.allclose(base, expected, atol=1e-4)  # the edit matters
+    assert torch.allclose(loaded, expected, atol=1e-4)
+    truncated = store.export_lora(tmp_path / "rank1", rank=1)
+    assert truncated["bytes"] < exact["bytes"] and truncated["max_relative_error"] >= exact["max_relative_error"]

@@ -497,10 +497,20 @@ def report(store: Path = typer.Argument(...), out: Path = typer.Option(Path("rep
 
 
 @app.command()
-def export(store: Path = typer.Argument(...), out: Path = typer.Argument(..., help="New folder.")) -> None:
-    """Write the current model as a diffusers-loadable folder."""
+def export(store: Path = typer.Argument(...), out: Path = typer.Argument(..., help="New folder."),
+           format: str = typer.Option("diffusers", "--format", help="diffusers (the whole model) or lora (the change to "
+                                                                    "the base UNet, for load_lora_weights)."),
+           rank: Optional[int] = typer.Option(None, min=1, max=4096, help="LoRA rank (default: exact, the delta's own rank).")) -> None:
+    """Write the current model as a diffusers-loadable folder, or its change as a LoRA file."""
     from .engine import Store
-    typer.echo(f"exported to {Store(store).export(out)}")
+    if format == "diffusers":
+        typer.echo(f"exported to {Store(store).export(out)}")
+    elif format == "lora":
+        result = Store(store).export_lora(out, rank)
+        typer.echo(f"exported {result['tensors']} LoRA pairs ({result['bytes'] / 2**20:.2f} MiB) to {result['path']}; "
+                   f"largest relative reconstruction error {result['max_relative_error']:.2e}")
+    else:
+        raise typer.BadParameter(f"--format {format!r}: choose diffusers or lora.")
 
 
 @app.command()

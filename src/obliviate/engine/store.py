@@ -490,6 +490,42 @@ class Store:
         _build_whole(out, self.load_model(check=True).export)
         return out
 
+    def export_lora(self, out: str | Path, rank: int | None = None) -> dict:
+        """Write the current model's change to the base UNet as a LoRA file
+        (``OUT/pytorch_lora_weights.safetensors``, keys as diffusers' ``load_lora_weights`` reads
+        them) and return the reconstruction error. Each changed linear weight's delta (text-space
+        edits folded in first) becomes B A from its SVD, truncated to ``rank`` (None: exact).
+        Changes a LoRA cannot hold (convolutions, norms, biases) are refused, not dropped."""
+        from safetensors.torch import save_file
+        if rank is not None and rank < 1:
+            raise ValueError(f"rank must be at least 1, got {rank}.")
+        if self.info["kind"] != "t2i":
+            raise ValueError("LoRA export is for text-to-image stores; export a classifier with --format diffusers.")
+        model = self.load_model(check=True)
+        model.fold_text_transforms()
+        base, current = self.base_model().unet.state_dict(), model.unet.state_dict()
+        changed = [k for k in current if not torch.equal(current[k], base[k])]
+        dense = [k for k in changed if not (k.endswith(".weight") and current[k].ndim == 2)]
+        if dense:
+            raise ValueError(f"The edit changes {len(dense)} tensors a LoRA cannot hold (e.g. {', '.join(dense[:3])}); "
+                             "export it with --format diffusers, or apply requests that train only linear weights "
+                             "(e.g. --set trainable=xattn-kv).")
+        tensors, errors = {}, {}
+        for key in changed:
+            delta = (current[key] - base[key]).double()
+            u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+            r = int((s > s[0] * 1e-7).sum()) if rank is None else min(rank, len(s))
+            module = f"unet.{key[:-len('.weight')]}"
+            tensors[f"{module}.lora_B.weight"] = (u[:, :r] * s[:r].sqrt()).float().contiguous()
+            tensors[f"{module}.lora_A.weight"] = (s[:r].sqrt()[:, None] * vh[:r]).float().contiguous()
+            errors[key] = float(s[r:].norm() / s.norm()) if s.norm() > 0 else 0.0
+        if not tensors:
+            raise ValueError("The current model is the base model; there is no change to export.")
+        out = _new_folder(out, "LoRA export")
+        _build_whole(out, lambda staging: save_file(tensors, staging / "pytorch_lora_weights.safetensors"))
+        return {"path": str(out / "pytorch_lora_weights.safetensors"), "tensors": len(errors),
+                "max_relative_error": max(errors.values()), "bytes": sum(t.numel() * 4 for t in tensors.values())}
+
     def status(self) -> dict:
         state = self.state()
         current = state.model_event
