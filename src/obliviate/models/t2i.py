@@ -348,13 +348,9 @@ class T2IModel:
         """Images from the last two states of an O-BELM trajectory (what ``invert`` returns)."""
         scheduler = OBELMScheduler.from_config(self.scheduler.config)
         scheduler.set_timesteps(steps)
-        guidance = self.guidance_scale if guidance_scale is None else guidance_scale
-        both = TextEncoding.cat([self.encode([""] * len(prompts)), self.encode(prompts)])
         upper, latents = states
         scheduler.resume(upper)
-        for t in scheduler.timesteps[1:]:
-            latents = scheduler.step(self._guided(latents, t, both, guidance), t, latents).prev_sample
-        return self.from_latents(latents)
+        return self.from_latents(self.denoise(latents, self.encode(prompts), scheduler, scheduler.timesteps[1:], guidance_scale))
 
     def encode_with_embeddings(self, prompts: list[str], replace: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> TextEncoding:
         """Differentiable encoding where ``replace(input_ids, embeddings)`` may rewrite the input
