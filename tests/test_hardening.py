@@ -177,6 +177,16 @@ def test_an_edited_row_is_detected_without_key_or_head(copy):
     assert any("ledger row 2" in p and "edited" in p for p in problems)
 
 
+def test_signatures_of_the_wrong_type_are_problems_not_crashes(copy):
+    root, key = copy
+    db = sqlite3.connect(root / "ledger.sqlite")
+    db.execute("UPDATE events SET mac = 42 WHERE seq = 2")
+    db.commit()
+    db.close()
+    if key:
+        assert any("ledger row 2: signature" in p for p in Store(root, key=key).verify())
+
+
 @pytest.mark.parametrize("payload", ["not json", '{"request": 3}', '"a string"', "{}"])
 def test_a_row_that_is_not_our_event_is_a_problem_not_a_crash(copy, payload):
     root, key = copy

@@ -108,6 +108,11 @@ def _signature(key: bytes, digest: str) -> str:
     return hmac.new(key, digest.encode(), hashlib.sha256).hexdigest()
 
 
+def _signed_by(key: bytes, digest, mac) -> bool:
+    """Whether ``mac`` (as stored: any type, if someone edited it) signs ``digest`` with ``key``."""
+    return isinstance(mac, str) and isinstance(digest, str) and hmac.compare_digest(mac, _signature(key, digest))
+
+
 def _normalised(sql: str | None) -> str:
     return " ".join((sql or "").split())
 
@@ -179,7 +184,7 @@ class Ledger:
         """A signed ledger stays signed, with its own key; an unsigned one stays unsigned."""
         if last_mac and not self.key:
             raise LedgerError(f"{self.path} is signed; set {KEY_VARIABLE} or {KEY_FILE_VARIABLE} to its key to write to it.")
-        if last_mac and not hmac.compare_digest(last_mac, _signature(self.key, last_hash)):
+        if last_mac and not _signed_by(self.key, last_hash, last_mac):
             raise LedgerError(f"The key in {KEY_VARIABLE}/{KEY_FILE_VARIABLE} is not the key {self.path} was signed with.")
         if not last_mac and self.key:
             raise LedgerError(f"{self.path} is not signed, but a ledger key is set; unset {KEY_VARIABLE} and "
@@ -212,7 +217,7 @@ class Ledger:
             head = Head.parse(head_text)
         except ValueError:
             return [f"{path} is damaged: {head_text[:80]!r} is not SEQ:HASH"]
-        if self.key and self.signed and not hmac.compare_digest(mac, _signature(self.key, f"head {head}")):
+        if self.key and self.signed and not _signed_by(self.key, f"head {head}", mac):
             return [f"{path} is not signed with the ledger key (the head was rewritten)"]
         return self.check_head(head, HEAD_FILE)
 
@@ -244,7 +249,7 @@ class Ledger:
         for seq, digest, mac in self._db.execute("SELECT seq, hash, mac FROM events ORDER BY seq"):
             if mac is None:
                 problems.append(f"ledger row {seq} is not signed (a signed ledger signs every row)")
-            elif not hmac.compare_digest(mac, _signature(key, digest)):
+            elif not _signed_by(key, digest, mac):
                 problems.append(f"ledger row {seq}: signature does not match (row forged, or signed with another key)")
         return problems
 
