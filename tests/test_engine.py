@@ -336,3 +336,23 @@ def test_kill_during_export_leaves_no_half_written_model(tmp_path, tiny_model_di
     assert not out.exists() and snapshot(store.root) == before
     store.export(out)  # a second try replaces what the killed one left beside it
     assert (out / "unet" / "config.json").is_file() and not list(tmp_path.glob("*.partial.tmp"))
+
+
+def test_verify_hashes_an_unchanged_file_once_per_process_and_a_changed_one_again(store, monkeypatch):
+    from obliviate.engine import store as store_module
+    store.add_request(["striped"], "esd", FAST)
+    store.apply()
+    later = time.time_ns() + 10**10  # as if every file were older than the racy window
+    monkeypatch.setattr(store_module.time, "time_ns", lambda: later)
+    hashed = []
+    original = store_module.file_hash
+    monkeypatch.setattr(store_module, "file_hash", lambda path: hashed.append(Path(path).name) or original(path))
+    assert store.verify(replay=False) == [] and "00001.safetensors" in hashed
+    hashed.clear()
+    assert store.verify(replay=False) == [] and hashed == []
+    edit = store.root / "edits" / "00001.safetensors"
+    data = bytearray(edit.read_bytes())
+    data[-3] ^= 0xFF
+    time.sleep(0.01)
+    edit.write_bytes(bytes(data))
+    assert any("00001" in p for p in store.verify(replay=False)) and hashed == ["00001.safetensors"]

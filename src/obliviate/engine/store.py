@@ -137,6 +137,7 @@ class Store:
         self.family = MODEL_FAMILIES[self.info["kind"]]
         self.key = key if key is not None else ledger_key()
         self.ledger = Ledger(self.root / LEDGER_FILE, self.key)
+        self._hashes: dict[tuple, str] = {}  # (how, path, inode, size, mtime, ctime) -> digest, for this process
 
     # ------------------------------------------------------------------ creation
     @classmethod
@@ -387,7 +388,7 @@ class Store:
                 path = self.root / event.payload[f"{key}_file"]
                 if not path.is_file():
                     problems.append(f"{path} is missing (request {rid}, ledger row {event.seq})")
-                elif file_hash(path) != event.payload[f"{key}_hash"]:
+                elif self._hash(path) != event.payload[f"{key}_hash"]:
                     problems.append(f"{path} was modified after request {rid} was applied (ledger row {event.seq})")
         current = state.model_event
         weights_file = current.payload.get("weights_file")
@@ -395,7 +396,7 @@ class Store:
             path = self.root / weights_file
             if not path.is_file():
                 problems.append(f"{path} (current weights) is missing")
-            elif tensor_hash(load_tensors(path)) != current.model_hash:
+            elif self._hash(path, tensors=True) != current.model_hash:
                 problems.append(f"{path} (current weights) does not match the hash in ledger row {current.seq}")
         elif current.model_hash != init["base_hash"]:
             problems.append(f"ledger row {current.seq} expects weights {current.model_hash[:12]} but the base model is current")
@@ -407,12 +408,30 @@ class Store:
                 problems.append("replaying base + edits does not reproduce the current weights recorded in the ledger")
         return problems
 
+    def _hash(self, path: Path, tensors: bool = False) -> str:
+        """``file_hash`` of ``path`` (``tensor_hash`` of its tensors with ``tensors``), computed
+        once per process while the file's inode, size and times stay the same: every load
+        verifies the store, and re-reading gigabytes of unchanged weights each time is waste. The
+        kernel sets ctime on any change, so a file written since is hashed again; a file changed
+        in the last seconds is never remembered, as a coarse clock could give a second change
+        the same times (git's "racy clean" rule)."""
+        info = path.stat()
+        key = (tensors, str(path), info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+        if key in self._hashes:
+            return self._hashes[key]
+        digest = tensor_hash(load_tensors(path)) if tensors else file_hash(path)
+        if time.time_ns() - info.st_ctime_ns > 2_000_000_000:
+            self._hashes[key] = digest
+        return digest
+
     def _check_recorded_files(self, init: dict) -> list[str]:
         """store.json and every file of the base model against the hashes the init row recorded."""
         problems = []
-        if file_hash(self.root / STORE_FILE) != init["store_file_hash"]:
+        if self._hash(self.root / STORE_FILE) != init["store_file_hash"]:
             problems.append(f"{self.root / STORE_FILE} was modified after init")
-        recorded, present = init["base_files"], folder_hashes(self.root / "base")
+        base = self.root / "base"
+        recorded = init["base_files"]
+        present = {p.relative_to(base).as_posix(): self._hash(p) for p in sorted(base.rglob("*")) if p.is_file()}
         for name in sorted(recorded.keys() | present.keys()):
             path = self.root / "base" / name
             if name not in present:
