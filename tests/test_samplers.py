@@ -140,3 +140,37 @@ def test_solver_specs_are_checked(tiny_t2i):
         tiny_t2i.sample(["a red circle"], steps=3, solver="ddim-lml:momentum=2")
     with pytest.raises(ValueError, match="takes no options"):
         tiny_t2i.sample(["a red circle"], steps=3, solver="dpm:order=2")
+
+
+def test_fisher_of_a_gaussian_is_the_inverse_variance_exactly():
+    from obliviate.models.fisher import fisher_trace, fisher_vector_product
+    s = scheduler(10)
+    alpha, sigma = float(s.alpha[5]), float(s.sigma[5])
+    eps_fn = lambda x: gaussian_eps(x, alpha, sigma)  # noqa: E731
+    x, v = torch.randn(3, 48, dtype=torch.float64), torch.randn(3, 48, dtype=torch.float64)
+    variance = alpha**2 * TAU**2 + sigma**2
+    assert torch.allclose(fisher_vector_product(eps_fn, x, v, sigma), v / variance)
+    assert torch.allclose(fisher_trace(eps_fn, x, sigma, probes=2), torch.full((3,), 48 / variance, dtype=torch.float64))
+
+
+def test_fisher_products_and_trace_agree_with_autodiff_on_a_unet(tiny_t2i):
+    from obliviate.models.fisher import fisher_trace, fisher_vector_product, forward_mode_attention
+    encoding, t, sigma = tiny_t2i.encode(["a red circle"]), torch.tensor([400]), 0.7
+    x, v = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.randn(1, 3, 8, 8)
+    eps_fn = lambda x: tiny_t2i.predict(x, t, encoding)  # noqa: E731
+    autodiff = lambda v: torch.autograd.functional.jvp(eps_fn, x, v)[1] / sigma  # noqa: E731  (reverse over reverse)
+    with forward_mode_attention(tiny_t2i.unet):
+        assert torch.allclose(fisher_vector_product(eps_fn, x, v, sigma), autodiff(v), atol=1e-5, rtol=1e-4)
+        estimate = fisher_trace(eps_fn, x, sigma, probes=3, seed=5)
+        generator = torch.Generator().manual_seed(5)  # the same Rademacher probes
+        probes = [(torch.randint(0, 2, x.shape, generator=generator) * 2 - 1).float() for _ in range(3)]
+        reference = sum(float((z * autodiff(z)).sum()) for z in probes) / 3
+    assert abs(float(estimate[0]) - reference) < 1e-3 * max(1.0, abs(reference))
+
+
+def test_the_fisher_speed_table_times_each_way(tmp_path, tiny_model_dir):
+    from obliviate.bench import fisher_speed
+    table = fisher_speed(str(tiny_model_dir), tmp_path, batch=1, repeats=1)
+    assert [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ") and "ms" not in line] == [
+        "| forward mode (ours)", "| autodiff, reverse over reverse", "| one plain forward pass (for scale)"]
+    assert (tmp_path / "fisher.md").read_text() == table

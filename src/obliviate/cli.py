@@ -551,10 +551,14 @@ def bench_samplers(model: str = typer.Option(DEFAULT_T2I, help="Zoo name or mode
                    steps: List[int] = typer.Option([5, 10, 20], min=1, max=1000, help="Step count (repeatable)."),
                    prompts: int = typer.Option(40, min=1, max=1000, help="Training prompts judged per cell."),
                    images_per_prompt: int = typer.Option(4, min=1, max=64),
-                   out: Path = typer.Option(Path("benchmarks/samplers"))) -> None:
-    """Judge accuracy, FD, cost and O-BELM's inversion round trip per solver and step count."""
-    from .bench import sampler_benchmark
-    typer.echo(sampler_benchmark(model, solver, steps, out, prompts, images_per_prompt, echo=typer.echo))
+                   out: Path = typer.Option(Path("benchmarks/samplers")),
+                   fisher_only: bool = typer.Option(False, "--fisher-only", help="Only time diffusion-Fisher products.")) -> None:
+    """Judge accuracy, FD, cost and O-BELM's inversion round trip per solver and step count; the
+    speed of diffusion-Fisher vector products against autodiff."""
+    from .bench import fisher_speed, sampler_benchmark
+    if not fisher_only:
+        typer.echo(sampler_benchmark(model, solver, steps, out, prompts, images_per_prompt, echo=typer.echo))
+    typer.echo(fisher_speed(model, out))
 
 
 def main() -> None:

@@ -1,0 +1,49 @@
+"""The diffusion Fisher F_t(x) = -grad^2 log q_t(x) of a noise-prediction model, without double
+backprop.
+
+For x_t = alpha y + sigma eps, Tweedie's formula gives grad log q_t = -eps_hat(x, t) / sigma and
+E[y | x_t] = (x_t - sigma eps_hat) / alpha, so
+
+    F_t = I / sigma^2 - (alpha^2 / sigma^4) Cov[y | x_t]  =  (1 / sigma) d eps_hat / dx,
+
+and a matrix-vector product F_t v is one forward-mode Jacobian-vector product of the model,
+(1 / sigma) J v: one pass that carries a tangent, where autodiff of the score's gradient needs a
+backward pass through a backward pass. The trace is Hutchinson's estimate E_z[z^T F_t z] over
+Rademacher z, one product per probe. For a learned model J is not exactly symmetric; the trace is
+the same either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from diffusers.models.attention_processor import AttnProcessor
+
+
+@contextlib.contextmanager
+def forward_mode_attention(unet):
+    """Use diffusers' plain attention for the block: PyTorch has no forward-mode derivative for
+    its fused CPU attention kernel."""
+    saved = unet.attn_processors
+    unet.set_attn_processor(AttnProcessor())
+    try:
+        yield
+    finally:
+        unet.set_attn_processor(saved)
+
+
+def fisher_vector_product(eps_fn, x: torch.Tensor, v: torch.Tensor, sigma: float) -> torch.Tensor:
+    """F_t v for ``eps_fn(x)``, the model's noise prediction at the noise level ``sigma``."""
+    _, jv = torch.func.jvp(eps_fn, (x,), (v,))
+    return jv / sigma
+
+
+def fisher_trace(eps_fn, x: torch.Tensor, sigma: float, probes: int = 8, seed: int = 0) -> torch.Tensor:
+    """Hutchinson's estimate of tr F_t per batch element (``probes`` Rademacher vectors)."""
+    generator = torch.Generator().manual_seed(seed)
+    total = torch.zeros(len(x), dtype=x.dtype, device=x.device)
+    for _ in range(probes):
+        z = (torch.randint(0, 2, x.shape, generator=generator) * 2 - 1).to(x)
+        total += (z * fisher_vector_product(eps_fn, x, z, sigma)).flatten(1).sum(1)
+    return total / probes
