@@ -1,6 +1,8 @@
 """O-BELM: exact inversion (an image inverted to noise regenerates to itself), second-order
 accuracy on a Gaussian whose probability-flow ODE is solved in closed form, and use as a solver."""
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -174,3 +176,24 @@ def test_the_fisher_speed_table_times_each_way(tmp_path, tiny_model_dir):
     assert [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ") and "ms" not in line] == [
         "| forward mode (ours)", "| autodiff, reverse over reverse", "| one plain forward pass (for scale)"]
     assert (tmp_path / "fisher.md").read_text() == table
+
+
+@pytest.mark.parametrize("beta_schedule", ["linear", "squaredcos_cap_v2"])
+def test_the_ode_likelihood_of_gaussian_data_is_its_density_to_second_order(beta_schedule):
+    from obliviate.evaluation.likelihood import log_likelihood
+    abar = OBELMScheduler(beta_schedule=beta_schedule).alphas_cumprod
+    x0 = MU + TAU * torch.randn(4, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    eps_fn = lambda x, t: gaussian_eps(x, abar[t].sqrt(), (1 - abar[t]).sqrt())  # noqa: E731
+    exact = (-0.5 * ((x0 - MU) / TAU) ** 2 - math.log(TAU * math.sqrt(2 * math.pi))).sum(1)
+    bits_error = {n: float((log_likelihood(eps_fn, x0, abar, steps=n) - exact).abs().max()) / 64 / math.log(2)
+                  for n in (25, 50)}
+    assert bits_error[50] < 0.05 and bits_error[25] / bits_error[50] > 3  # Heun: error ~ steps^-2
+
+
+def test_bits_per_dim_of_renders_under_a_unet_are_finite_and_reproducible(tiny_t2i):
+    from obliviate.evaluation.likelihood import bits_per_dim
+    images = torch.from_numpy(render(sample_scenes(2, seed=1)))[:, :, :16, :16]
+    first = bits_per_dim(tiny_t2i, images, ["a red circle", "a blue star"], steps=4)
+    assert first.shape == (2,) and torch.isfinite(first).all()
+    assert torch.equal(first, bits_per_dim(tiny_t2i, images, ["a red circle", "a blue star"], steps=4))
+    assert next(tiny_t2i.unet.parameters()).dtype == torch.float32  # the model is left as it was

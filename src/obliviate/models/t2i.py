@@ -258,6 +258,15 @@ class T2IModel:
             return self.scheduler.get_velocity(clean, noise, timesteps)
         raise ValueError(f"Unsupported prediction_type {kind!r}; obliviate trains 'epsilon' or 'v_prediction' models.")
 
+    def noise_prediction(self, latents: torch.Tensor, timesteps: torch.Tensor, encoding: TextEncoding) -> torch.Tensor:
+        """The model's estimate of the noise in ``latents`` (v-prediction converted:
+        eps = sqrt(abar) v + sqrt(1 - abar) x)."""
+        output = self.predict(latents, timesteps, encoding)
+        if self.scheduler.config.prediction_type == "epsilon":
+            return output
+        abar = self.scheduler.alphas_cumprod.to(latents)[timesteps].view(-1, *[1] * (latents.ndim - 1))
+        return abar.sqrt() * output + (1 - abar).sqrt() * latents
+
     def sample_timesteps(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=generator).to(self.device)
 
