@@ -1,4 +1,5 @@
 import json
+import math
 
 from typer.testing import CliRunner
 
@@ -83,3 +84,15 @@ def test_eval_reports_relearnability_beside_the_retrain_oracle(tmp_path, tiny_mo
     assert "relearnability striped: AUC" in result.output and "retrain oracle" in result.output
     recorded = [e for e in Store(store).ledger.events() if e.kind == "evaluate"][-1].payload["metrics"]
     assert set(recorded["relearn"]["striped"]) >= {"auc", "oracle_auc", "gap", "curve"}
+
+
+def test_eval_reports_the_likelihood_of_forgotten_and_retained_renders(tmp_path, tiny_model_dir):
+    store = tmp_path / "store"
+    invoke("init", store, "--model", tiny_model_dir)
+    invoke("request", "add", store, "striped", *FAST)
+    invoke("apply", store)
+    result = invoke("eval", store, "--json", "--no-record", "--likelihood", "--set", "likelihood_steps=2",
+                    "--set", "likelihood_images=2", "--set", "images_per_prompt=1", "--set", "forget_prompts=1",
+                    "--set", "retain_prompts=2", "--set", "steps=2", "--set", f"oracles={tmp_path / 'none'}")
+    metrics = json.loads(result.output)
+    assert set(metrics["nll"]) == {"striped"} and all(math.isfinite(metrics[k]) for k in ("nll_forgotten", "nll_retained"))

@@ -429,25 +429,33 @@ def eval_store(store: Path = typer.Argument(...), as_json: bool = typer.Option(F
                                                                   "images_per_prompt=2, steps=20; oracle=false for classifiers."),
                record: bool = typer.Option(True, help="Append the result to the ledger."),
                base: bool = typer.Option(False, "--base", help="Also evaluate the base model on the same prompts "
-                                                               "(JSON: under the key 'base').")) -> None:
+                                                               "(JSON: under the key 'base')."),
+               likelihood: bool = typer.Option(False, "--likelihood", help="Also the bits/dim of forgotten and retained "
+                                                                           "renders, beside the oracle's (text-to-image).")) -> None:
     """Evaluate the store's current model: UA (per forgotten target), IRA, CRA, FD for text-to-image;
     UA, RA, TA, MIA and the gap to the retrain oracle for classifiers."""
     from .config import parse_assignments
     from .engine import Store
     from .evaluation import evaluator_for
     s = Store(store)
-    evaluator = evaluator_for(s, {**(s.info.get("evaluation") or {}), **parse_assignments(set_)})
+    options = {**(s.info.get("evaluation") or {}), **parse_assignments(set_)}
+    if likelihood:
+        options.setdefault("likelihood_steps", "50")
+    evaluator = evaluator_for(s, options)
     metrics = s.evaluate(evaluator, record=record)
     base_metrics = evaluator(s.base_model(), s, forgotten=s.forgotten()) if base else None
     if as_json:
         _print_json({**metrics, "base": base_metrics} if base else metrics)
         return
     shown = ("ua", "ua_train_synonym", "ua_heldout_template", "ua_heldout_synonym", "ira", "cra", "fd", "ua_test", "ra", "ta", "mia",
-             "relearn_steps", "probe", "gap", "relearn_auc", "relearn_auc_gap")
+             "relearn_steps", "probe", "gap", "relearn_auc", "relearn_auc_gap", "nll_forgotten", "nll_retained")
     rows = [[k, metrics[k], *([base_metrics.get(k)] if base else [])] for k in shown if metrics.get(k) is not None]
     _table("evaluation of the current model", ["metric", "value", *(["base model"] if base else [])], rows)
     for target, per_split in metrics.get("ua_per_target", {}).items():
         typer.echo(f"UA {target}: " + ", ".join(f"{k} {v:.3f}" for k, v in per_split.items()))
+    for target, nll in metrics.get("nll", {}).items():
+        oracle = f", retrain oracle {nll['oracle_bits_per_dim']:.3f}" if "oracle_bits_per_dim" in nll else ", no oracle"
+        typer.echo(f"likelihood of {target} renders: {nll['bits_per_dim']:.3f} bits/dim{oracle}")
     for target, relearn in metrics.get("relearn", {}).items():
         oracle = f", retrain oracle {relearn['oracle_auc']:.3f} (gap {relearn['gap']:+.3f})" if "gap" in relearn else ", no oracle"
         typer.echo(f"relearnability {target}: AUC {relearn['auc']:.3f} over steps {[s for s, _ in relearn['curve']]}{oracle}")

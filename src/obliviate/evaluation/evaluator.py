@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,10 +42,13 @@ class EvalConfig:
     relearn_checkpoints: str = field(default="", metadata={
         "help": "fine-tuning step counts for relearnability, comma-separated (e.g. 0,5,10,20,50); empty = not measured"})
     oracles: str = field(default="", metadata={"help": "folder of retrain oracles (besides the shipped ones)"})
+    likelihood_steps: int = field(default=0, metadata={
+        "help": "ODE steps of the likelihood audit (bits/dim of renders, judge-free; 25-50); 0 = not measured"})
+    likelihood_images: int = field(default=8, metadata={"help": "renders per forgotten target (and retained) it scores"})
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("forget_prompts", "retain_prompts", "images_per_prompt", "steps"):
+        for name in ("forget_prompts", "retain_prompts", "images_per_prompt", "steps", "likelihood_images"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         try:
@@ -169,7 +173,39 @@ class Evaluator:
         if groups and cfg.checkpoints:
             with torch.enable_grad():  # the attack fine-tunes a copy
                 out.update(self.relearnability(model, tuple(groups)))
+        if groups and cfg.likelihood_steps:
+            out.update(self.likelihood(model, groups, retained[:cfg.likelihood_images]))
         return out
+
+    def likelihood(self, model, groups: dict[str, dict], retained: np.ndarray) -> dict:
+        """Bits per dimension of renders (``likelihood.bits_per_dim``): of each forgotten target
+        under the model and under the retrain oracle (forgetting should raise the model's towards
+        the oracle's), and of retained renders (which should stay where they were)."""
+        from ..models.t2i import T2IModel
+        from ..models.zoo import find_oracle
+        from .attacks.base import render_rows
+        from .likelihood import bits_per_dim
+        cfg = self.config
+
+        def score(m, labels) -> float:
+            texts = [self.prompts.prompt(row, self.prompts.templates[0]) for row in labels]
+            return round(float(bits_per_dim(m, render_rows(self.prompts, labels, cfg.seed + 2), texts,
+                                            cfg.likelihood_steps, cfg.seed).mean()), 4)
+
+        per_target = {}
+        for target, group in groups.items():
+            rng = np.random.default_rng([cfg.seed, zlib.crc32(target.encode())])  # the same renders in every call
+            labels = self.prompts.sample_labels(cfg.likelihood_images, rng, include=[group])
+            entry = {"bits_per_dim": score(model, labels)}
+            folder = find_oracle(tuple(groups), model.language, cfg.oracles or None) or find_oracle(
+                (target,), model.language, cfg.oracles or None)
+            if folder is not None:
+                if (folder, target, "nll") not in self._oracle_runs:
+                    self._oracle_runs[folder, target, "nll"] = score(T2IModel.load(folder).eval(), labels)
+                entry["oracle_bits_per_dim"] = self._oracle_runs[folder, target, "nll"]
+            per_target[target] = entry
+        return {"nll": per_target, "nll_forgotten": round(float(np.mean([e["bits_per_dim"] for e in per_target.values()])), 4),
+                "nll_retained": score(model, retained)}
 
     def relearnability(self, model, forgotten: tuple[str, ...]) -> dict:
         """Per forgotten target, the relearning attack's curve and its area (``curve_auc``), and
