@@ -69,7 +69,8 @@ def sequence_requests(sequence: str) -> list[tuple[str, ...]]:
 # Columns of each model family's tables: (header, row key, decimals).
 T2I_COLUMNS = [("UA", "ua", 3), ("UA min", "ua_min", 3), ("UA train syn", "ua_train_synonym", 3), ("UA held-out tmpl", "ua_heldout_template", 3),
                ("UA held-out syn", "ua_heldout_synonym", 3), ("IRA", "ira", 3), ("CRA", "cra", 3), ("FD", "fd", 2),
-               ("relearn AUC", "relearn_auc", 3), ("AUC gap", "relearn_auc_gap", 3)]
+               ("relearn AUC", "relearn_auc", 3), ("AUC gap", "relearn_auc_gap", 3),
+               ("NLL forgotten", "nll_forgotten", 3), ("NLL gap", "nll_forgotten_gap", 3), ("NLL retained", "nll_retained", 3)]
 CLASSIFIER_COLUMNS = [("UA", "ua", 3), ("UA test", "ua_test", 3), ("RA", "ra", 3), ("TA", "ta", 3), ("MIA", "mia", 3),
                       ("gap", "gap", 2), ("relearn", "relearn_steps", 0), ("oracle relearn", "oracle_relearn_steps", 0),
                       ("probe", "probe", 3), ("oracle probe", "oracle_probe", 3), ("retrain s", "retrain_seconds", 2)]
@@ -78,7 +79,9 @@ COST_COLUMNS = ["seconds", "forward_passes", "backward_passes", "edit_bytes"]
 LEGENDS = {
     "t2i": "UA: share of images for forgotten prompts the judge does not see as the target (mean over targets so far; "
            "min = worst target). IRA/CRA: judge accuracy on retained prompts in / outside the targets' domains. "
-           "FD: Fréchet distance of judge features to renders. Passes: UNet forward / backward calls.",
+           "FD: Fréchet distance of judge features to renders. NLL: bits/dim of renders of the forgotten targets "
+           "(gap: minus the retrain oracle's) and of retained ones, through the probability-flow ODE. "
+           "Passes: UNet forward / backward calls.",
     "classifier": "UA: 1 - accuracy on all training data forgotten so far (UA test: on forgotten classes' test images). "
                   "RA/TA: accuracy on retained training data / test images of known classes. MIA: share of forget examples "
                   "a confidence-based membership attack calls non-members. gap: mean |UA, RA, TA, MIA - retrain oracle| in "

@@ -448,7 +448,8 @@ def eval_store(store: Path = typer.Argument(...), as_json: bool = typer.Option(F
         _print_json({**metrics, "base": base_metrics} if base else metrics)
         return
     shown = ("ua", "ua_train_synonym", "ua_heldout_template", "ua_heldout_synonym", "ira", "cra", "fd", "ua_test", "ra", "ta", "mia",
-             "relearn_steps", "probe", "gap", "relearn_auc", "relearn_auc_gap", "nll_forgotten", "nll_retained")
+             "relearn_steps", "probe", "gap", "relearn_auc", "relearn_auc_gap", "nll_forgotten", "nll_forgotten_gap",
+             "nll_retained")
     rows = [[k, metrics[k], *([base_metrics.get(k)] if base else [])] for k in shown if metrics.get(k) is not None]
     _table("evaluation of the current model", ["metric", "value", *(["base model"] if base else [])], rows)
     for target, per_split in metrics.get("ua_per_target", {}).items():

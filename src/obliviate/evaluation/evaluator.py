@@ -204,7 +204,9 @@ class Evaluator:
                     self._oracle_runs[folder, target, "nll"] = score(T2IModel.load(folder).eval(), labels)
                 entry["oracle_bits_per_dim"] = self._oracle_runs[folder, target, "nll"]
             per_target[target] = entry
+        gaps = [e["bits_per_dim"] - e["oracle_bits_per_dim"] for e in per_target.values() if "oracle_bits_per_dim" in e]
         return {"nll": per_target, "nll_forgotten": round(float(np.mean([e["bits_per_dim"] for e in per_target.values()])), 4),
+                "nll_forgotten_gap": round(float(np.mean(gaps)), 4) if len(gaps) == len(per_target) else None,
                 "nll_retained": score(model, retained)}
 
     def relearnability(self, model, forgotten: tuple[str, ...]) -> dict:
