@@ -102,6 +102,15 @@ def test_a_tampered_config_blocks_sampling_and_export(copy):
 
 
 # --------------------------------------------------------------------------- the ledger
+def edit_ledger(root: Path, *statements: str, parameters: tuple = ()) -> None:
+    """Run SQL on the store's ledger behind obliviate's back (``parameters`` for the first statement)."""
+    db = sqlite3.connect(root / "ledger.sqlite")
+    for i, statement in enumerate(statements):
+        db.execute(statement, parameters if i == 0 else ())
+    db.commit()
+    db.close()
+
+
 ROW = "seq, kind, request_id, payload, model_hash, at, prev_hash, hash, mac"
 
 
@@ -168,10 +177,7 @@ def test_without_key_or_recorded_head_a_rechained_history_passes(copy, rewrite):
 
 def test_an_edited_row_is_detected_without_key_or_head(copy):
     root, key = copy
-    db = sqlite3.connect(root / "ledger.sqlite")
-    db.execute("UPDATE events SET payload = replace(payload, 'striped', 'dotted') WHERE seq = 2")
-    db.commit()
-    db.close()
+    edit_ledger(root, "UPDATE events SET payload = replace(payload, 'striped', 'dotted') WHERE seq = 2")
     (root / HEAD_FILE).unlink()
     problems = Store(root, key=key).verify()
     assert any("ledger row 2" in p and "edited" in p for p in problems)
@@ -179,10 +185,7 @@ def test_an_edited_row_is_detected_without_key_or_head(copy):
 
 def test_signatures_of_the_wrong_type_are_problems_not_crashes(copy):
     root, key = copy
-    db = sqlite3.connect(root / "ledger.sqlite")
-    db.execute("UPDATE events SET mac = 42 WHERE seq = 2")
-    db.commit()
-    db.close()
+    edit_ledger(root, "UPDATE events SET mac = 42 WHERE seq = 2")
     if key:
         assert any("ledger row 2: signature" in p for p in Store(root, key=key).verify())
 
@@ -190,10 +193,7 @@ def test_signatures_of_the_wrong_type_are_problems_not_crashes(copy):
 @pytest.mark.parametrize("payload", ["not json", '{"request": 3}', '"a string"', "{}"])
 def test_a_row_that_is_not_our_event_is_a_problem_not_a_crash(copy, payload):
     root, key = copy
-    db = sqlite3.connect(root / "ledger.sqlite")
-    db.execute("UPDATE events SET payload = ? WHERE seq IN (1, 2)", (payload,))
-    db.commit()
-    db.close()
+    edit_ledger(root, "UPDATE events SET payload = ? WHERE seq IN (1, 2)", parameters=(payload,))
     assert detected(root, key)
     for command in (["status", str(root)], ["verify", str(root)]):
         result = runner.invoke(app, command)
@@ -202,11 +202,8 @@ def test_a_row_that_is_not_our_event_is_a_problem_not_a_crash(copy, payload):
 
 def test_a_planted_trigger_never_runs(copy):
     root, key = copy
-    db = sqlite3.connect(root / "ledger.sqlite")
-    db.execute("CREATE TABLE loot (x TEXT)")
-    db.execute("CREATE TRIGGER steal AFTER INSERT ON events BEGIN INSERT INTO loot VALUES (new.payload); END")
-    db.commit()
-    db.close()
+    edit_ledger(root, "CREATE TABLE loot (x TEXT)",
+                "CREATE TRIGGER steal AFTER INSERT ON events BEGIN INSERT INTO loot VALUES (new.payload); END")
     with pytest.raises(StoreIntegrityError, match="trigger 'steal'"):
         Store(root, key=key).add_request(["circle"], "esd", FAST)
     db = sqlite3.connect(root / "ledger.sqlite")
@@ -223,11 +220,7 @@ def test_a_damaged_ledger_is_refused_clearly_and_left_alone(copy, damage):
     elif damage == "missing":
         ledger.unlink()
     else:
-        db = sqlite3.connect(ledger)
-        db.execute("ALTER TABLE events RENAME TO old")
-        db.execute("CREATE TABLE events (seq INTEGER)")
-        db.commit()
-        db.close()
+        edit_ledger(root, "ALTER TABLE events RENAME TO old", "CREATE TABLE events (seq INTEGER)")
     before = ledger.read_bytes() if ledger.exists() else None
     with pytest.raises(StoreIntegrityError, match="restore it from a backup|Restore it from a backup"):
         Store(root, key=key)
