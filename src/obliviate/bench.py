@@ -389,18 +389,20 @@ def fisher_speed(model_name: str, out: Path, batch: int = 4, repeats: int = 5) -
     eps_fn = lambda x: model.predict(x, t, encoding)  # noqa: E731
     ways = {"forward mode (ours)": lambda: fisher_vector_product(eps_fn, x, v, sigma),
             "autodiff, reverse over reverse": lambda: torch.autograd.functional.jvp(eps_fn, x, v)[1] / sigma,
-            "one plain forward pass (for scale)": lambda: eps_fn(x)}
-    seconds = {}
+            "one plain forward pass (for scale)": lambda: torch.no_grad()(eps_fn)(x)}
+    seconds = dict.fromkeys(ways, 0.0)
     with forward_mode_attention(model.unet):
         for name, run in ways.items():
             run()  # warm up
-            start = time.perf_counter()
-            for _ in range(repeats):
+        for _ in range(repeats):  # round robin, so a busy machine slows every way alike
+            for name, run in ways.items():
+                start = time.perf_counter()
                 run()
-            seconds[name] = (time.perf_counter() - start) / repeats
+                seconds[name] += (time.perf_counter() - start) / repeats
     ours = seconds["forward mode (ours)"]
     lines = [f"# Diffusion-Fisher vector products on `{model_name}`", "",
-             f"Batch of {batch}, {repeats} repeats, same attention kernel for all; ratio = time / forward mode.", "",
+             f"Batch of {batch}, {repeats} rounds (the ways in turn), same attention kernel for all, no autograd graph "
+             "kept; ratio = time / forward mode.", "",
              "| way | ms per product | ratio |", "|---|---|---|"]
     lines += [f"| {name} | {1000 * s:.1f} | {s / ours:.2f} |" for name, s in seconds.items()]
     table = "\n".join(lines) + "\n"

@@ -33,12 +33,14 @@ def forward_mode_attention(unet):
         unet.set_attn_processor(saved)
 
 
+@torch.no_grad()  # forward mode needs no autograd graph
 def fisher_vector_product(eps_fn, x: torch.Tensor, v: torch.Tensor, sigma: float) -> torch.Tensor:
     """F_t v for ``eps_fn(x)``, the model's noise prediction at the noise level ``sigma``."""
     _, jv = torch.func.jvp(eps_fn, (x,), (v,))
     return jv / sigma
 
 
+@torch.no_grad()
 def fisher_trace(eps_fn, x: torch.Tensor, sigma: float, probes: int = 8, seed: int = 0) -> torch.Tensor:
     """Hutchinson's estimate of tr F_t per batch element (``probes`` Rademacher vectors)."""
     generator = torch.Generator().manual_seed(seed)
