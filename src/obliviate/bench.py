@@ -388,6 +388,7 @@ def fisher_speed(model_name: str, out: Path, batch: int = 4, repeats: int = 5) -
     x, v = torch.randn(shape, generator=torch.Generator().manual_seed(0)), torch.randn(shape, generator=torch.Generator().manual_seed(1))
     eps_fn = lambda x: model.predict(x, t, encoding)  # noqa: E731
     ways = {"forward mode (ours)": lambda: fisher_vector_product(eps_fn, x, v, sigma),
+            "central difference (ours)": lambda: fisher_vector_product(eps_fn, x, v, sigma, "difference"),
             "autodiff, reverse over reverse": lambda: torch.autograd.functional.jvp(eps_fn, x, v)[1] / sigma,
             "one plain forward pass (for scale)": lambda: torch.no_grad()(eps_fn)(x)}
     seconds = dict.fromkeys(ways, 0.0)
