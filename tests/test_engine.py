@@ -231,16 +231,11 @@ DRIVER = textwrap.dedent("""
                 die()
             return original_replace(src, dst)
         os.replace = replace
-    elif point == "before_commit":
+    elif point in ("before_commit", "after_commit"):
         original_append = Ledger.append
         def append(self, kind, *args, **kwargs):
-            if kind == operation:
+            if kind == operation and point == "before_commit":
                 die()
-            return original_append(self, kind, *args, **kwargs)
-        Ledger.append = append
-    elif point == "after_commit":
-        original_append = Ledger.append
-        def append(self, kind, *args, **kwargs):
             event = original_append(self, kind, *args, **kwargs)
             if kind == operation:
                 die()

@@ -350,8 +350,8 @@ def sampler_benchmark(model_name: str, solvers: list[str], step_counts: list[int
     from .models.zoo import load_judge, load_t2i
     from .world import render, sample_scenes
     model, judge = load_t2i(model_name), load_judge("shapes-judge")
-    renders = torch.from_numpy(render(sample_scenes(inversion_images, seed=7)))
-    texts = [f"a {caption}" for caption in sample_scenes(inversion_images, seed=7).captions()]
+    scenes = sample_scenes(inversion_images, seed=7)
+    renders, texts = torch.from_numpy(render(scenes)), [f"a {caption}" for caption in scenes.captions()]
     lines = [f"# Samplers on `{model_name}`", "",
              f"Judge accuracy per domain on {n_prompts} training prompts x {images_per_prompt} images, FD to renders "
              "(judge features), UNet evaluations per image (two per step: classifier-free guidance) and seconds on "

@@ -26,7 +26,8 @@ def file_hash(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def folder_hashes(folder: str | Path) -> dict[str, str]:
-    """sha256 of every file under ``folder``, keyed by its path relative to it (``unet/config.json``)."""
+def folder_hashes(folder: str | Path, hash_file=file_hash) -> dict[str, str]:
+    """``hash_file`` (sha256 by default) of every file under ``folder``, keyed by its path
+    relative to it (``unet/config.json``)."""
     folder = Path(folder)
-    return {p.relative_to(folder).as_posix(): file_hash(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {p.relative_to(folder).as_posix(): hash_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}

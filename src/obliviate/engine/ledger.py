@@ -239,9 +239,9 @@ class Ledger:
             prev = digest
         return problems
 
-    def check_signatures(self, key: bytes) -> list[str]:
-        """Rows whose signature is missing or was not made with ``key``: with the key, a history
-        rewritten and rechained by someone without it shows here."""
+    def check_signatures(self) -> list[str]:
+        """Rows whose signature is missing or was not made with this ledger's key: with the key,
+        a history rewritten and rechained by someone without it shows here."""
         if not self.signed:
             return [f"{self.path} is not signed, but a ledger key is set: the store was made without a key, "
                     "or its signatures were stripped"]
@@ -249,7 +249,7 @@ class Ledger:
         for seq, digest, mac in self._db.execute("SELECT seq, hash, mac FROM events ORDER BY seq"):
             if mac is None:
                 problems.append(f"ledger row {seq} is not signed (a signed ledger signs every row)")
-            elif not _signed_by(key, digest, mac):
+            elif not _signed_by(self.key, digest, mac):
                 problems.append(f"ledger row {seq}: signature does not match (row forged, or signed with another key)")
         return problems
 

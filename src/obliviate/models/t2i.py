@@ -294,15 +294,19 @@ class T2IModel:
         if not 1 <= steps <= self.scheduler.config.num_train_timesteps:
             raise ValueError(f"Sampling takes 1 to {self.scheduler.config.num_train_timesteps} steps, got {steps}.")
         guidance = self.guidance_scale if guidance_scale is None else guidance_scale
-        generator = torch.Generator().manual_seed(seed)
         n = len(encoding.states)
-        shape = (self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
-        noise = torch.randn((n, *shape), generator=generator)
+        noise = self.initial_noise(n, seed)
         images = []
         for start in range(0, n, batch_size):
             chunk = encoding[start:start + batch_size].to(self.device)
             images.append(self._denoise(noise[start:start + len(chunk.states)].to(self.device), chunk, steps, guidance, solver).cpu())
         return torch.cat(images)
+
+    def initial_noise(self, n: int, seed: int) -> torch.Tensor:
+        """The starting latents of ``n`` samples: image i starts from the same noise whenever
+        ``seed`` is the same, whatever the sampler."""
+        shape = (self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
+        return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
 
     def _denoise(self, latents, cond: TextEncoding, steps, guidance, solver):
         scheduler = make_scheduler(solver, self.scheduler.config)

@@ -98,6 +98,13 @@ def concept_shown(model, judge, concept: str, prompts: WorldPrompts, settings, s
     return _shows_target(predicted, prompts.target_groups((concept,))[0], prompts.ontology)
 
 
+def judged_rate(judge, images: torch.Tensor, concept: str, prompts: WorldPrompts) -> float:
+    """Share of ``images`` in which the judge sees ``concept``."""
+    with torch.no_grad():
+        shown = _shows_target(judge.predict(images), prompts.target_groups((concept,))[0], prompts.ontology)
+    return float(shown.float().mean())
+
+
 def concept_shown_rate(model, judge, concept: str, prompts: WorldPrompts, settings, seed: int,
                        words: dict[str, str] | None = None, encode=None) -> float:
     """Share of images in which the judge sees the concept (see ``concept_shown``)."""

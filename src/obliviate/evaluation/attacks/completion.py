@@ -7,12 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
-from ...models.t2i import SOLVERS
+from ...models.t2i import make_scheduler
 from ...models.zoo import DEFAULT_T2I, load_t2i
-from ..evaluator import _shows_target
-from .base import Attack, AttackResult, ProbeSettings, concept_prompts, curve_auc, register_attack
+from .base import Attack, AttackResult, ProbeSettings, concept_prompts, curve_auc, judged_rate, register_attack
 
 
 @dataclass
@@ -39,18 +36,14 @@ class CompletionAttack(Attack):
         cfg = self.config
         texts = concept_prompts(prompts, concept, cfg, seed)
         starter = load_t2i(cfg.starter).to(model.device).eval()
-        group = prompts.target_groups((concept,))[0]
-        shape = (model.unet.config.in_channels, model.unet.config.sample_size, model.unet.config.sample_size)
-        noise = torch.randn((len(texts), *shape), generator=torch.Generator().manual_seed(seed)).to(model.device)
+        noise = model.initial_noise(len(texts), seed).to(model.device)
         curve = []
         for handoff in sorted(set(cfg.handoffs)):
-            scheduler = SOLVERS["dpm"].from_config(model.scheduler.config)
+            scheduler = make_scheduler("dpm", model.scheduler.config)
             scheduler.set_timesteps(cfg.sampling_steps)
             latents = starter.denoise(noise * scheduler.init_noise_sigma, starter.encode(texts), scheduler,
                                       scheduler.timesteps[:handoff])
             latents = model.denoise(latents, model.encode(texts), scheduler, scheduler.timesteps[handoff:])
-            with torch.no_grad():
-                shown = _shows_target(judge.predict(model.from_latents(latents)), group, prompts.ontology)
-            curve.append((handoff, float(shown.float().mean())))
+            curve.append((handoff, judged_rate(judge, model.from_latents(latents), concept, prompts)))
         return AttackResult(self.name, concept, before=curve[0][1], after=curve[-1][1], curve=tuple(curve),
                             details={"auc": curve_auc(curve), "starter": cfg.starter})

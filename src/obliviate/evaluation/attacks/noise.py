@@ -8,9 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...models.t2i import SOLVERS
-from ..evaluator import _shows_target
-from .base import Attack, AttackResult, ProbeSettings, concept_prompts, register_attack
+from ...models.t2i import make_scheduler
+from .base import Attack, AttackResult, ProbeSettings, concept_prompts, judged_rate, register_attack
 
 
 @dataclass
@@ -32,17 +31,14 @@ class NoiseAttack(Attack):
     def run(self, model, concept, judge, prompts, seed=0) -> AttackResult:
         cfg = self.config
         texts = concept_prompts(prompts, concept, cfg, seed)
-        group = prompts.target_groups((concept,))[0]
-        shape = (model.unet.config.in_channels, model.unet.config.sample_size, model.unet.config.sample_size)
-        noise = torch.randn((len(texts), *shape), generator=torch.Generator().manual_seed(seed)).to(model.device)
+        noise = model.initial_noise(len(texts), seed).to(model.device)
         rates = {}
         for eta in sorted(set(cfg.etas)):
-            scheduler = SOLVERS["ddim"].from_config(model.scheduler.config)
+            scheduler = make_scheduler("ddim", model.scheduler.config)
             scheduler.set_timesteps(cfg.sampling_steps)
             latents = model.denoise(noise * scheduler.init_noise_sigma, model.encode(texts), scheduler, scheduler.timesteps,
                                     eta=eta, generator=torch.Generator().manual_seed(seed + 1))
-            with torch.no_grad():
-                rates[eta] = float(_shows_target(judge.predict(model.from_latents(latents)), group, prompts.ontology).float().mean())
+            rates[eta] = judged_rate(judge, model.from_latents(latents), concept, prompts)
         worst = max(rates, key=rates.get)
         return AttackResult(self.name, concept, before=rates[min(rates)], after=rates[worst],
                             details={"rate_per_eta": rates, "worst_eta": worst})

@@ -8,11 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from ...models.zoo import DEFAULT_T2I, load_t2i
-from ..evaluator import _shows_target
-from .base import Attack, AttackResult, ProbeSettings, concept_renders, concept_shown_rate, register_attack
+from .base import Attack, AttackResult, ProbeSettings, concept_renders, concept_shown_rate, judged_rate, register_attack
 
 
 @dataclass
@@ -38,11 +35,8 @@ class RegenerateAttack(Attack):
         images, texts = concept_renders(prompts, concept, cfg.renders, seed)
         inverter = load_t2i(cfg.inverter).to(model.device).eval()
         states = inverter.invert(images.to(model.device), texts, cfg.steps)
-        group = prompts.target_groups((concept,))[0]
-        with torch.no_grad():
-            redrawn = _shows_target(judge.predict(model.regenerate(states, texts, cfg.steps)), group, prompts.ontology)
-            by_inverter = _shows_target(judge.predict(inverter.regenerate(states, texts, cfg.steps)), group, prompts.ontology)
-        after = float(redrawn.float().mean())
+        after = judged_rate(judge, model.regenerate(states, texts, cfg.steps), concept, prompts)
+        by_inverter = judged_rate(judge, inverter.regenerate(states, texts, cfg.steps), concept, prompts)
         return AttackResult(self.name, concept, before=concept_shown_rate(model, judge, concept, prompts, cfg, seed),
-                            after=after, details={"inverter": cfg.inverter, "inverter_redraws": float(by_inverter.float().mean()),
+                            after=after, details={"inverter": cfg.inverter, "inverter_redraws": by_inverter,
                                                   "renders": cfg.renders, "steps": cfg.steps})
