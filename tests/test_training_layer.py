@@ -4,6 +4,7 @@ library calls leave no hidden state behind."""
 
 import ast
 import itertools
+import mmap
 import re
 import time
 from pathlib import Path
@@ -249,11 +250,14 @@ def test_peak_memory_is_a_delta_over_the_start():
         pytest.skip("no /proc/self/statm here")
     with PeakMemory(torch.device("cpu")) as idle:
         pass
+    size = 64 * 2**20
     with PeakMemory(torch.device("cpu"), interval=0.001) as busy:
-        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-        block += 1
+        # A fresh anonymous mapping, every page written: malloc could hand back pages that are
+        # already resident (freed by earlier tests), which would not move the resident set.
+        block = mmap.mmap(-1, size)
+        block.write(b"\1" * size)
         time.sleep(0.2)  # the meter samples; hold the block long enough for a busy machine to see it
-        del block
+        block.close()
     assert idle.peak_bytes < 16 * 2**20
     assert busy.peak_bytes >= 32 * 2**20
 
