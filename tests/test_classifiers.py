@@ -157,10 +157,11 @@ def test_salun_moves_only_salient_weights():
     assert 0 < moved <= 0.1 * total + 1
 
 
-def test_sfron_forget_step_is_adaptively_weighted():
+@pytest.mark.parametrize("weighting", ["per-sample", "batch"])
+def test_sfron_forget_step_is_adaptively_weighted(weighting):
     from obliviate.methods.classifier.sfron import SFRon
     model = digits_cnn()
-    method = SFRon.from_options({"iterations": 1})
+    method = SFRon.from_options({"iterations": 1, "weighting": weighting})
     x, y = DIGITS.split(("3",)).forget_x[:8], DIGITS.split(("3",)).forget_y[:8]
 
     class Session:
@@ -172,8 +173,33 @@ def test_sfron_forget_step_is_adaptively_weighted():
             return a, b
 
     loss = method.forget_loss(Session, alpha=2.0)
-    ce = F.cross_entropy(model.net(x), y)
-    assert torch.allclose(loss, -2.0 * ce / ce.detach().sqrt())
+    ce = F.cross_entropy(model.net(x), y, reduction="none")
+    if weighting == "batch":
+        expected = -2.0 * ce.mean() / ce.mean().detach().sqrt()
+    else:  # the reference's AdaptiveLoss: 1/l_i^0.5, normalised to sum to the batch size
+        inverse = 1 / ce.detach().sqrt()
+        expected = -2.0 * (inverse / inverse.sum() * len(ce) * ce).mean()
+    assert torch.allclose(loss, expected)
+
+
+@given(st.lists(st.floats(1e-4, 1e3), min_size=1, max_size=64))
+@settings(max_examples=50, deadline=None)
+def test_sfron_per_sample_weights_sum_to_the_batch_size_and_favour_small_losses(losses):
+    from obliviate.methods.classifier.sfron import adaptive_ascent_weights
+    losses = torch.tensor(losses, dtype=torch.float64)
+    weights = adaptive_ascent_weights(losses)
+    assert float(weights.sum()) == pytest.approx(len(losses))
+    order = losses.argsort()
+    assert (weights[order].diff() <= 1e-9).all()  # the larger the loss, the smaller its weight
+
+
+def test_sfron_masks_the_forget_step_only():
+    """The reference masks the forget ascent; the retain descent moves every trainable weight."""
+    _, result = run_method("sfron", iterations=5, gamma=1e9)  # a mask that keeps nothing
+    moved = sum(int((d != 0).sum()) for d in result.edit.deltas.values())
+    assert moved > 0.5 * sum(p.numel() for p in digits_cnn().net.parameters())
+    with pytest.raises(RuntimeError, match="left every weight unchanged"):  # masking the retain step too
+        run_method("sfron", iterations=5, gamma=1e9, mask_retain=True)
 
 
 @given(st.integers(1, 6), st.integers(0, 1000))

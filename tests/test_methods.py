@@ -153,6 +153,22 @@ def test_sfron_mask_is_the_fisher_ratio_and_alternates_steps(tiny_t2i):
     assert masked_out, "a Fisher-ratio mask that keeps everything masks nothing"
 
 
+@pytest.mark.parametrize("n", [7, 8])
+def test_antithetic_timesteps_pair_every_t_with_its_mirror(tiny_t2i, n):
+    from types import SimpleNamespace
+    from obliviate.training import TrainingSession
+    config = get_method("sfron").config_class()
+    assert config.antithetic_timesteps  # SFR-on's default, as in the authors' DDPM code
+    session = SimpleNamespace(config=config, model=tiny_t2i, generator=torch.Generator().manual_seed(0))
+    t = TrainingSession.timesteps(session, n)
+    last = tiny_t2i.scheduler.config.num_train_timesteps - 1
+    half = -(-n // 2)
+    assert len(t) == n and torch.equal(t[half:], last - t[:n - half])
+    session.config = get_method("esd").config_class()
+    t = TrainingSession.timesteps(session, 8)
+    assert not torch.equal(t[4:], last - t[:4])  # plain draws elsewhere
+
+
 def test_l2sp_penalty_gradient_matches_its_formula(tiny_t2i, fixed_batch):
     from obliviate.regularizers import get_regularizer
     reg = get_regularizer("l2sp")(get_regularizer("l2sp").config_class(weight=10.0))
@@ -287,6 +303,28 @@ def test_merge_and_ewc_keep_state_across_requests(tmp_path, tiny_model_dir):
         name = "unet." + key[len("reg.merge/tasks.0."):]
         task0, task1 = two[key], two[key.replace("tasks.0.", "tasks.1.")]
         assert torch.allclose(current[name] - base[name], (task0 + task1) / 2, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["independent", "sequential"])
+def test_independent_merge_trains_each_task_vector_from_the_pretrained_weights(tmp_path, tiny_model_dir, mode):
+    """CUIG's property: a request's task vector does not depend on the requests before it."""
+    from obliviate.engine import Store
+    fast = {k: str(v) for k, v in FAST.items()}
+    merge = (RegularizerSpec("merge", {"strategy": "uniform", "mode": mode}),)
+    alone, after = Store.init(tmp_path / "alone", tiny_model_dir), Store.init(tmp_path / "after", tiny_model_dir)
+    alone.add_request(["dotted"], "esd", fast, regularizers=merge)
+    after.add_request(["striped"], "esd", fast, regularizers=merge)
+    after.add_request(["dotted"], "esd", fast, regularizers=merge)
+    alone.apply(), after.apply()
+    own, second = alone.method_state(), after.method_state()
+    keys = [k for k in own if k.startswith("reg.merge/tasks.0.")]
+    same = all(torch.equal(own[k], second[k.replace("tasks.0.", "tasks.1.")]) for k in keys)
+    assert same == (mode == "independent")
+    # the store's model stays base + the merge of the task vectors, trained from wherever
+    base, current = after.replay(0), after.load_model().state_tensors()
+    for key in keys[:3]:
+        name = "unet." + key[len("reg.merge/tasks.0."):]
+        assert torch.allclose(current[name] - base[name], (second[key] + second[key.replace("tasks.0.", "tasks.1.")]) / 2, atol=1e-6)
 
 
 def test_ewc_penalty_gradient_matches_its_formula(tiny_t2i):

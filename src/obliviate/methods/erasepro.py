@@ -1,19 +1,29 @@
 """ErasePro (2025): closed-form erasure with a strict zero-residual constraint and a progressive
 layer-wise schedule.
 
-For each cross-attention key/value projection W (pretrained W0), with U the top directions of the
-concept's token states and A = C^+ U their coefficients, the edit solves
+For a projection W (pretrained W0) whose inputs for the concept have top directions U, with G A
+the inputs they should behave like (A = C^+ U), the edit solves
 
-    min_W  lam ||W - W0||^2 + s_p sum_j ||(W - W0) p_j||^2     subject to   W U = T_l
+    min_W  lam ||W - W0||^2 + s_p sum_j ||(W - W0) p_j||^2     subject to   W U = T
 
-    W = W0 + (T_l - W0 U) (U^T M^-1 U)^-1 U^T M^-1,   M = lam I + s_p sum_j p_j p_j^T
+    W = W0 + (T - W0 U) (U^T M^-1 U)^-1 U^T M^-1,   M = lam I + s_p sum_j p_j p_j^T
 
-so target features map onto anchor features exactly, not in the least-squares sense of UCE. The
-target of layer l is T_l = W0 (U + s_l (G A - U)): the full anchor features (s_l = 1) at the
-shallowest layer, decaying to ``deep_strength`` at the deepest, so sensitive deep layers move
-least. Every earlier request's erase rows stay in the store's state and their constraints are
-solved jointly, so earlier erasures remain exact; rows whose prompts show a concept forgotten
-later are retired first (``ErasureMemory``), and the request's directions recomputed without them.
+so target features map onto anchor features exactly (zero residual), not in the least-squares
+sense of UCE. Two places to apply it (``layers``):
+
+- ``kv`` (default): the cross-attention keys and values, T = W0 G A on every layer. They all
+  read the same text states in parallel, so nothing downstream completes a partial alignment:
+  the paper's zero residual must hold on each of them. ``deep_strength < 1`` keeps obliviate's
+  earlier schedule, T_l = W0 (U + s_l (G A - U)) with s_l decaying from 1 at the shallowest layer
+  to ``deep_strength`` at the deepest, which leaves a residual at depth.
+  Every earlier request's erase rows stay in the store's state and their constraints are solved
+  jointly, so earlier erasures remain exact; rows whose prompts show a concept forgotten later are
+  retired first (``ErasureMemory``), and the request's directions recomputed without them.
+- ``out``: the paper's progressive schedule, on the cross-attention output projections, whose
+  inputs flow from one layer into the next. Shallow to deep, layer i is solved on the inputs X
+  the *already edited* model gives it for the target prompts, with T = W0 Y, Y the inputs the
+  pretrained model gives it for the anchor prompts on the same noisy latents; earlier layers'
+  alignment shrinks what deeper layers must change. The p_j are the inputs of retained prompts.
 """
 
 from __future__ import annotations
@@ -35,7 +45,12 @@ class EraseProConfig:
     preserve_scale: float = field(default=1.0, metadata={"help": "weight of retained prompts' outputs"})
     erase_prompts: int = field(default=32, metadata={"help": "prompts showing the targets"})
     preserve_prompts: int = field(default=256, metadata={"help": "prompts of retained concepts"})
-    deep_strength: float = field(default=0.5, metadata={"help": "share of the anchor shift required at the deepest layer (1 = uniform)"})
+    deep_strength: float = field(default=1.0, metadata={
+        "help": "layers=kv: share of the anchor shift required at the deepest layer; 1 (the paper) keeps zero residual on every layer"})
+    layers: str = field(default="kv", metadata={
+        "help": "'kv': cross-attention keys/values; 'out': cross-attention outputs, progressively on features that flow between layers"})
+    images: int = field(default=16, metadata={"help": "layers=out: images the model draws of the targets and of retained prompts"})
+    sampling_steps: int = field(default=10, metadata={"help": "layers=out: denoising steps of those images"})
 
     def __post_init__(self):
         if self.rank <= 0 or self.erase_prompts <= 0 or self.preserve_prompts <= 0:
@@ -44,6 +59,12 @@ class EraseProConfig:
             raise ValueError("lam must be positive and preserve_scale >= 0")
         if not 0 < self.deep_strength <= 1:
             raise ValueError(f"deep_strength must lie in (0, 1], got {self.deep_strength}")
+        if self.layers not in ("kv", "out"):
+            raise ValueError(f"layers must be 'kv' or 'out', got {self.layers!r}")
+        if self.layers == "out" and self.deep_strength != 1:
+            raise ValueError("deep_strength applies to layers=kv; the progressive layers=out schedule aligns every layer exactly.")
+        if self.images <= 0 or self.sampling_steps <= 0:
+            raise ValueError("images and sampling_steps must be positive")
 
 
 def unet_depth_order(names: list[str]) -> list[str]:
@@ -72,6 +93,46 @@ def zero_residual_solve(w0: torch.Tensor, basis: torch.Tensor, targets: torch.Te
     return w0 + (targets - w0 @ basis) @ torch.linalg.solve(gram, m_inv_u.T)
 
 
+OUT_PATTERN = re.compile(r"attn2\.to_out\.0\.weight$")
+MAX_ROWS = 8192  # positions kept per layer: bounds memory at Stable Diffusion's feature-map sizes
+
+
+@torch.no_grad()
+def projection_inputs(model, names: list[str], latents: torch.Tensor, t: torch.Tensor, encoding,
+                      seed: int = 0) -> dict[str, torch.Tensor]:
+    """What each named linear layer (``unet.<module>.weight``) receives in one UNet pass, one row
+    per image position; at most ``MAX_ROWS`` of them, the same rows for the same ``seed`` and
+    batch shape."""
+    captured = {}
+
+    def hook(name):
+        def save(module, args):
+            rows = args[0].reshape(-1, args[0].shape[-1])
+            if len(rows) > MAX_ROWS:
+                rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:MAX_ROWS]]
+            captured[name] = rows.double().cpu()
+        return save
+
+    handles = [model.unet.get_submodule(name[len("unet."):-len(".weight")]).register_forward_pre_hook(hook(name))
+               for name in names]
+    try:
+        model.predict(latents.to(model.device), t.to(model.device), encoding)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+@torch.no_grad()
+def noisy_drawings(model, prompts: list[str], steps: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_t, t): images the model draws for ``prompts``, noised to random timesteps."""
+    seed = int(torch.randint(2**31, (1,), generator=generator))
+    clean = model.to_latents(model.sample(prompts, steps=steps, seed=seed), generator=generator)
+    noise = torch.randn(clean.shape, generator=generator).to(clean)
+    t = model.sample_timesteps(len(clean), generator)
+    return model.scheduler.add_noise(clean, noise, t), t
+
+
 @register_method
 class ErasePro(UnlearningMethod):
     name = "erasepro"
@@ -79,6 +140,10 @@ class ErasePro(UnlearningMethod):
     config_class = EraseProConfig
 
     def unlearn(self, model, request, context) -> MethodResult:
+        solve = self._progressive_outputs if self.config.layers == "out" else self._keys_and_values
+        return solve(model, request, context)
+
+    def _keys_and_values(self, model, request, context) -> MethodResult:
         cfg = self.config
         rng = np.random.default_rng(request.seed)
         rows, p = erase_and_preserve_states(model, request, context, cfg.erase_prompts, cfg.preserve_prompts, rng,
@@ -99,7 +164,7 @@ class ErasePro(UnlearningMethod):
 
         current = model.state_tensors()
         layers = unet_depth_order(kv_layers(current))
-        deltas = {}
+        deltas, residuals = {}, []
         state = {**memory.to_state(), "ranks": ranks, "basis": all_basis, "anchor": all_anchor}
         for depth, name in enumerate(layers):
             strength = 1 - (1 - cfg.deep_strength) * depth / max(1, len(layers) - 1)
@@ -107,7 +172,49 @@ class ErasePro(UnlearningMethod):
             targets = w0 @ (all_basis + strength * (all_anchor - all_basis))
             solved = zero_residual_solve(w0, all_basis, targets, metric)
             state[f"own_delta.{name}"] = solved - w0
+            residuals.append(float((solved @ all_basis - w0 @ all_anchor).norm() / (w0 @ all_anchor).norm()))
             solved = solved + other_edits(current[name], w0, context.state.get(f"own_delta.{name}"))
             deltas[name] = solved.to(current[name].dtype) - current[name]
         return MethodResult(Edit(deltas=deltas), state, {"constraints": all_basis.shape[1], "edited_layers": len(deltas),
+                                                         "max_residual": max(residuals),
                                                          "unet_forward_passes": 0, "unet_backward_passes": 0})
+
+    def _progressive_outputs(self, model, request, context) -> MethodResult:
+        """Shallow to deep, each output projection is solved on the inputs the already edited
+        layers give it, and the model updated in place before the next (as gradient methods train
+        it in place)."""
+        cfg = self.config
+        rng = np.random.default_rng(request.seed)
+        generator = torch.Generator().manual_seed(request.seed)
+        pairs = context.prompts.forget_pairs(tuple(request.targets), request.anchor, cfg.images, rng, avoid=context.forgotten)
+        retained = context.prompts.retain_prompts(context.forgotten + tuple(request.targets), cfg.images, rng)
+        targets, anchors = model.encode([p.target for p in pairs]), model.encode([p.anchor for p in pairs])
+        noisy, t = noisy_drawings(model, [p.target for p in pairs], cfg.sampling_steps, generator)
+        if retained:
+            retained_encoding = model.encode(retained)
+            retained_noisy, retained_t = noisy_drawings(model, retained, cfg.sampling_steps, generator)
+
+        current = model.state_tensors()
+        layers = unet_depth_order([k for k in current if OUT_PATTERN.search(k)])
+        if not layers:
+            raise ValueError("The model has no cross-attention output projections (attn2.to_out.0) to edit; use layers=kv.")
+        anchor_inputs = projection_inputs(model, layers, noisy, t, anchors, request.seed)  # pretrained model
+        deltas, residuals = {}, []
+        for name in layers:
+            x = projection_inputs(model, [name], noisy, t, targets, request.seed)[name]
+            basis, anchor = concept_directions(x, anchor_inputs[name], cfg.rank)
+            metric = cfg.lam * torch.eye(x.shape[1], dtype=torch.float64)
+            if retained:
+                p = projection_inputs(model, [name], retained_noisy, retained_t, retained_encoding, request.seed)[name]
+                # second moment per retained image, so lam means the same whatever the feature map's size
+                metric = metric + cfg.preserve_scale * len(retained) * (p.T @ p) / len(p)
+            w0 = current[name].double()
+            weight = model.unet.get_parameter(name[len("unet."):])
+            weight.data.copy_(zero_residual_solve(w0, basis, w0 @ anchor, metric).to(weight))
+            residuals.append(float((weight.detach().double().cpu() @ basis - w0 @ anchor).norm() / (w0 @ anchor).norm()))
+            deltas[name] = weight.detach().cpu() - current[name]
+        drawings = 2 if retained else 1
+        passes = drawings * cfg.sampling_steps + 1 + drawings * len(layers)  # batched UNet calls
+        # earlier keys/values requests' erase rows stay in force for later ones
+        return MethodResult(Edit(deltas=deltas), dict(context.state), {"edited_layers": len(deltas), "max_residual": max(residuals),
+                                                      "unet_forward_passes": passes, "unet_backward_passes": 0})

@@ -72,6 +72,11 @@ class GradientMethod(UnlearningMethod):
         # limits were checked (or lifted on purpose) when the request was added
         regularizers: list[Regularizer] = [get_regularizer(spec.name).from_options(spec.config, limits=False) for spec in specs]
 
+        start = next((w for reg in regularizers if (w := reg.start_weights(context)) is not None), None)
+        current = model.state_tensors() if start is not None else None
+        if start is not None:
+            model.load_state_tensors(start)
+
         accelerator = Accelerator(cpu=context.device.type == "cpu")
         model.to(accelerator.device)
         model.unet.requires_grad_(False)
@@ -111,6 +116,8 @@ class GradientMethod(UnlearningMethod):
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(before[n])
+        if current is not None:
+            model.load_state_tensors(current)
         deltas = {f"unet.{n}": d for n, d in deltas.items() if torch.count_nonzero(d)}
         regularizer_states = {reg.name: reg.state() for reg in regularizers if reg.state()}
         stats = {"unet_forward_passes": counter.forward, "unet_backward_passes": counter.backward,

@@ -8,7 +8,8 @@ Masked by the Fisher ratio, each iteration takes a fast forget step and then a s
     retain   L_r = retain_weight * L_DM(retained prompts)                                       (every step)
 
 The retain step taken right after each forget step is the fast-slow update that stands in for
-the retain loss's curvature; the forget step runs every ``forget_every`` iterations.
+the retain loss's curvature; the forget step runs every ``forget_every`` iterations. Timesteps
+come in antithetic pairs (t, T-1-t), as in the authors' DDPM code.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class SFRonConfig(GradientConfig):
     trainable: str = field(default="xattn", metadata={"help": "parameters that may train (preset or regex)"})
     steps: int = field(default=40, metadata={"help": "iterations"})
     learning_rate: float = field(default=5e-4, metadata={"help": "Adam learning rate"})
+    antithetic_timesteps: bool = field(default=True, metadata={"help": "pair every timestep t with T-1-t (the authors' DDPM code)"})
 
     def __post_init__(self):
         if self.gamma <= 0 or self.forget_every <= 0 or self.fisher_batches <= 0:

@@ -9,7 +9,9 @@ them in:
   the request's accumulated update after every optimizer step (exact under Adam);
 - ``penalty``: a loss term; penalties add;
 - ``finalize``: rewrites the finished edit (merging); at most one regularizer of a request may
-  do so, it runs after training, and the constraints are applied to its result again;
+  do so, it runs after training, and the constraints are applied to its result again. That
+  regularizer may also name the weights training starts from (``start_weights``: CUIG's
+  independent task vectors train from the pretrained model);
 - ``state``: tensors kept in the store for later requests.
 """
 
@@ -34,6 +36,12 @@ class Regularizer(Configurable):
         return {}
 
     def penalty(self, session: TrainingSession) -> torch.Tensor | None:
+        return None
+
+    def start_weights(self, context) -> dict[str, torch.Tensor] | None:
+        """The model's tensors to train the request from (``None``: the store's current model);
+        only a regularizer that rewrites the edit may choose, since only it can turn the trained
+        delta back into an edit of the current model."""
         return None
 
     def finalize(self, session: TrainingSession, deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,8 +1,10 @@
 """Merging per-request deltas (CUIG's model-merging regularizers).
 
-Each request's trained delta is a task vector. After training, the request's final weights are
-``start + merged - previous_merged``, where ``merged`` combines the task vectors of every request
-so far: ``uniform`` (their mean), ``task_arithmetic`` (scale x their sum) or ``ties``
+Each request's trained delta is a task vector. As in CUIG, a request trains from the pretrained
+weights by default (``mode=independent``), so its task vector does not depend on earlier
+requests; ``mode=sequential`` trains it on the current, already merged model instead. After
+training, the request's final weights are ``current + merged - previous_merged``, where
+``merged`` combines the task vectors of every request so far: ``uniform`` (their mean), ``task_arithmetic`` (scale x their sum) or ``ties``
 (trim each to its top-k magnitudes, elect a sign per weight by the summed mass, average the
 entries that agree, times scale). Task vectors live in the store's state, so rollback restores
 them with the model.
@@ -17,6 +19,7 @@ import torch
 from .base import Regularizer, register_regularizer
 
 STRATEGIES = ("uniform", "task_arithmetic", "ties")
+MODES = ("independent", "sequential")
 
 
 @dataclass
@@ -24,10 +27,14 @@ class MergeConfig:
     strategy: str = field(default="ties", metadata={"help": f"one of {', '.join(STRATEGIES)}"})
     scale: float = field(default=1.0, metadata={"help": "lambda for task arithmetic and TIES"})
     top_k: float = field(default=0.2, metadata={"help": "share of each task vector TIES keeps"})
+    mode: str = field(default="independent", metadata={
+        "help": "independent: each request trains from the pretrained weights (CUIG); sequential: from the current model"})
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise ValueError(f"Unknown merge strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}.")
+        if self.mode not in MODES:
+            raise ValueError(f"Unknown merge mode {self.mode!r}; choose one of {', '.join(MODES)}.")
         if self.scale <= 0 or not 0 < self.top_k <= 1:
             raise ValueError("scale must be positive and top_k in (0, 1]")
 
@@ -57,6 +64,9 @@ class Merge(Regularizer):
     description = "merge per-request task vectors: uniform, task arithmetic or TIES"
     config_class = MergeConfig
     rewrites_edit = True
+
+    def start_weights(self, context) -> dict[str, torch.Tensor] | None:
+        return context.base_weights if self.config.mode == "independent" else None
 
     def setup(self, session) -> None:
         saved = session.context.regularizer_states.get(self.name, {})

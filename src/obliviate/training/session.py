@@ -37,6 +37,8 @@ class GradientConfig:
         "help": f"parameters that train: a preset ({', '.join(TRAINABLE_PRESETS)}) or a regex over UNet parameter names"})
     forget_images: int = field(default=16, metadata={"help": "images of the targets drawn by the frozen model, reused as x_0"})
     sampling_steps: int = field(default=10, metadata={"help": "DDIM steps used to draw those images"})
+    antithetic_timesteps: bool = field(default=False, metadata={
+        "help": "draw half of each batch's timesteps and pair every t with T-1-t (lower-variance loss estimates)"})
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "forget_images", "sampling_steps"):
@@ -161,8 +163,15 @@ class TrainingSession:
     def noisy(self, clean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x_t, t, noise) for clean latents at random timesteps."""
         noise = torch.randn(clean.shape, generator=self.generator).to(clean)
-        t = self.model.sample_timesteps(len(clean), self.generator)
+        t = self.timesteps(len(clean))
         return self.model.scheduler.add_noise(clean, noise, t), t, noise
+
+    def timesteps(self, n: int) -> torch.Tensor:
+        """``n`` random timesteps; antithetic pairs (t, T-1-t) when the config asks for them."""
+        if not self.config.antithetic_timesteps:
+            return self.model.sample_timesteps(n, self.generator)
+        half = self.model.sample_timesteps(-(-n // 2), self.generator)
+        return torch.cat([half, self.model.scheduler.config.num_train_timesteps - 1 - half])[:n]
 
     def retain_prompts(self, n: int) -> list[str]:
         """Prompts of retained concepts; the unconditional prompt when a store names none."""

@@ -80,8 +80,9 @@ class ClassifierSession:
             labels[clash] = self.random_labels(y[clash])
         return labels
 
-    def step(self, loss: torch.Tensor) -> None:
-        """Backward, mask the gradients when a mask is set, and take an optimizer step."""
+    def step(self, loss: torch.Tensor, clip_norm: float | None = None) -> None:
+        """Backward, mask the gradients when a mask is set, clip their norm to ``clip_norm`` when
+        given, and take an optimizer step."""
         self.optimizer.zero_grad()
         loss.backward()
         self.counter.backward += 1
@@ -89,6 +90,8 @@ class ClassifierSession:
             for name, p in self.params.items():
                 if p.grad is not None:
                     p.grad.mul_(self.mask[name])
+        if clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params.values(), clip_norm)
         self.optimizer.step()
 
     def sgd(self, learning_rate: float | None = None) -> torch.optim.Optimizer:
