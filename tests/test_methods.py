@@ -114,17 +114,73 @@ def test_every_method_changes_the_model(tiny_t2i, method):
 def test_fdiv_kl_is_half_the_ablation_loss_and_divergences_behave(tiny_t2i, fixed_batch):
     from obliviate.methods.fdiv import f_divergence
     ablation = run(tiny_t2i, "ablation", {"steps": 1}).stats["first_loss"]
-    kl = run(tiny_t2i, "fdiv", {"steps": 1, "divergence": "kl", "scale": 1.0}).stats["first_loss"]
+    kl = run(tiny_t2i, "fdiv", {"steps": 1, "divergence": "kl", "gap": "constant", "scale": 1.0}).stats["first_loss"]
     assert kl == pytest.approx(ablation / 2, rel=1e-4)
     gaps = torch.linspace(0, 20, 41, dtype=torch.float64)
-    for kind in ("kl", "hellinger", "js", "alpha"):
+    for kind in ("kl", "hellinger", "js", "alpha", "pearson", "jeffreys"):
         values = f_divergence(gaps, kind)
         assert values[0].abs() < 1e-6 and (values.diff() > 0).all(), kind
     assert torch.allclose(f_divergence(gaps, "alpha", 0.5), 4 * f_divergence(gaps, "hellinger"))
     assert torch.allclose(f_divergence(gaps[:5], "alpha", 0.999), f_divergence(gaps[:5], "kl"), rtol=1e-2)
+    assert torch.allclose(f_divergence(gaps, "jeffreys"), 2 * f_divergence(gaps, "kl"))
+    # Pearson chi^2 bounds KL from above (KL <= log(1 + chi^2)) and grows as e^D
+    assert (f_divergence(gaps, "kl") <= torch.log1p(f_divergence(gaps, "pearson")) + 1e-9).all()
     assert f_divergence(torch.tensor([400.0], dtype=torch.float64), "js").item() == pytest.approx(0.6931, abs=1e-3)
     # small gaps: JS ~ D/8 for equal-variance Gaussians
     assert f_divergence(torch.tensor([1e-3], dtype=torch.float64), "js").item() == pytest.approx(1e-3 / 8, rel=1e-2)
+
+
+def test_fdiv_kernel_gap_is_the_reverse_kernels_mean_gap_over_their_variance(tiny_t2i):
+    """D = ||mu_1 - mu_2||^2 / beta_t for DDPM reverse means built from two outputs of the UNet."""
+    from types import SimpleNamespace
+    method = get_method("fdiv").from_options({"gap": "kernel"})
+    g = torch.Generator().manual_seed(0)
+    x_t, out_1, out_2 = (torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    t = torch.tensor([3, 100, 500, 950])
+    for prediction in ("epsilon", "v_prediction"):
+        scheduler = SimpleNamespace(**{k: getattr(tiny_t2i.scheduler, k) for k in ("alphas_cumprod", "betas")},
+                                    config=SimpleNamespace(prediction_type=prediction))
+        session = SimpleNamespace(model=SimpleNamespace(scheduler=scheduler))
+        abar = scheduler.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
+        beta = scheduler.betas.double()[t].view(-1, 1, 1, 1)
+
+        def mean(output):
+            eps = output if prediction == "epsilon" else abar.sqrt() * output + (1 - abar).sqrt() * x_t
+            return (x_t - beta / (1 - abar).sqrt() * eps) / (1 - beta).sqrt()
+        expected = ((mean(out_1) - mean(out_2)) ** 2 / beta).flatten(1).sum(1)
+        multiplier = method.gap_multiplier(session, t, out_1[0].numel()).double()
+        assert torch.allclose(multiplier * (out_1 - out_2).pow(2).flatten(1).sum(1), expected, rtol=1e-4), prediction
+
+
+@pytest.mark.parametrize("kind", ["hellinger", "js"])  # the two whose f is rescaled to match the closed forms
+def test_fdiv_variational_bound_reaches_the_closed_form(kind):
+    """A trained discriminator's bound E_P[T] - E_Q[f*(T)] approaches the divergence from below."""
+    from obliviate.methods.fdiv import VARIATIONAL, Discriminator, f_divergence
+    torch.manual_seed(0)
+    shape, gap = (2, 4, 4), 1.0
+    shift = torch.full(shape, (gap / 32) ** 0.5)  # P = N(shift, I), Q = N(0, I): D = ||shift||^2 = 1
+    f, g = VARIATIONAL[kind], torch.Generator().manual_seed(1)
+    discriminator = Discriminator(2)
+    optimizer = torch.optim.Adam(discriminator.parameters(), lr=3e-3)
+    x_t = torch.zeros(256, *shape)
+    for _ in range(400):
+        p, q = shift + torch.randn(256, *shape, generator=g), torch.randn(256, *shape, generator=g)
+        loss = -f.bound(discriminator(p, x_t), discriminator(q, x_t))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        p, q = shift + torch.randn(20000, *shape, generator=g), torch.randn(20000, *shape, generator=g)
+        estimate = float(f.bound(discriminator(p, torch.zeros_like(p)), discriminator(q, torch.zeros_like(q))))
+    closed = float(f_divergence(torch.tensor(gap, dtype=torch.float64), kind))
+    assert 0.85 * closed < estimate < 1.03 * closed, (estimate, closed)
+
+
+def test_fdiv_variational_form_trains_the_model_and_its_discriminator(tiny_t2i):
+    result = run(tiny_t2i, "fdiv", {"steps": 2, "form": "variational"})
+    assert result.edit.deltas and result.stats["unet_backward_passes"] >= 2
+    with pytest.raises(ValueError, match="has only its closed form"):
+        get_method("fdiv").from_options({"form": "variational", "divergence": "jeffreys"})
 
 
 def test_salun_mask_keeps_the_top_fraction_and_masked_weights_do_not_move(tiny_t2i):
