@@ -1,6 +1,8 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from obliviate.engine import Request, Store
 from obliviate.methods import UnlearningContext, get_method
@@ -145,6 +147,26 @@ def test_sdwv_changes_no_weight_and_keeps_retained_token_states(tmp_path, tiny_m
     protected = bases[0].float()
     assert protected.shape[1] == 32
     assert torch.allclose(matrix @ protected, protected, atol=1e-5)
+
+
+@given(seed=st.integers(0, 10_000), rank=st.integers(1, 6), protected=st.integers(0, 4), adaptive=st.booleans())
+@settings(max_examples=40, deadline=None)
+def test_sdwv_suppresses_each_component_in_proportion_to_its_strength(seed, rank, protected, adaptive):
+    from obliviate.methods.sdwv import suppression_transform
+    g = torch.Generator().manual_seed(seed)
+    dim = 12
+    basis, _ = torch.linalg.qr(torch.randn(dim, protected, generator=g, dtype=torch.float64))
+    keep_retained = torch.eye(dim, dtype=torch.float64) - basis @ basis.T
+    shift = torch.randn(30, dim, generator=g, dtype=torch.float64)
+    transform, components, weights = suppression_transform(shift, keep_retained, rank, adaptive)
+    singular = torch.linalg.svdvals(shift @ keep_retained)[:components.shape[1]]
+    assert components.shape[1] == min(rank, dim - protected)
+    expected = singular / singular[0] if adaptive else torch.ones_like(singular)
+    assert torch.allclose(weights, expected)
+    # each component keeps 1 - weight of itself: the strongest is removed, weaker ones less
+    assert torch.allclose(transform @ components, components * (1 - weights), atol=1e-10)
+    assert torch.allclose(transform @ basis, basis, atol=1e-10)  # the retained subspace passes unchanged
+    assert torch.allclose(transform, transform.T)
 
 
 def test_sdwv_edits_compose_and_roll_back(tmp_path, tiny_model_dir):

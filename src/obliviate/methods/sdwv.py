@@ -2,9 +2,13 @@
 
 1. A word vocabulary for the concept: every name and synonym of the targets (and, for free text,
    the target strings plus a user word list), placed in the training templates.
-2. Its semantic components: the top singular directions of how the vocabulary's token states
-   differ from the same prompts without the concept, made orthogonal to the principal subspace
-   R of retained prompts' token states. The edit starts as T = I - U U^T on every token state.
+2. Its semantic components: the top singular directions u_i (singular values s_i) of how the
+   vocabulary's token states differ from the same prompts without the concept, made orthogonal
+   to the principal subspace R of retained prompts' token states. Each is suppressed in
+   proportion to how strongly it carries the concept (``suppression=adaptive``, the paper's
+   rule): T = I - sum_i (s_i / s_1) u_i u_i^T, so the strongest component is removed and a weak
+   one barely touched. ``suppression=fixed`` removes all ``concept_rank`` of them alike,
+   T = I - U U^T (obliviate's earlier rule).
 3. Gradient-orthogonal token optimisation: a correction B to T is trained so the UNet's output
    for target prompts matches its output for the anchor prompts, with every gradient projected
    as grad B <- grad B (I - R R^T); retained token states r in span(R) keep T r = r exactly.
@@ -25,9 +29,14 @@ from ..training import PassCounter, aligned_token_states, orthonormal_basis, tok
 from .base import Edit, MethodResult, UnlearningMethod, register_method
 
 
+SUPPRESSIONS = ("adaptive", "fixed")
+
+
 @dataclass
 class SDWVConfig:
-    concept_rank: int = field(default=4, metadata={"help": "semantic directions of the concept to suppress"})
+    concept_rank: int = field(default=8, metadata={"help": "semantic directions of the concept to suppress"})
+    suppression: str = field(default="adaptive", metadata={
+        "help": "adaptive: each direction in proportion to its singular value (the paper); fixed: all of them fully"})
     retain_rank: int = field(default=64, metadata={"help": "dimension of the protected retained subspace"})
     vocabulary_prompts: int = field(default=64, metadata={"help": "prompts built from the concept's vocabulary"})
     retain_prompts: int = field(default=128, metadata={"help": "retained prompts that define the protected subspace"})
@@ -42,6 +51,20 @@ class SDWVConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.steps < 0 or self.learning_rate <= 0:
             raise ValueError("steps must be >= 0 and learning_rate positive")
+        if self.suppression not in SUPPRESSIONS:
+            raise ValueError(f"suppression must be one of {', '.join(SUPPRESSIONS)}, got {self.suppression!r}")
+
+
+def suppression_transform(shift: torch.Tensor, keep_retained: torch.Tensor, rank: int,
+                          adaptive: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(T, U, weights): the concept's top ``rank`` components U of ``shift`` (rows: how token
+    states move with the concept) outside the retained subspace, their suppression weights
+    (s_i / s_1, or all 1 when not ``adaptive``), and T = I - U diag(weights) U^T."""
+    u, s, _ = torch.linalg.svd((shift.double() @ keep_retained).T, full_matrices=False)
+    keep = min(rank, int((s > 1e-8 * s[0]).sum())) if len(s) and s[0] > 0 else 0
+    u, s = u[:, :keep], s[:keep]
+    weights = s / s[0] if adaptive else torch.ones_like(s)
+    return torch.eye(len(keep_retained), dtype=torch.float64) - (u * weights) @ u.T, u, weights
 
 
 @register_method
@@ -64,13 +87,14 @@ class SDWV(UnlearningMethod):
         eye = torch.eye(dim, dtype=torch.float64)
         protect = orthonormal_basis(retained.T, cfg.retain_rank)
         keep_retained = eye - protect @ protect.T
-        semantic = orthonormal_basis(((concept - anchor) @ keep_retained).T, cfg.concept_rank)
-        semantic, _ = torch.linalg.qr(keep_retained @ semantic)  # orthonormal and orthogonal to span(R)
-        transform = (eye - semantic @ semantic.T).float()
+        transform, semantic, weights = suppression_transform(concept - anchor, keep_retained, cfg.concept_rank,
+                                                             cfg.suppression == "adaptive")
+        transform = transform.float()
 
         counter = PassCounter(model.unet)
         correction = torch.zeros(dim, dim, requires_grad=True)
-        stats = {"semantic_directions": semantic.shape[1], "unet_backward_passes": 0}
+        stats = {"semantic_directions": semantic.shape[1], "suppressed_energy": float(weights.sum()),
+                 "unet_backward_passes": 0}
         if cfg.steps:
             self._optimise(model, pairs, transform, correction, keep_retained.float(), cfg, rng, stats, context)
         counter.close()
