@@ -15,6 +15,7 @@ from obliviate.engine import RegularizerSpec, Store, StoreIntegrityError, StoreL
 from obliviate.engine.files import load_tensors
 from obliviate.hashing import tensor_hash
 from obliviate.engine.lock import exclusive_lock
+from safetensors.torch import save_file
 
 FAST = {"steps": "2", "forget_images": "2", "sampling_steps": "2", "batch_size": "2"}
 
@@ -27,7 +28,7 @@ def store(tmp_path, tiny_model_dir):
 def snapshot(root: Path) -> dict:
     """Every file's bytes (except SQLite's WAL side files and the lock) plus the ledger events."""
     files = {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*")
-             if p.is_file() and not p.name.startswith("ledger.sqlite") and p.name != "lock"}
+             if p.is_file() and not p.name.startswith("ledger.sqlite") and p.name not in ("lock", "hashes.cache")}
     events = [(e.seq, e.kind, e.request_id, e.hash) for e in Store(root).ledger.events()]
     return {"files": files, "events": events}
 
@@ -345,9 +346,54 @@ def test_verify_hashes_an_unchanged_file_once_per_process_and_a_changed_one_agai
     assert store.verify(replay=False) == [] and "00001.safetensors" in hashed
     hashed.clear()
     assert store.verify(replay=False) == [] and hashed == []
+    assert Store(store.root).verify(replay=False) == [] and hashed == []  # another process: remembered on disk
+    assert Store(store.root).verify(replay=False, cached=False) == [] and "00001.safetensors" in hashed
+    hashed.clear()
     edit = store.root / "edits" / "00001.safetensors"
     data = bytearray(edit.read_bytes())
     data[-3] ^= 0xFF
     time.sleep(0.01)
     edit.write_bytes(bytes(data))
     assert any("00001" in p for p in store.verify(replay=False)) and hashed == ["00001.safetensors"]
+
+
+def test_loading_a_store_reads_no_unchanged_file_to_hash_it(store, monkeypatch):
+    """SD-sized stores: verifying on every load must not re-read gigabytes of unchanged weights."""
+    from obliviate.engine import store as store_module
+    store.add_request(["striped"], "uce", {"erase_prompts": "4", "preserve_prompts": "8"})
+    store.apply()
+    later = time.time_ns() + 10**10  # as if every file were older than the racy window
+    monkeypatch.setattr(store_module.time, "time_ns", lambda: later)
+    read = []
+    file_hash, tensor_hash = store_module.file_hash, store_module.tensor_hash
+    monkeypatch.setattr(store_module, "file_hash", lambda path: read.append(Path(path).stat().st_size) or file_hash(path))
+    monkeypatch.setattr(store_module, "tensor_hash",
+                        lambda tensors: read.append(sum(t.nbytes for t in tensors.values())) or tensor_hash(tensors))
+    Store(store.root).load_model()
+    assert sum(read) > sum(p.stat().st_size for p in (store.root / "base").rglob("*.safetensors"))
+    read.clear()
+    Store(store.root).load_model()  # a later process
+    assert sum(read) == 0
+
+
+def test_a_signed_store_ignores_a_hash_cache_written_without_its_key(tmp_path, tiny_model_dir, monkeypatch):
+    from obliviate.engine import store as store_module
+    key = b"k" * 32
+    store = Store.init(tmp_path / "s", tiny_model_dir, key=key)
+    store.add_request(["striped"], "uce", {"erase_prompts": "4", "preserve_prompts": "8"})
+    store.apply()
+    later = time.time_ns() + 10**10
+    monkeypatch.setattr(store_module.time, "time_ns", lambda: later)
+    assert Store(store.root, key=key).verify(replay=False) == []
+    cache = json.loads((store.root / "hashes.cache").read_text())
+    weights = next((store.root / "weights").glob("*.safetensors"))
+    recorded = next(d for k, d in cache["entries"].items() if json.loads(k)[1] == f"weights/{weights.name}")
+    tampered = load_tensors(weights)
+    next(iter(tampered.values())).add_(1)
+    save_file(tampered, weights)
+    info = weights.stat()  # a forger records the old digest under the tampered file's new times
+    cache["entries"][json.dumps([True, f"weights/{weights.name}", info.st_ino, info.st_size, info.st_mtime_ns,
+                                 info.st_ctime_ns])] = recorded
+    (store.root / "hashes.cache").write_text(json.dumps(cache))
+    with pytest.raises(StoreIntegrityError, match="current weights"):
+        Store(store.root, key=key).load_model()

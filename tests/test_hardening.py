@@ -253,8 +253,9 @@ def test_the_expected_head_may_be_an_ancestor_but_not_a_stranger(copy):
 
 # --------------------------------------------------------------------------- bad input at the command line
 def snapshot(root: Path) -> dict:
+    """Every file of the store's state (not the lock, SQLite's side files or the hash cache)."""
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != "lock" and not p.name.startswith("ledger.sqlite-")}
+            if p.is_file() and p.name not in ("lock", "hashes.cache") and not p.name.startswith("ledger.sqlite-")}
 
 
 @pytest.fixture(scope="module")

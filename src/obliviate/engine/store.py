@@ -23,6 +23,8 @@ tokenizer, bundle metadata, weights), so ``verify`` names any byte changed anywh
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import json
 import os
 import shutil
@@ -43,12 +45,13 @@ from ..models.zoo import DEFAULT_T2I
 from ..regularizers import check_composition, get_regularizer
 from ..request import RegularizerSpec, Request
 from ..resources import PeakMemory
-from .files import TMP_SUFFIX, atomic_save_tensors, load_tensors
+from .files import TMP_SUFFIX, atomic_save_tensors, atomic_write_text, load_tensors
 from .ledger import Head, Ledger, LedgerState, derive_state, ledger_key
 from .lock import exclusive_lock
 
 STORE_FILE = "store.json"
 LEDGER_FILE = "ledger.sqlite"
+HASH_CACHE = "hashes.cache"  # digests of files whose inode, size and times are unchanged; see Store._hash
 FORMAT_VERSION = 2  # 2: the init row hashes every file of the base model and store.json; rows may be signed
 MODEL_FAMILIES = {"t2i": T2IModel, "classifier": ClassifierModel}
 
@@ -137,7 +140,8 @@ class Store:
         self.family = MODEL_FAMILIES[self.info["kind"]]
         self.key = key if key is not None else ledger_key()
         self.ledger = Ledger(self.root / LEDGER_FILE, self.key)
-        self._hashes: dict[tuple, str] = {}  # (how, path, inode, size, mtime, ctime) -> digest, for this process
+        self._hashes: dict[tuple, str] = self._read_hash_cache()  # (how, path, inode, size, mtime, ctime) -> digest
+        self._cached = len(self._hashes)
 
     # ------------------------------------------------------------------ creation
     @classmethod
@@ -358,10 +362,19 @@ class Store:
         return self.ledger.events()[0].payload["base_hash"]
 
     # ------------------------------------------------------------------ integrity
-    def verify(self, replay: bool = True, expect: Head | None = None) -> list[str]:
+    def verify(self, replay: bool = True, expect: Head | None = None, cached: bool = True) -> list[str]:
         """Every mismatch between files, weights and ledger, as messages (empty when sound).
         ``expect`` is a head recorded earlier (``status`` prints it): it must still be in the chain.
-        With a key, every ledger row must carry its signature."""
+        With a key, every ledger row must carry its signature. ``cached=False`` re-hashes files
+        whose digests are remembered (see ``_hash``) too."""
+        if not cached:
+            self._hashes.clear()
+            self._cached = -1  # save what this verify hashed, whatever the count
+        problems = self._verify(replay, expect)
+        self._save_hash_cache()
+        return problems
+
+    def _verify(self, replay: bool, expect: Head | None) -> list[str]:
         problems = self.ledger.check_chain()
         if self.key:
             problems += self.ledger.check_signatures()
@@ -410,19 +423,55 @@ class Store:
 
     def _hash(self, path: Path, tensors: bool = False) -> str:
         """``file_hash`` of ``path`` (``tensor_hash`` of its tensors with ``tensors``), computed
-        once per process while the file's inode, size and times stay the same: every load
-        verifies the store, and re-reading gigabytes of unchanged weights each time is waste. The
-        kernel sets ctime on any change, so a file written since is hashed again; a file changed
-        in the last seconds is never remembered, as a coarse clock could give a second change
-        the same times (git's "racy clean" rule)."""
+        once while the file's inode, size and times stay the same, and remembered across
+        processes in ``hashes.cache``: every load verifies the store, and re-reading gigabytes of
+        unchanged weights each time is waste. The kernel sets ctime on any change (no call sets
+        it back), so a file written since is hashed again; a file changed in the last seconds is
+        never remembered, as a coarse clock could give a second change the same times (git's
+        "racy clean" rule). ``verify(cached=False)`` ignores what is remembered."""
         info = path.stat()
-        key = (tensors, str(path), info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+        key = (tensors, str(path.relative_to(self.root)), info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
         if key in self._hashes:
             return self._hashes[key]
         digest = tensor_hash(load_tensors(path)) if tensors else file_hash(path)
         if time.time_ns() - info.st_ctime_ns > 2_000_000_000:
             self._hashes[key] = digest
         return digest
+
+    def _read_hash_cache(self) -> dict[tuple, str]:
+        """The remembered digests; none when the file is absent, unreadable or, in a store with a
+        key, not signed by it (anyone who can write the store could write a cache: with a key,
+        only the key's holder can)."""
+        try:
+            saved = json.loads((self.root / HASH_CACHE).read_text())
+            entries, mac = saved["entries"], saved.get("mac")
+            if self.key and not (isinstance(mac, str) and hmac.compare_digest(mac, self._cache_mac(entries))):
+                return {}
+            return {tuple(json.loads(key)): digest for key, digest in entries.items() if isinstance(digest, str)}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return {}
+
+    def _cache_mac(self, entries: dict) -> str:
+        return hmac.new(self.key, json.dumps(entries, sort_keys=True).encode(), hashlib.sha256).hexdigest()
+
+    def _save_hash_cache(self) -> None:
+        """Write the digests of files that still have the remembered inode, size and times."""
+        if len(self._hashes) == self._cached:
+            return
+        entries = {}
+        for key, digest in self._hashes.items():
+            try:
+                info = (self.root / key[1]).stat()
+            except OSError:
+                continue
+            if key[2:] == (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns):
+                entries[json.dumps(list(key))] = digest
+        saved = {"entries": entries, **({"mac": self._cache_mac(entries)} if self.key else {})}
+        try:
+            atomic_write_text(json.dumps(saved), self.root / HASH_CACHE)
+            self._cached = len(self._hashes)
+        except OSError:  # a read-only store verifies all the same, just without remembering
+            pass
 
     def _check_recorded_files(self, init: dict) -> list[str]:
         """store.json and every file of the base model against the hashes the init row recorded."""
