@@ -136,7 +136,7 @@ def noisy_drawings(model, prompts: list[str], steps: int, generator: torch.Gener
 @register_method
 class ErasePro(UnlearningMethod):
     name = "erasepro"
-    description = "closed form with exact (zero-residual) target-to-anchor mapping, progressive by depth"
+    description = "closed form with exact (zero-residual) target-to-anchor mapping on every K/V layer; layers=out: progressive by depth"
     config_class = EraseProConfig
 
     def unlearn(self, model, request, context) -> MethodResult:

@@ -93,7 +93,7 @@ class SDWV(UnlearningMethod):
 
         counter = PassCounter(model.unet)
         correction = torch.zeros(dim, dim, requires_grad=True)
-        stats = {"semantic_directions": semantic.shape[1], "suppressed_energy": float(weights.sum()),
+        stats = {"semantic_directions": semantic.shape[1], "effective_suppressed_directions": float(weights.sum()),
                  "unet_backward_passes": 0}
         if cfg.steps:
             self._optimise(model, pairs, transform, correction, keep_retained.float(), cfg, rng, stats, context)

@@ -4,9 +4,9 @@ Each request's trained delta is a task vector. As in CUIG, a request trains from
 weights by default (``mode=independent``), so its task vector does not depend on earlier
 requests; ``mode=sequential`` trains it on the current, already merged model instead. After
 training, the request's final weights are ``current + merged - previous_merged``, where
-``merged`` combines the task vectors of every request so far: ``uniform`` (their mean), ``task_arithmetic`` (scale x their sum) or ``ties``
-(trim each to its top-k magnitudes, elect a sign per weight by the summed mass, average the
-entries that agree, times scale). Task vectors live in the store's state, so rollback restores
+``merged`` combines the task vectors of every request so far: ``uniform`` (their mean),
+``task_arithmetic`` (scale x their sum) or ``ties`` (trim each to its top-k magnitudes, elect a
+sign per weight by the summed mass, average the entries that agree, times scale). Task vectors live in the store's state, so rollback restores
 them with the model.
 """
 
@@ -61,7 +61,7 @@ def merge_vectors(vectors: torch.Tensor, config: MergeConfig) -> torch.Tensor:
 @register_regularizer
 class Merge(Regularizer):
     name = "merge"
-    description = "merge per-request task vectors: uniform, task arithmetic or TIES"
+    description = "merge per-request task vectors (trained from the pretrained weights by default, as CUIG): uniform, task arithmetic or TIES"
     config_class = MergeConfig
     rewrites_edit = True
 
