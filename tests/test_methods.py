@@ -176,7 +176,7 @@ def test_fdiv_variational_bound_reaches_the_closed_form(kind):
     assert 0.85 * closed < estimate < 1.03 * closed, (estimate, closed)
 
 
-def test_fdiv_variational_form_trains_the_model_and_its_discriminator(tiny_t2i):
+def test_fdiv_variational_form_trains_the_model_and_covers_only_fs_with_a_conjugate(tiny_t2i):
     result = run(tiny_t2i, "fdiv", {"steps": 2, "form": "variational"})
     assert result.edit.deltas and result.stats["unet_backward_passes"] >= 2
     with pytest.raises(ValueError, match="has only its closed form"):

@@ -141,7 +141,7 @@ class Store:
         self.key = key if key is not None else ledger_key()
         self.ledger = Ledger(self.root / LEDGER_FILE, self.key)
         self._hashes: dict[tuple, str] = self._read_hash_cache()  # (how, path, inode, size, mtime, ctime) -> digest
-        self._cached = len(self._hashes)
+        self._unsaved = False  # digests remembered since hashes.cache was read or written
 
     # ------------------------------------------------------------------ creation
     @classmethod
@@ -369,7 +369,6 @@ class Store:
         whose digests are remembered (see ``_hash``) too."""
         if not cached:
             self._hashes.clear()
-            self._cached = -1  # save what this verify hashed, whatever the count
         problems = self._verify(replay, expect)
         self._save_hash_cache()
         return problems
@@ -436,6 +435,7 @@ class Store:
         digest = tensor_hash(load_tensors(path)) if tensors else file_hash(path)
         if time.time_ns() - info.st_ctime_ns > 2_000_000_000:
             self._hashes[key] = digest
+            self._unsaved = True
         return digest
 
     def _read_hash_cache(self) -> dict[tuple, str]:
@@ -456,7 +456,7 @@ class Store:
 
     def _save_hash_cache(self) -> None:
         """Write the digests of files that still have the remembered inode, size and times."""
-        if len(self._hashes) == self._cached:
+        if not self._unsaved:
             return
         entries = {}
         for key, digest in self._hashes.items():
@@ -469,7 +469,7 @@ class Store:
         saved = {"entries": entries, **({"mac": self._cache_mac(entries)} if self.key else {})}
         try:
             atomic_write_text(json.dumps(saved), self.root / HASH_CACHE)
-            self._cached = len(self._hashes)
+            self._unsaved = False
         except OSError:  # a read-only store verifies all the same, just without remembering
             pass
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .base import register_method
-from ..training import GradientConfig
+from ..training import Batch, GradientConfig
 from .gradient import GradientMethod
 
 
@@ -34,13 +34,13 @@ class ConceptAblation(GradientMethod):
     def image_prompts(self, session):
         return session.anchor_prompts
 
-    def prediction_and_target(self, session) -> tuple[torch.Tensor, torch.Tensor]:
-        """f_theta(x_t, c_target) and sg[f*(x_t, c_anchor)] on a fresh batch."""
+    def prediction_and_target(self, session) -> tuple[torch.Tensor, torch.Tensor, Batch]:
+        """f_theta(x_t, c_target) and sg[f*(x_t, c_anchor)] on a fresh batch, and the batch."""
         batch = session.forget_batch()
         with torch.no_grad():
             target = session.teacher.predict(batch.noisy, batch.t, session.encode(batch.anchors))
-        return session.model.predict(batch.noisy, batch.t, session.encode(batch.prompts)), target
+        return session.model.predict(batch.noisy, batch.t, session.encode(batch.prompts)), target, batch
 
     def loss(self, session) -> torch.Tensor:
-        prediction, target = self.prediction_and_target(session)
+        prediction, target, _ = self.prediction_and_target(session)
         return (prediction - target).pow(2).mean()

@@ -169,10 +169,10 @@ class ErasePro(UnlearningMethod):
         for depth, name in enumerate(layers):
             strength = 1 - (1 - cfg.deep_strength) * depth / max(1, len(layers) - 1)
             w0 = context.base_weights[name].double()
-            targets = w0 @ (all_basis + strength * (all_anchor - all_basis))
-            solved = zero_residual_solve(w0, all_basis, targets, metric)
+            anchor_out, basis_out = w0 @ all_anchor, w0 @ all_basis
+            solved = zero_residual_solve(w0, all_basis, basis_out + strength * (anchor_out - basis_out), metric)
             state[f"own_delta.{name}"] = solved - w0
-            residuals.append(float((solved @ all_basis - w0 @ all_anchor).norm() / (w0 @ all_anchor).norm()))
+            residuals.append(float((solved @ all_basis - anchor_out).norm() / anchor_out.norm()))
             solved = solved + other_edits(current[name], w0, context.state.get(f"own_delta.{name}"))
             deltas[name] = solved.to(current[name].dtype) - current[name]
         return MethodResult(Edit(deltas=deltas), state, {"constraints": all_basis.shape[1], "edited_layers": len(deltas),

@@ -171,10 +171,8 @@ class FDivergence(ConceptAblation):
         return factor * abar if scheduler.config.prediction_type == "v_prediction" else factor
 
     def loss(self, session) -> torch.Tensor:
-        batch = session.forget_batch()
-        with torch.no_grad():
-            target = session.teacher.predict(batch.noisy, batch.t, session.encode(batch.anchors))
-        difference = session.model.predict(batch.noisy, batch.t, session.encode(batch.prompts)) - target
+        prediction, target, batch = self.prediction_and_target(session)
+        difference = prediction - target
         multiplier = self.gap_multiplier(session, batch.t, difference[0].numel()).view(-1, *[1] * (difference.ndim - 1))
         if self.config.form == "closed":
             gap = (multiplier * difference.pow(2)).flatten(1).sum(1)

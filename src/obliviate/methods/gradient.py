@@ -113,11 +113,12 @@ class GradientMethod(UnlearningMethod):
             if reg.rewrites_edit:
                 deltas = {n: projectors[n](d) if n in projectors else d for n, d in reg.finalize(session, deltas).items()}
         # restore the model: the store applies the edit itself, so replay stays the only truth
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(before[n])
-        if current is not None:
+        if current is not None:  # trained from other weights (start_weights): put the whole model back
             model.load_state_tensors(current)
+        else:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(before[n])
         deltas = {f"unet.{n}": d for n, d in deltas.items() if torch.count_nonzero(d)}
         regularizer_states = {reg.name: reg.state() for reg in regularizers if reg.state()}
         stats = {"unet_forward_passes": counter.forward, "unet_backward_passes": counter.backward,
