@@ -36,3 +36,21 @@ def build_tiny_sd(folder: Path, seed: int = 0) -> Path:
     DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(folder / "scheduler")
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     return folder
+
+
+def build_tiny_clip(folder: Path, seed: int = 0) -> Path:
+    """Write a transformers CLIPModel folder with tiny random weights, the tokenizer above and an
+    image processor config (24-pixel crops, so 16-pixel samples are resized up)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    tokenizer = build_tokenizer(folder / "tokenizer_src")
+    text = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                          num_hidden_layers=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                              image_size=24, patch_size=8)
+    CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16)).save_pretrained(
+        folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 24}, crop_size={"height": 24, "width": 24}).save_pretrained(folder)
+    return folder

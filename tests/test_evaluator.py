@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from obliviate.evaluation.evaluator import EvalConfig, Evaluator
+from obliviate.evaluation.evaluator import T2I_METRIC_KEYS, EvalConfig, Evaluator
 from obliviate.models.zoo import load_judge
 from obliviate.world import DEFAULT_ONTOLOGY, render, sample_scenes
 
@@ -51,6 +51,7 @@ def judge():
 
 def test_a_model_that_draws_the_concept_has_ua_near_zero(judge):
     metrics = Evaluator(judge, CONFIG).evaluate(RenderingModel(), forgotten=("striped",))
+    assert set(T2I_METRIC_KEYS) <= set(metrics)
     assert metrics["ua"] <= 0.05 and metrics["ua_heldout_template"] <= 0.05 and metrics["ua_heldout_synonym"] <= 0.05
     assert metrics["ira"] >= 0.95 and metrics["cra"] >= 0.95
     colours = DEFAULT_ONTOLOGY.names("colour")

@@ -285,16 +285,19 @@ def demo(out: Path = typer.Option(Path("demo-output")), quick: bool = typer.Opti
 def init(store: Path = typer.Argument(..., help="New store folder."),
          model: str = typer.Option(DEFAULT_T2I, help="Zoo name or model folder (obliviate, diffusers or a classifier)."),
          retain: List[str] = typer.Option([], help="Concepts to protect (Stable Diffusion stores; repeatable)."),
-         evaluate: bool = typer.Option(False, help="Evaluate after every applied request (embedded world or classifier)."),
+         evaluate: bool = typer.Option(False, help="Evaluate after every applied request (a Stable Diffusion store "
+                                                    "needs a CLIP judge: --eval-set judge=FOLDER)."),
          set_: List[str] = typer.Option([], "--eval-set", help="Evaluation option key=value (repeatable), "
                                                                  "e.g. images_per_prompt=2 or oracle=false.")) -> None:
     """Create a store: the base model and an empty request ledger."""
     from .config import parse_assignments
     from .engine import Store
-    s = Store.init(store, model, tuple(retain), parse_assignments(set_) if evaluate else None)
-    if evaluate:
-        from .evaluation import evaluator_for
-        evaluator_for(s, s.info["evaluation"])  # fail now, not at the first apply, on a bad option
+    options = parse_assignments(set_)
+    if options.get("judge") and Path(options["judge"]).is_dir():  # later commands may run from another folder
+        options["judge"] = str(Path(options["judge"]).resolve())
+    from .evaluation import evaluator_for
+    s = Store.init(store, model, tuple(retain), options if evaluate else None,  # a bad option fails now, not at apply
+                   check=(lambda new: evaluator_for(new, new.info["evaluation"])) if evaluate else None)
     typer.echo(f"created {s.info['kind']} store {s.root} from {model} (model {s.state().model_event.model_hash[:12]})")
 
 
@@ -426,7 +429,8 @@ def verify(store: Path = typer.Argument(...), quick: bool = typer.Option(False, 
 @app.command("eval")
 def eval_store(store: Path = typer.Argument(...), as_json: bool = typer.Option(False, "--json"),
                set_: List[str] = typer.Option([], "--set", help="Evaluation option key=value (repeatable), e.g. "
-                                                                  "images_per_prompt=2, steps=20; oracle=false for classifiers."),
+                                                                  "images_per_prompt=2, steps=20; judge=CLIP_FOLDER for "
+                                                                  "Stable Diffusion; oracle=false for classifiers."),
                record: bool = typer.Option(True, help="Append the result to the ledger."),
                base: bool = typer.Option(False, "--base", help="Also evaluate the base model on the same prompts "
                                                                "(JSON: under the key 'base')."),
@@ -447,7 +451,8 @@ def eval_store(store: Path = typer.Argument(...), as_json: bool = typer.Option(F
     if as_json:
         _print_json({**metrics, "base": base_metrics} if base else metrics)
         return
-    shown = ("ua", "ua_train_synonym", "ua_heldout_template", "ua_heldout_synonym", "ira", "cra", "fd", "ua_test", "ra", "ta", "mia",
+    shown = ("ua", "ua_train_synonym", "ua_heldout_template", "ua_heldout_synonym", "ira", "cra", "fd", "clip_score",
+             "clip_score_forgotten", "ua_test", "ra", "ta", "mia",
              "relearn_steps", "probe", "gap", "relearn_auc", "relearn_auc_gap", "nll_forgotten", "nll_forgotten_gap",
              "nll_retained")
     rows = [[k, metrics[k], *([base_metrics.get(k)] if base else [])] for k in shown if metrics.get(k) is not None]

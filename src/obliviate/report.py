@@ -17,14 +17,15 @@ from .viz import image_grid
 # Per model family: the curves of the left panel, the one on the right, and the table's metric columns.
 CURVES = {
     "t2i": ((("ua", "UA (forgotten, mean)"), ("ua_min", "UA (worst target)"), ("ira", "IRA"), ("cra", "CRA")),
-            ("fd", "Fréchet distance to renders (lower is better)"),
+            ("fd", "Fréchet distance (lower is better)"),
             ("ua", "ua_train_synonym", "ua_heldout_template", "ua_heldout_synonym", "ira", "cra", "fd",
-             "relearn_auc", "relearn_auc_gap")),
+             "clip_score", "clip_score_forgotten", "relearn_auc", "relearn_auc_gap")),
     "classifier": ((("ua", "UA (forget set)"), ("ra", "RA (retained)"), ("ta", "TA (test)"), ("mia", "MIA efficacy")),
                    ("gap", "gap to the retrain oracle, points (lower is better)"), ("ua", "ra", "ta", "mia", "gap")),
 }
 HEADERS = {"ua": "UA", "ua_train_synonym": "UA train syn", "ua_heldout_template": "UA held-out tmpl",
-           "ua_heldout_synonym": "UA held-out syn", "relearn_auc": "relearn AUC", "relearn_auc_gap": "AUC gap to oracle"}
+           "ua_heldout_synonym": "UA held-out syn", "relearn_auc": "relearn AUC", "relearn_auc_gap": "AUC gap to oracle",
+           "clip_score": "CLIP score", "clip_score_forgotten": "CLIP score (forgotten)"}
 
 
 def _png_bytes(figure_or_image) -> bytes:
@@ -67,30 +68,28 @@ def metric_curves(status: dict):
     return fig
 
 
-def before_after_grid(store, concepts: list[str], images_per_concept: int = 4, seed: int = 0):
-    """Rows of images for each concept's prompt: the base model, then the current model."""
-    from .world import prompt_for
-    prompts_source = store.prompts()
-    base, current = store.family.load(store.root / "base"), store.load_model()
-    rows, captions = [], []
-    for concept in concepts:
-        group = prompts_source.target_groups((concept,))[0]
-        labels = prompts_source.sample_labels(images_per_concept, np.random.default_rng(seed), include=[group])
-        texts = [prompt_for(tuple(row), lang=prompts_source.lang) for row in labels]
-        for name, model in (("base", base), ("now", current)):
-            rows.append(model.sample(texts, steps=20, seed=seed, solver="dpm"))
-            captions += [f"{name}: {t}" for t in texts]
+def before_after_grid(store, prompt_rows: list[list[str]], seed: int = 0):
+    """For each row of prompts, the base model's images, then the current model's."""
     import torch
-    return image_grid(torch.cat(rows), captions, columns=images_per_concept, scale=4, caption_height=14)
+    base, current = store.family.load(store.root / "base"), store.load_model()
+    images, captions = [], []
+    for texts in prompt_rows:
+        for name, model in (("base", base), ("now", current)):
+            images.append(model.sample(texts, steps=20, seed=seed, solver="dpm"))
+            captions += [f"{name}: {t}" for t in texts]
+    return image_grid(torch.cat(images), captions, columns=max(len(r) for r in prompt_rows), scale=4, caption_height=14)
 
 
 def t2i_grids(store, retained_examples: int, images_per_concept: int) -> list[tuple[str, object]]:
-    forgotten = list(dict.fromkeys(store.forgotten()))
-    prompts = store.prompts()
-    gone = {c.name for c in prompts.target_concepts(tuple(forgotten))} if forgotten else set()
-    retained = [c.name for c in prompts.ontology.concepts if c.name not in gone][::7][:retained_examples]
-    return [(f"{title}: base model vs now", before_after_grid(store, concepts, images_per_concept))
-            for title, concepts in (("Forgotten concepts", forgotten), ("Retained concepts", retained)) if concepts]
+    """Prompts of each forgotten target, and rows of retained prompts, from the store's prompt
+    source: world prompts for the embedded world, the store's concept list for free text."""
+    forgotten = tuple(dict.fromkeys(store.forgotten()))
+    prompts, rng = store.prompts(), np.random.default_rng(0)
+    forgotten_rows = [[p.target for p in prompts.forget_pairs((c,), None, images_per_concept, rng)] for c in forgotten]
+    kept = prompts.retain_prompts(forgotten, images_per_concept * retained_examples, rng)
+    retained_rows = [kept[i:i + images_per_concept] for i in range(0, len(kept), images_per_concept)]
+    return [(f"{title}: base model vs now", before_after_grid(store, rows))
+            for title, rows in (("Forgotten concepts", forgotten_rows), ("Retained concepts", retained_rows)) if rows]
 
 
 def classifier_grids(store, retained_examples: int, images_per_concept: int) -> list[tuple[str, object]]:
@@ -129,7 +128,7 @@ def write_report(store, out: str | Path, retained_examples: int = 2, images_per_
         out.with_name(f"{out.stem}_{title.split()[0].lower()}.png").write_bytes(grid_png)
         sections.append(f"<h2>{html.escape(title)}</h2>{_img_tag(grid_png, title)}")
 
-    columns = CURVES[status["kind"]][2]
+    columns = [k for k in CURVES[status["kind"]][2] if any(_fmt(r["metrics"], k) for r in status["requests"])]
     rows = "".join(
         f"<tr><td>{r['id']}</td><td>{html.escape(r['label'])}</td><td>{r['method']}</td>"
         f"<td>{', '.join(r['regularizers']) or '-'}</td><td>{r['status']}</td><td>{(r['model_hash'] or '')[:12]}</td>"

@@ -146,11 +146,13 @@ class Store:
     # ------------------------------------------------------------------ creation
     @classmethod
     def init(cls, root: str | Path, model: str | Path = DEFAULT_T2I, retain: tuple[str, ...] = (),
-             evaluation: dict | None = None, key: bytes | None = None) -> "Store":
+             evaluation: dict | None = None, key: bytes | None = None,
+             check: Callable[["Store"], object] | None = None) -> "Store":
         """Create a store holding ``model`` (a zoo name or a model folder) and an empty ledger.
         ``evaluation`` (EvalConfig fields) configures the evaluator `apply` runs after each
-        request. The store is built beside ``root`` and renamed into place, so it appears whole
-        or not at all."""
+        request; ``check(store)`` may refuse the new store (raise) before it appears, e.g. when
+        its evaluation options do not suit its model. The store is built beside ``root`` and
+        renamed into place, so it appears whole or not at all."""
         from ..models.zoo import resolve_model_path
 
         root = _new_folder(root, "store")
@@ -170,6 +172,8 @@ class Store:
                                    "store_file_hash": file_hash(staging / STORE_FILE),
                                    "base_files": folder_hashes(staging / "base")}, model_hash=base_hash)
             ledger.close()
+            if check is not None:
+                check(cls(staging, key))
 
         _build_whole(root, build)
         return cls(root, key)

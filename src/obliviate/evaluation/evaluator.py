@@ -29,6 +29,11 @@ from .metrics import Accuracy, FrechetDistance, UnlearningAccuracy
 from .quality import balanced_combinations, generate_and_judge
 
 
+# What every text-to-image evaluator returns when something is forgotten (``eval --json``, ledger
+# rows, the report); a metric that a judge or model cannot measure is None
+T2I_METRIC_KEYS = ("forgotten", "eval_config", "ua", "ua_min", "ua_per_target", "ira", "cra", "fd", "retained_accuracy")
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     forget_prompts: int = field(default=8, metadata={"help": "prompts per forgotten target and split"})
@@ -72,10 +77,6 @@ class EvalConfig:
     def checkpoints(self) -> tuple[int, ...]:
         return tuple(sorted({int(s) for s in self.relearn_checkpoints.replace("/", ",").split(",") if s.strip()}))
 
-    @property
-    def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
-
 
 def _shows_target(predicted: dict[str, torch.Tensor], group: dict[str, set[int]], ontology: Ontology) -> torch.Tensor:
     """Per image: does the judge see every concept of a target (a combination needs all)?"""
@@ -85,25 +86,15 @@ def _shows_target(predicted: dict[str, torch.Tensor], group: dict[str, set[int]]
     return shows
 
 
-class Evaluator:
-    """``evaluator(model, store=None, forgotten=(...)) -> metrics``; usable directly on a model."""
+class CachedEvaluator:
+    """``evaluator(model, store=None, forgotten=(...)) -> metrics``, usable directly on a model:
+    ``evaluate`` runs once per (model weights, config, forgotten targets) when ``cache_dir`` is set."""
 
-    def __init__(self, judge, config: EvalConfig = EvalConfig(), ontology: Ontology = DEFAULT_ONTOLOGY,
-                 cache_dir: Path | None = None):
-        self.judge = judge.eval()
-        self.config = config
-        self.ontology = ontology
-        self.prompts = WorldPrompts(ontology)
-        self.cache_dir = cache_dir
-        self._oracle_runs: dict = {}  # (oracle folder, target) -> its relearn result; the oracle never changes
+    config = None  # a config dataclass; part of the cache key
+    cache_dir: Path | None = None
 
-    @classmethod
-    def for_store(cls, store, config: EvalConfig = EvalConfig()) -> "Evaluator":
-        from ..models.zoo import load_judge
-        if store.info["kind"] != "t2i" or not isinstance(store.prompts(), WorldPrompts):
-            raise ValueError("The built-in evaluator judges the embedded world; this store holds another model. "
-                             "Evaluate Stable Diffusion stores with your own classifier through Evaluator(judge=...).")
-        return cls(load_judge(config.judge), config, cache_dir=store.root / "cache" / "eval")
+    def evaluate(self, model, forgotten: tuple[str, ...] = ()) -> dict:
+        raise NotImplementedError
 
     def __call__(self, model, store=None, forgotten: tuple[str, ...] = ()) -> dict:
         key = self._cache_key(model, forgotten)
@@ -118,8 +109,29 @@ class Evaluator:
 
     def _cache_key(self, model, forgotten) -> str:
         from ..hashing import tensor_hash
-        identity = [tensor_hash(model.state_tensors()), self.config.key, sorted(forgotten)]
+        identity = [tensor_hash(model.state_tensors()), asdict(self.config), sorted(forgotten)]
         return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
+
+
+class Evaluator(CachedEvaluator):
+    """The embedded world's evaluator: the attribute judge over world prompts."""
+
+    def __init__(self, judge, config: EvalConfig = EvalConfig(), ontology: Ontology = DEFAULT_ONTOLOGY,
+                 cache_dir: Path | None = None):
+        self.judge = judge.eval()
+        self.config = config
+        self.ontology = ontology
+        self.prompts = WorldPrompts(ontology)
+        self.cache_dir = cache_dir
+        self._oracle_runs: dict = {}  # (oracle folder, target) -> its relearn result; the oracle never changes
+
+    @classmethod
+    def for_store(cls, store, config: EvalConfig = EvalConfig()) -> "Evaluator":
+        from ..models.zoo import load_judge
+        if store.info["kind"] != "t2i" or not isinstance(store.prompts(), WorldPrompts):
+            raise ValueError("This evaluator judges the embedded world; the store holds another model. "
+                             "Evaluate it with FreeTextEvaluator (`--set judge=CLIP_FOLDER`).")
+        return cls(load_judge(config.judge), config, cache_dir=store.root / "cache" / "eval")
 
     @torch.no_grad()
     def evaluate(self, model, forgotten: tuple[str, ...] = ()) -> dict:

@@ -82,3 +82,22 @@ class FrechetDistance(Metric):
 
     def compute(self) -> float:
         return F.frechet_distance(*self._moments(True), *self._moments(False))
+
+
+class CLIPScore(Metric):
+    """Mean CLIP score of image-text pairs, ``100 * max(cos(image, text), 0)`` (Hessel et al.;
+    torchmetrics' definition): ``update(image_embeddings, text_embeddings)``, row i with row i."""
+
+    def reset(self) -> None:
+        self.total, self.count = 0.0, 0
+
+    def update(self, image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> None:
+        if image_embeddings.shape != text_embeddings.shape:
+            raise ValueError(f"image {tuple(image_embeddings.shape)} and text {tuple(text_embeddings.shape)} "
+                             "embeddings differ in shape; pass one text per image")
+        cosine = torch.nn.functional.cosine_similarity(image_embeddings.double(), text_embeddings.double(), dim=-1)
+        self.total += float((100 * cosine.clamp(0, 1)).sum())  # rounding can put a cosine past 1
+        self.count += len(cosine)
+
+    def compute(self) -> float:
+        return self.total / self.count if self.count else float("nan")
