@@ -48,6 +48,7 @@ from ..resources import PeakMemory
 from .files import TMP_SUFFIX, atomic_save_tensors, atomic_write_text, load_tensors
 from .ledger import Head, Ledger, LedgerState, derive_state, ledger_key
 from .lock import exclusive_lock
+from .processes import Processes
 
 STORE_FILE = "store.json"
 LEDGER_FILE = "ledger.sqlite"
@@ -124,6 +125,18 @@ class ApplyOutcome:
     model_hash: str
     metrics: dict
     cost: dict
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One request run on the model, before anything is written."""
+    model: object  # holds the weights before the edit
+    weights_before: dict[str, torch.Tensor]
+    previous_state: dict[str, torch.Tensor]  # every component's state before the request
+    context: UnlearningContext
+    result: object  # the method's MethodResult
+    seconds: float
+    memory: PeakMemory
 
 
 class Store:
@@ -266,18 +279,29 @@ class Store:
     def apply(self, evaluator: Callable | None = None, wait: float = 0.0, on_start: Callable | None = None,
               progress: Callable | None = None, limit: int | None = None) -> list[ApplyOutcome]:
         """Apply pending requests in order; each is all-or-nothing. ``evaluator(model, store)``
-        returns metrics recorded with the request."""
+        returns metrics recorded with the request.
+
+        Under a data-parallel launch (``accelerate launch --num_processes N obliviate apply``)
+        every process trains each request on its share of the batches; only the main process
+        holds the lock, writes, evaluates and returns outcomes."""
+        processes = Processes.current()
+        if not processes.is_main:
+            for rid in processes.share(None):
+                self._run(rid, self.state(), None)
+                processes.barrier()  # the next request starts from what the main process committed
+            return []
         outcomes = []
         with self.locked(wait):
             self.raise_if_corrupt(replay=False)
-            for rid in self.state().pending[:limit]:
+            for rid in processes.share(self.state().pending[:limit]):
                 if on_start:
                     on_start(rid, self.state().requests[rid])
                 outcomes.append(self._apply_one(rid, evaluator, progress))
+                processes.barrier()
         return outcomes
 
-    def _apply_one(self, rid: int, evaluator, progress) -> ApplyOutcome:
-        state = self.state()
+    def _run(self, rid: int, state: LedgerState, progress) -> "_Run":
+        """Request ``rid`` run on the model of ``state``; nothing is written."""
         request = state.requests[rid]
         model = self._base_model()
         base_weights = model.state_tensors()
@@ -285,7 +309,7 @@ class Store:
         weights_before = model.state_tensors()
         method = get_method(request.method, self.info["kind"]).from_options(request.method_config, limits=False)
         previous_state = self._method_state(state)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = Processes.current().device
         context = UnlearningContext(
             prompts=self.prompts(),
             base_weights=base_weights,
@@ -296,13 +320,19 @@ class Store:
         start = time.time()
         with PeakMemory(device) as memory:
             result = method.unlearn(model.to(device), request, context)
-        seconds = time.time() - start
-        weights_after = result.edit.apply(weights_before)
+        return _Run(model, weights_before, previous_state, context, result, time.time() - start, memory)
+
+    def _apply_one(self, rid: int, evaluator, progress) -> ApplyOutcome:
+        state = self.state()
+        request = state.requests[rid]
+        run = self._run(rid, state, progress)
+        model, result = run.model, run.result
+        weights_after = result.edit.apply(run.weights_before)
         model_hash = tensor_hash(weights_after)
 
         # each component's state is replaced as a whole by what it returned
         updates = {request.method: result.state, **{f"reg.{n}": v for n, v in result.regularizer_states.items()}}
-        new_state = {k: v for k, v in previous_state.items() if k.split("/", 1)[0] not in updates}
+        new_state = {k: v for k, v in run.previous_state.items() if k.split("/", 1)[0] not in updates}
         for namespace, values in updates.items():
             new_state.update({f"{namespace}/{k}": v for k, v in values.items()})
         files = {"edit_file": f"edits/{rid:05d}.safetensors", "state_file": f"state/{rid:05d}.safetensors",
@@ -314,8 +344,8 @@ class Store:
         metrics = {}
         if evaluator is not None:
             model.load_state_tensors({k: v.to(model.device) for k, v in weights_after.items()})
-            metrics = evaluator(model, self, forgotten=context.forgotten + request.targets)
-        cost = {"seconds": round(seconds, 3), "peak_memory_bytes": memory.peak_bytes, "peak_memory_kind": memory.kind,
+            metrics = evaluator(model, self, forgotten=run.context.forgotten + request.targets)
+        cost = {"seconds": round(run.seconds, 3), "peak_memory_bytes": run.memory.peak_bytes, "peak_memory_kind": run.memory.kind,
                 "edit_bytes": result.edit.nbytes,
                 "stored_bytes": sum((self.root / files[k]).stat().st_size for k in ("edit_file", "state_file")),
                 **result.stats}

@@ -122,7 +122,7 @@ class GradientMethod(UnlearningMethod):
         deltas = {f"unet.{n}": d for n, d in deltas.items() if torch.count_nonzero(d)}
         regularizer_states = {reg.name: reg.state() for reg in regularizers if reg.state()}
         stats = {"unet_forward_passes": counter.forward, "unet_backward_passes": counter.backward,
-                 "steps": config.steps, "final_loss": losses[-1] if losses else None,
+                 "steps": config.steps, "processes": accelerator.num_processes, "final_loss": losses[-1] if losses else None,
                  "first_loss": losses[0] if losses else None,
                  "trained_parameters": sum(p.numel() for p in params.values()),
                  "constrained_parameters": sum(params[n].numel() for n, pr in projectors.items() if not pr.is_identity)}
@@ -132,10 +132,15 @@ class GradientMethod(UnlearningMethod):
                projectors: dict[str, UpdateProjector], declared: list[dict[str, ParameterConstraint]],
                start: dict[str, torch.Tensor]) -> list[float]:
         params, model = session.params, session.model
+        processes = accelerator.num_processes
+        if session.config.batch_size % processes:
+            raise ValueError(f"batch_size {session.config.batch_size} does not split over {processes} processes; "
+                             f"choose a multiple of {processes} (--set batch_size=...).")
         stage_projectors: dict[int, dict[str, UpdateProjector]] = {}
         optimizer = torch.optim.Adam(list(params.values()), lr=session.config.learning_rate)
         model.unet, optimizer = accelerator.prepare(model.unet, optimizer)
         model.unet.train()
+        session.shard = (accelerator.process_index, processes)  # setup above saw whole batches, as alone
         losses = []
         try:
             for step in range(session.config.steps):
@@ -164,9 +169,10 @@ class GradientMethod(UnlearningMethod):
                         for n in projectors:
                             p = params[n]
                             p.copy_(start[n] + projectors[n](p - start[n]))
-                    losses.append(float(loss.detach()))
+                    losses.append(float(accelerator.reduce(loss.detach(), reduction="mean")))  # the whole batch's
                 if session.context.progress:
                     session.context.progress(1, loss=round(losses[-1], 5))
         finally:
+            session.shard = (0, 1)
             model.unet = accelerator.unwrap_model(model.unet).eval()
         return losses

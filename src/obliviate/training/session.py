@@ -107,6 +107,9 @@ class Batch:
     noise: torch.Tensor
     anchors: list[str] = field(default_factory=list)
 
+    def rows(self, part: slice) -> "Batch":
+        return Batch(self.prompts[part], self.clean[part], self.noisy[part], self.t[part], self.noise[part], self.anchors[part])
+
 
 @dataclass
 class TrainingSession:
@@ -114,7 +117,11 @@ class TrainingSession:
 
     ``objective`` is the running method's loss for one step (regularizers that score weights by
     it call it). ``rng`` and ``generator`` are seeded by the request: nothing here touches the
-    global random state."""
+    global random state.
+
+    ``shard`` (rank, processes) is set while several processes train data-parallel: every process
+    draws the same batches from the same random streams and keeps its own contiguous share of the
+    rows, so the gradients they average are those of the whole batch."""
 
     model: T2IModel
     teacher: T2IModel | None  # frozen copy of the model at the start of the request
@@ -133,6 +140,7 @@ class TrainingSession:
     retain_prompt_list: list[str] = field(default_factory=list)
     retain_latents: torch.Tensor | None = None
     concept_latents: torch.Tensor | None = None
+    shard: tuple[int, int] = (0, 1)
 
     @property
     def prompts(self) -> PromptSource:
@@ -183,7 +191,10 @@ class TrainingSession:
         index = self.rng.integers(0, len(latents), self.config.batch_size)
         clean = latents[index]
         noisy, t, noise = self.noisy(clean)
-        return Batch([prompts[i] for i in index], clean, noisy, t, noise, [anchors[i] for i in index] if anchors else [])
+        batch = Batch([prompts[i] for i in index], clean, noisy, t, noise, [anchors[i] for i in index] if anchors else [])
+        rank, processes = self.shard
+        size = len(index) // processes
+        return batch if processes == 1 else batch.rows(slice(rank * size, (rank + 1) * size))
 
     def forget_batch(self) -> Batch:
         """A random batch of forget prompts (with their anchors) on the cached forget images."""
