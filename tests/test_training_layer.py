@@ -266,7 +266,7 @@ def test_peak_memory_is_a_delta_over_the_start():
 LAYERS = [  # top to bottom; a module may import from its own layer or any layer below
     {"cli"}, {"demo"}, {"bench", "report", "cards"}, {"engine"}, {"methods"}, {"regularizers"}, {"evaluation"},
     {"training"}, {"models", "classifiers"}, {"request"}, {"world"},
-    {"config", "registry", "progress", "viz", "environment", "errors", "hashing", "resources", "seeding", "weights",
+    {"config", "registry", "progress", "viz", "environment", "errors", "executors", "hashing", "resources", "seeding", "weights",
      "__init__"},
 ]
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .config import parse_spec
 from .engine import RegularizerSpec, Request, Store
+from .executors import Executor, SerialExecutor
 from .models.zoo import DEFAULT_T2I
 
 # Each sequence is a list of requests (a request is a tuple of targets) and the model it runs on.
@@ -123,11 +124,13 @@ def parse_method_options(items: list[str]) -> dict[str, dict[str, str]]:
 def run_bench(methods: list[str], regularizers: list[str], sequence: str, out: Path, work: Path,
               model: str | None = None, method_options: dict[str, dict[str, str]] | None = None,
               eval_options: dict | None = None, oracles: Path | None = None, echo=print,
-              evaluate: bool = True, attacks: dict[str, dict[str, str]] | None = None) -> list[dict]:
+              evaluate: bool = True, attacks: dict[str, dict[str, str]] | None = None,
+              executor: Executor = SerialExecutor()) -> list[dict]:
     """``eval_options`` are the fields of the family's evaluation config (EvalConfig or
     ClassifierEvalConfig); ``model`` defaults to the sequence's. Without ``evaluate`` only the
     cost columns are filled (a speed benchmark), and there are no base or oracle rows.
-    ``attacks`` ({kind: options}, text-to-image) run after every step on each of its targets."""
+    ``attacks`` ({kind: options}, text-to-image) run after every step on each of its targets.
+    ``executor`` runs the cells (``executors``); each cell's file is written as it finishes."""
     if sequence not in SEQUENCES:
         raise ValueError(f"Unknown sequence {sequence!r}; choose one of {', '.join(SEQUENCES)}.")
     spec = SEQUENCES[sequence]
@@ -136,6 +139,7 @@ def run_bench(methods: list[str], regularizers: list[str], sequence: str, out: P
     (out / "cells").mkdir(parents=True, exist_ok=True)
     references = [("base", ""), ("oracle", "")] if evaluate else []
     cells = references + [(m, r) for m in methods for r in (regularizers or [""])]
+    calls, paths = [], []
     for method, regularizer in cells:
         path = out / "cells" / f"{_cell_name(sequence, method, regularizer)}.json"
         if path.is_file():
@@ -144,13 +148,14 @@ def run_bench(methods: list[str], regularizers: list[str], sequence: str, out: P
         echo(f"run {sequence} / {method} / {regularizer or 'no regularizer'}")
         name, own_options = parse_spec(method)
         options = {**(method_options or {}).get(name, {}), **own_options}
-        rows = _run_cell(method, regularizer, sequence, spec, work, model, options, eval_options or {}, echo, oracles,
-                         evaluate, attacks or {})
-        if not rows:
-            continue
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"rows": rows, "eval_options": eval_options or {}}, indent=2))
-        tmp.replace(path)
+        calls.append((method, regularizer, sequence, spec, work, model, options, eval_options or {}, echo, oracles,
+                      evaluate, attacks or {}))
+        paths.append(path)
+    for i, rows in executor.run(_run_cell, calls):
+        if rows:
+            tmp = paths[i].with_suffix(".tmp")
+            tmp.write_text(json.dumps({"rows": rows, "eval_options": eval_options or {}}, indent=2))
+            tmp.replace(paths[i])
     return write_tables(out, sequence)
 
 
@@ -176,7 +181,7 @@ def _run_cell(method, regularizer, sequence, spec, work, model, options, eval_op
             if method == "oracle" and store.info["kind"] == "classifier":
                 return []
         forgotten = forgotten + tuple(targets)
-        start = time.time()
+        start, outcome_hash = time.time(), None
         if method == "base":
             model_now = store.load_model()
             metrics, cost = evaluator(model_now, store, forgotten=forgotten), {}
@@ -195,7 +200,7 @@ def _run_cell(method, regularizer, sequence, spec, work, model, options, eval_op
             except ValueError as error:  # a method's own limit (ErasePro's constraint count): the cell ends here
                 echo(f"  step {step}: {Request(tuple(targets), '-').label} refused, the cell stops: {error}")
                 break
-            metrics, cost = outcome.metrics, outcome.cost
+            metrics, cost, outcome_hash = outcome.metrics, outcome.cost, outcome.model_hash
             model_now = store.load_model() if attackers else None
         prompts = store.prompts() if attackers else None
         attacked = {kind: _attack_success(attack, model_now, judge, prompts, targets) for kind, attack in attackers.items()}
@@ -207,7 +212,7 @@ def _run_cell(method, regularizer, sequence, spec, work, model, options, eval_op
                "retrain_seconds": oracle.get("retrain_seconds"), "seconds": cost.get("seconds"),
                "forward_passes": cost.get("unet_forward_passes", cost.get("forward_passes")),
                "backward_passes": cost.get("unet_backward_passes", cost.get("backward_passes")),
-               "edit_bytes": cost.get("edit_bytes"),
+               "edit_bytes": cost.get("edit_bytes"), "model_hash": outcome_hash,
                **{f"attack_{kind}": result["after"] for kind, result in attacked.items()},
                **{f"attack_{kind}_auc": result["auc"] for kind, result in attacked.items() if result["auc"] is not None},
                **({"attack_results": attacked} if attacked else {})}

@@ -544,17 +544,21 @@ def bench(methods: List[str] = typer.Option(["esd"], "--method", help="Method to
           evaluate: bool = typer.Option(True, help="--no-evaluate: cost columns only (a speed benchmark)."),
           attack: List[str] = typer.Option([], "--attack", help="Attack to run after every step on its targets "
                                                                 "(repeatable; text-to-image): relearn, resurgence, prompt, paraphrase, inversion, regenerate, completion, noise, probe."),
-          attack_set: List[str] = typer.Option([], "--attack-set", help="KIND.option=value (repeatable).")) -> None:
+          attack_set: List[str] = typer.Option([], "--attack-set", help="KIND.option=value (repeatable)."),
+          executor: str = typer.Option("serial", help="Where cells run: serial, or ray (a local Ray instance; "
+                                                      "ray:address=auto joins a cluster, ray:num_gpus=1 per cell).")) -> None:
     """Run a resumable benchmark matrix; prints and writes a table to OUT/SEQUENCE.md (and .csv)."""
     from .bench import markdown_table, parse_method_options, run_bench
     from .config import parse_assignments
+    from .executors import get_executor
     eval_options = parse_assignments(eval_set)
     eval_options.update({k: v for k, v in (("images_per_prompt", images_per_prompt), ("forget_prompts", forget_prompts))
                          if v is not None})
     plain_or_named = ["" if r == "none" else r for r in regularizers]
     rows = run_bench(list(methods), plain_or_named, sequence, out, work, model, parse_method_options(set_),
                      eval_options, oracles=oracles, echo=typer.echo, evaluate=evaluate,
-                     attacks={kind: parse_method_options(attack_set).get(kind, {}) for kind in attack})
+                     attacks={kind: parse_method_options(attack_set).get(kind, {}) for kind in attack},
+                     executor=get_executor(executor))
     typer.echo(markdown_table(rows, sequence))
 
 
