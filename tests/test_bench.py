@@ -168,3 +168,13 @@ def test_executor_specs_are_checked():
         get_executor("dask")
     with pytest.raises(ValueError, match="num_gpus"):
         get_executor("ray:num_gpus=-1")
+
+
+def test_the_store_size_benchmark_times_every_operation_against_diffusers(tmp_path):
+    from obliviate.store_bench import store_benchmark
+    table = store_benchmark("tiny", tmp_path / "work", tmp_path / "out", echo=lambda line: None)
+    steps = [line.split(" | ")[0].lstrip("| ") for line in table.splitlines() if line.startswith("| diffusers") or line.startswith("| obliviate")]
+    assert steps[:2] == ["diffusers: save_pretrained (UNet, VAE, text encoder)", "diffusers: from_pretrained (UNet, VAE, text encoder)"]
+    assert {s.split(":")[0].split(" (")[0] for s in steps[2:]} == {
+        "obliviate init", "obliviate apply", "obliviate load", "obliviate verify", "obliviate rollback to the base", "obliviate export"}
+    assert (tmp_path / "out" / "tiny.md").read_text() == table and "| uce (K/V rows" in table

@@ -562,6 +562,17 @@ def bench(methods: List[str] = typer.Option(["esd"], "--method", help="Method to
     typer.echo(markdown_table(rows, sequence))
 
 
+@app.command("bench-store")
+def bench_store(size: str = typer.Option("sd15", help="Component configs: sd15 (Stable Diffusion v1.5's, random "
+                                                      "weights, about 4 GiB on disk per copy) or tiny."),
+                work: Path = typer.Option(Path("runs/bench-store"), help="Scratch folder (emptied first)."),
+                out: Path = typer.Option(Path("benchmarks/store"))) -> None:
+    """Time init, a uce request, load, verify, rollback and export at a real model's size, against
+    diffusers' save_pretrained / from_pretrained of the same components; writes OUT/SIZE.md."""
+    from .store_bench import store_benchmark
+    typer.echo(store_benchmark(size, work, out, echo=typer.echo))
+
+
 @app.command("bench-samplers")
 def bench_samplers(model: str = typer.Option(DEFAULT_T2I, help="Zoo name or model folder."),
                    solver: List[str] = typer.Option(["ddim", "ddim-lml:momentum=0.5", "dpm", "o-belm"],
