@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from obliviate.engine import RegularizerSpec, Store, StoreIntegrityError, StoreLocked
 from obliviate.engine.files import load_tensors
@@ -397,3 +398,19 @@ def test_a_signed_store_ignores_a_hash_cache_written_without_its_key(tmp_path, t
     (store.root / "hashes.cache").write_text(json.dumps(cache))
     with pytest.raises(StoreIntegrityError, match="current weights"):
         Store(store.root, key=key).load_model()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.dictionaries(st.text("abcxyz._", min_size=1, max_size=6),
+                       st.tuples(st.sampled_from([torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]),
+                                 st.lists(st.integers(0, 4), max_size=3)), max_size=5),
+       st.booleans())
+def test_streamed_safetensors_are_the_bytes_save_file_writes(tmp_path_factory, spec, with_metadata):
+    from safetensors.torch import save_file
+    from obliviate.engine.files import write_safetensors
+    folder = tmp_path_factory.mktemp("st")
+    tensors = {name: (torch.rand(shape) * 100).to(dtype) for name, (dtype, shape) in spec.items()}
+    metadata = {"format": "pt"} if with_metadata else None
+    save_file(tensors, folder / "reference", metadata=metadata)
+    write_safetensors(tensors, folder / "streamed", metadata)
+    assert (folder / "streamed").read_bytes() == (folder / "reference").read_bytes()

@@ -99,7 +99,9 @@ def store_benchmark(size: str, work: Path, out: Path, echo=print) -> str:
     store = _timed("obliviate init (copy, hash every file)", rows, lambda: Store.init(work / "store", work / "model",
                                                                                     retain=("a dog",)))
     store.add_request(["a cat"], "uce")
-    outcome = _timed("obliviate apply: one uce request", rows, lambda: store.apply()[0])
+    store.add_request(["a cow"], "uce")
+    outcome = _timed("obliviate apply: a uce request on the base model", rows, lambda: store.apply(limit=1)[0])
+    _timed("obliviate apply: a uce request on an edited model", rows, lambda: store.apply()[0])
     _timed("obliviate load (hash cache warm)", rows, lambda: Store(store.root).load_model())
     _timed("obliviate verify (re-hash every file, replay every edit)", rows, lambda: Store(store.root).verify(cached=False))
     _timed("obliviate rollback to the base", rows, lambda: store.rollback(0))

@@ -39,7 +39,7 @@ from ..classifiers.models import ClassifierModel
 from ..config import build_config, config_to_dict
 from ..errors import StoreIntegrityError
 from ..hashing import file_hash, folder_hashes, tensor_hash
-from ..methods.base import Edit, UnlearningContext, get_method
+from ..methods.base import Edit, MethodResult, UnlearningContext, get_method
 from ..models.t2i import T2IModel, bundle_language
 from ..models.zoo import DEFAULT_T2I
 from ..regularizers import check_composition, get_regularizer
@@ -130,11 +130,11 @@ class ApplyOutcome:
 @dataclass(frozen=True)
 class _Run:
     """One request run on the model, before anything is written."""
-    model: object  # holds the weights before the edit
+    model: T2IModel | ClassifierModel  # holds the weights before the edit
     weights_before: dict[str, torch.Tensor]
     previous_state: dict[str, torch.Tensor]  # every component's state before the request
     context: UnlearningContext
-    result: object  # the method's MethodResult
+    result: MethodResult
     seconds: float
     memory: PeakMemory
 
@@ -305,8 +305,10 @@ class Store:
         request = state.requests[rid]
         model = self._base_model()
         base_weights = model.state_tensors()
-        model.load_state_tensors(self._weights_at(state))
-        weights_before = model.state_tensors()
+        weights_before = base_weights  # one copy in memory, not three: the model holds the base already
+        if state.model_event.payload.get("weights_file") is not None:
+            weights_before = self._weights_at(state)
+            model.load_state_tensors(weights_before)
         method = get_method(request.method, self.info["kind"]).from_options(request.method_config, limits=False)
         previous_state = self._method_state(state)
         device = Processes.current().device
