@@ -123,7 +123,7 @@ class FreeTextEvaluator(CachedEvaluator):
         kept = [c for c in self.retain if c not in forgotten]
         out.update(ira=None, cra=None, fd=None, retained_accuracy={})
         if kept:
-            pairs = [(c, p) for i, c in enumerate(kept) for p in self.prompts(c, -(-cfg.retain_prompts // len(kept)), rng)]
+            pairs = [(c, p) for c in kept for p in self.prompts(c, -(-cfg.retain_prompts // len(kept)), rng)]
             images, shown, prompts = self._draw(model, pairs)
             seen = self.judge.scores(images, concepts).argmax(-1)
             truth = torch.tensor([concepts.index(c) for c in shown])
