@@ -178,3 +178,19 @@ def test_the_store_size_benchmark_times_every_operation_against_diffusers(tmp_pa
     assert {s.split(":")[0].split(" (")[0] for s in steps[2:]} == {
         "obliviate init", "obliviate apply", "obliviate load", "obliviate verify", "obliviate rollback to the base", "obliviate export"}
     assert (tmp_path / "out" / "tiny.md").read_text() == table and "| uce (K/V rows" in table
+
+
+def test_a_sequence_evaluated_every_kth_request_has_rows_there_and_costs_everywhere(tmp_path, tiny_model_dir, monkeypatch):
+    from obliviate.bench import SEQUENCES, markdown_table
+    monkeypatch.setitem(SEQUENCES, "every-2", {**SEQUENCES["s3"], "evaluate_every": 2})
+    judge_dir = tmp_path / "judge"
+    AttributeJudge({d: len(DEFAULT_ONTOLOGY.in_domain(d)) for d in DEFAULT_ONTOLOGY.domains}).save(judge_dir)
+    options = parse_method_options(["esd.steps=1", "esd.forget_images=2", "esd.sampling_steps=2", "esd.batch_size=2"])
+    rows = run_bench(["esd"], [""], "every-2", tmp_path / "out", tmp_path / "work", str(tiny_model_dir), options,
+                     {**TINY_EVAL, "judge": str(judge_dir)}, echo=lambda line: None)
+    esd = {r["step"]: r for r in rows if r["method"] == "esd"}
+    assert sorted(esd) == [1, 2, 3] and all(r["seconds"] is not None for r in esd.values())
+    assert [s for s, r in esd.items() if r["ua"] is not None] == [2, 3]  # every second request, and the last
+    assert sorted(r["step"] for r in rows if r["method"] == "base") == [2, 3]
+    assert "| esd | - | 1 |" not in markdown_table(rows, "every-2") and "| esd | - | 2 |" in markdown_table(rows, "every-2")
+    assert "s100" in SEQUENCES and len({r for r in SEQUENCES["s100"]["requests"]()}) == 100
