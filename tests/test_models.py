@@ -120,3 +120,8 @@ def test_a_lora_export_loads_in_a_stock_pipeline_and_reproduces_the_store(tiny_s
     assert torch.allclose(loaded, expected, atol=1e-4)
     truncated = store.export_lora(tmp_path / "rank1", rank=1)
     assert truncated["bytes"] < exact["bytes"] and truncated["max_relative_error"] >= exact["max_relative_error"]
+
+
+def test_no_oracle_is_looked_up_for_more_concepts_than_a_folder_name_can_hold(tmp_path):
+    from obliviate.models.zoo import find_oracle
+    assert find_oracle(tuple(f"concept number {i}" for i in range(40)), "v1", tmp_path) is None  # no OSError
