@@ -71,7 +71,7 @@ def metric_curves(status: dict):
 def before_after_grid(store, prompt_rows: list[list[str]], seed: int = 0):
     """For each row of prompts, the base model's images, then the current model's."""
     import torch
-    base, current = store.family.load(store.root / "base"), store.load_model()
+    base, current = store.base_model(), store.load_model()
     images, captions = [], []
     for texts in prompt_rows:
         for name, model in (("base", base), ("now", current)):

@@ -67,8 +67,8 @@ def build_random_sd(folder: Path, size: str, seed: int = 0) -> dict[str, torch.n
     return components
 
 
-def _timed(step: str, rows: list, run, device: torch.device = torch.device("cpu")):
-    with PeakMemory(device) as memory:
+def _timed(step: str, rows: list, run):
+    with PeakMemory(torch.device("cpu")) as memory:
         start = time.perf_counter()
         result = run()
         seconds = time.perf_counter() - start

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..models.t2i import solver_options
-from ..world.targets import FREE_TEXT_TEMPLATES
+from ..world.targets import FreeTextPrompts
 from .concept_judge import CLIPJudge, ConceptJudge, ContrastiveJudge
 from .evaluator import CachedEvaluator
 from .metrics import Accuracy, CLIPScore, FrechetDistance, UnlearningAccuracy
@@ -86,9 +86,6 @@ class FreeTextEvaluator(CachedEvaluator):
         named = [*forgotten, *self.retain, *self.config.concepts, *([self.config.neutral] if self.config.neutral else [])]
         return list(dict.fromkeys(named))
 
-    def prompts(self, concept: str, n: int, rng: np.random.Generator) -> list[str]:
-        return [FREE_TEXT_TEMPLATES[int(rng.integers(len(FREE_TEXT_TEMPLATES)))].format(concept) for _ in range(n)]
-
     def _draw(self, model, concept_prompts: list[tuple[str, str]]):
         """Images for (concept, prompt) pairs, ``images_per_prompt`` each; returns the images and
         the concept and prompt of each image."""
@@ -108,7 +105,7 @@ class FreeTextEvaluator(CachedEvaluator):
 
         ua, forgotten_score = {}, CLIPScore()
         for target in forgotten:
-            images, _, prompts = self._draw(model, [(target, p) for p in self.prompts(target, cfg.forget_prompts, rng)])
+            images, _, prompts = self._draw(model, [(target, p) for p in _prompts(target, cfg.forget_prompts, rng)])
             seen = self.judge.scores(images, concepts).argmax(-1)
             metric = UnlearningAccuracy()
             metric.update(seen, torch.full_like(seen, concepts.index(target)))
@@ -123,7 +120,7 @@ class FreeTextEvaluator(CachedEvaluator):
         kept = [c for c in self.retain if c not in forgotten]
         out.update(ira=None, cra=None, fd=None, retained_accuracy={})
         if kept:
-            pairs = [(c, p) for c in kept for p in self.prompts(c, -(-cfg.retain_prompts // len(kept)), rng)]
+            pairs = [(c, p) for c in kept for p in _prompts(c, -(-cfg.retain_prompts // len(kept)), rng)]
             images, shown, prompts = self._draw(model, pairs)
             seen = self.judge.scores(images, concepts).argmax(-1)
             truth = torch.tensor([concepts.index(c) for c in shown])
@@ -155,3 +152,8 @@ class FreeTextEvaluator(CachedEvaluator):
             images, _, _ = self._draw(self.reference(), [("", p) for p in prompts])
             self._reference_features[prompts] = self.judge.features(images)
         return self._reference_features[prompts]
+
+
+def _prompts(concept: str, n: int, rng: np.random.Generator) -> list[str]:
+    """``n`` prompts of ``concept`` in random free-text templates, as requests draw them."""
+    return [pair.target for pair in FreeTextPrompts().forget_pairs((concept,), None, n, rng)]

@@ -9,8 +9,8 @@ E[y | x_t] = (x_t - sigma eps_hat) / alpha, so
 and a matrix-vector product F_t v is one Jacobian-vector product of the model, (1 / sigma) J v:
 one forward-mode pass that carries a tangent, or a central difference of two plain passes, where
 autodiff of the score's gradient needs a backward pass through a backward pass. The trace is
-Hutchinson's estimate E_z[z^T F_t z] over Rademacher z, one product per probe. For a learned model J is not exactly symmetric; the trace is
-the same either way.
+Hutchinson's estimate E_z[z^T F_t z] over Rademacher z, one product per probe. For a learned model
+J is not exactly symmetric; the trace is the same either way.
 """
 
 from __future__ import annotations
