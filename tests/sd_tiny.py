@@ -17,7 +17,7 @@ def build_tokenizer(folder: Path) -> CLIPTokenizer:
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
 
 
-def build_tiny_sd(folder: Path, seed: int = 0) -> Path:
+def build_tiny_sd(folder: Path, seed: int = 0, unet_channels: tuple[int, int] = (8, 16)) -> Path:
     """Write a diffusers-layout Stable Diffusion folder with tiny random weights."""
     torch.manual_seed(seed)
     folder = Path(folder)
@@ -29,7 +29,7 @@ def build_tiny_sd(folder: Path, seed: int = 0) -> Path:
     AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
                   up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16), latent_channels=4,
                   norm_num_groups=4, sample_size=16).save_pretrained(folder / "vae", safe_serialization=True)
-    UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+    UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=unet_channels,
                          down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                          up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
                          attention_head_dim=4, norm_num_groups=4).save_pretrained(folder / "unet", safe_serialization=True)

@@ -266,7 +266,7 @@ def test_peak_memory_is_a_delta_over_the_start():
 LAYERS = [  # top to bottom; a module may import from its own layer or any layer below
     {"cli"}, {"demo"}, {"bench", "report", "cards", "store_bench"}, {"engine"}, {"methods"}, {"regularizers"}, {"evaluation"},
     {"training"}, {"models", "classifiers"}, {"request"}, {"world"},
-    {"config", "registry", "progress", "viz", "environment", "errors", "executors", "hashing", "resources", "seeding", "weights",
+    {"config", "registry", "progress", "viz", "environment", "errors", "executors", "hashing", "resources", "seeding", "tensors", "weights",
      "__init__"},
 ]
 

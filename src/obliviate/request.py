@@ -5,6 +5,7 @@ added."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
@@ -75,7 +76,7 @@ class UnlearningContext:
     """
 
     prompts: TargetSource  # WorldPrompts or FreeTextPrompts (text to image), DataTargets (classifiers)
-    base_weights: dict[str, torch.Tensor]
+    base_weights: Mapping[str, torch.Tensor]  # read from disk when used: index it, do not copy it whole
     state: dict[str, torch.Tensor] = field(default_factory=dict)
     regularizer_states: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     forgotten: tuple[str, ...] = ()

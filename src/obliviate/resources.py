@@ -6,7 +6,9 @@ figure is ``None`` rather than a number that measures something else)."""
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -65,3 +67,56 @@ class PeakMemory:
         now = resident_bytes()
         self._highest = max(self._highest, now if now is not None else self._highest)
         self.peak_bytes = self._highest - self._start
+
+
+class TensorCensus:
+    """``with TensorCensus(("obliviate.engine",)) as census: ...`` then ``census.peak_bytes``:
+    the most bytes live torch tensors held at once above the level at entry, counted each time a
+    function of a module under one of ``packages`` returns (what a function held while it ran is
+    still held when it returns; comprehensions, lambdas and dunder methods are skipped).
+    ``peak_at`` names the function whose return saw the peak.
+
+    Exact where ``PeakMemory`` samples: each count walks the garbage collector's objects and adds
+    up every distinct storage that Python tensors view, so shared and viewed tensors count once.
+    Tensors only C++ holds (autograd's saved activations) are not seen. Slow (a walk per return):
+    a test's tool for small models, not a production meter."""
+
+    def __init__(self, packages: tuple[str, ...]):
+        self.packages = packages
+        self.peak_bytes = 0
+        self.peak_at = ""
+        self.counts = 0
+
+    @staticmethod
+    def live_bytes() -> int:
+        storages: dict[int, int] = {}
+        is_tensor: dict[type, bool] = {}  # type(), not isinstance: some modules warn when asked for __class__
+        for obj in gc.get_objects():
+            kind = type(obj)
+            if kind not in is_tensor:
+                is_tensor[kind] = issubclass(kind, torch.Tensor)
+            if is_tensor[kind] and obj.device.type != "meta":
+                storage = obj.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+        return sum(storages.values())
+
+    def _count(self, where: str) -> None:
+        self.counts += 1
+        live = self.live_bytes() - self._start
+        if live > self.peak_bytes:
+            self.peak_bytes, self.peak_at = live, where
+
+    def _on_event(self, frame, event, arg) -> None:
+        name, module = frame.f_code.co_name, frame.f_globals.get("__name__", "")
+        if event == "return" and not name.startswith(("<", "__")) and module.startswith(self.packages):
+            self._count(f"{module}.{frame.f_code.co_qualname}")
+
+    def __enter__(self) -> "TensorCensus":
+        self._previous = sys.getprofile()
+        self._start = self.live_bytes()
+        sys.setprofile(self._on_event)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sys.setprofile(self._previous)
+        self._count("exit")

@@ -10,9 +10,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from ..tensors import StoredTensors
 
 BUNDLE_FILE = "obliviate.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -152,10 +153,14 @@ class ClassifierModel:
         self.save(folder)
 
     @classmethod
+    def stored_tensors(cls, folder: str | Path) -> StoredTensors:
+        """``state_tensors()`` of the model saved in ``folder``, each read from its file when used."""
+        return StoredTensors([("net.", Path(folder) / WEIGHTS_FILE)])
+
+    @classmethod
     def parameter_names(cls, folder: str | Path) -> list[str]:
         """The network's parameter names (with its buffers), read from the saved weights."""
-        with safe_open(Path(folder) / WEIGHTS_FILE, "pt") as weights:
-            return list(weights.keys())
+        return [name.removeprefix("net.") for name in cls.stored_tensors(folder)]
 
     @classmethod
     def request_vocabulary(cls, folder: str | Path, retain: tuple[str, ...] = ()):

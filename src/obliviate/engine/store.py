@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -45,6 +46,7 @@ from ..models.zoo import DEFAULT_T2I
 from ..regularizers import check_composition, get_regularizer
 from ..request import RegularizerSpec, Request
 from ..resources import PeakMemory
+from ..tensors import StoredTensors
 from .files import TMP_SUFFIX, atomic_save_tensors, atomic_write_text, load_tensors
 from .ledger import Head, Ledger, LedgerState, derive_state, ledger_key
 from .lock import exclusive_lock
@@ -131,7 +133,7 @@ class ApplyOutcome:
 class _Run:
     """One request run on the model, before anything is written."""
     model: T2IModel | ClassifierModel  # holds the weights before the edit
-    weights_before: dict[str, torch.Tensor]
+    weights_before: StoredTensors
     previous_state: dict[str, torch.Tensor]  # every component's state before the request
     context: UnlearningContext
     result: MethodResult
@@ -174,9 +176,8 @@ class Store:
 
         def build(staging: Path) -> None:
             kind = model_family(source)
-            bundle = MODEL_FAMILIES[kind].load(source)
-            bundle.save(staging / "base")
-            base_hash = tensor_hash(bundle.state_tensors())
+            MODEL_FAMILIES[kind].load(source).save(staging / "base")
+            base_hash = tensor_hash(MODEL_FAMILIES[kind].stored_tensors(staging / "base"))  # no second copy in memory
             info = {"format": FORMAT_VERSION, "kind": kind, "model_source": str(model), "retain": list(retain),
                     "evaluation": evaluation}
             (staging / STORE_FILE).write_text(json.dumps(info, indent=2))
@@ -212,11 +213,13 @@ class Store:
         """The model the store started from, before any request."""
         return self._base_model().eval()
 
-    def _weights_at(self, state: LedgerState) -> dict[str, torch.Tensor]:
-        event = state.model_event
-        if event.payload.get("weights_file") is None:
-            return self._base_model().state_tensors()
-        return load_tensors(self.root / event.payload["weights_file"])
+    def _base_tensors(self) -> StoredTensors:
+        return self.family.stored_tensors(self.root / "base")
+
+    def _weights_at(self, state: LedgerState) -> StoredTensors:
+        """The model's tensors at ``state``, each read from disk when used."""
+        weights_file = state.model_event.payload.get("weights_file")
+        return self._base_tensors() if weights_file is None else StoredTensors([("", self.root / weights_file)])
 
     def load_model(self, check: bool = True):
         """The current model. With ``check``, refuse if the weights on disk are not the ones the
@@ -228,14 +231,15 @@ class Store:
         model.load_state_tensors(self._weights_at(state))
         return model.eval()
 
-    def replay(self, upto: int | None = None, base: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def replay(self, upto: int | None = None) -> Mapping[str, torch.Tensor]:
         """Weights after applied request ``upto`` (the latest when None; 0 = base), rebuilt from
-        base and edits. Bit-identical to what was recorded, by construction."""
+        base and edits. Bit-identical to what was recorded, by construction. Lazy: each tensor
+        is read from the base and put through the edits when used."""
         state = self.state()
         stack = state.applied if upto is None else state.applied[:state.applied.index(upto) + 1] if upto else ()
-        weights = base if base is not None else self._base_model().state_tensors()
+        weights: Mapping[str, torch.Tensor] = self._base_tensors()
         for rid in stack:
-            weights = Edit.from_tensors(load_tensors(self.root / state.apply_events[rid].payload["edit_file"])).apply(weights)
+            weights = Edit.from_tensors(load_tensors(self.root / state.apply_events[rid].payload["edit_file"])).view(weights)
         return weights
 
     # ------------------------------------------------------------------ requests
@@ -304,10 +308,9 @@ class Store:
         """Request ``rid`` run on the model of ``state``; nothing is written."""
         request = state.requests[rid]
         model = self._base_model()
-        base_weights = model.state_tensors()
-        weights_before = base_weights  # one copy in memory, not three: the model holds the base already
+        # the weights are read from disk when used, so the model is the only copy held
+        base_weights, weights_before = self._base_tensors(), self._weights_at(state)
         if state.model_event.payload.get("weights_file") is not None:
-            weights_before = self._weights_at(state)
             model.load_state_tensors(weights_before)
         method = get_method(request.method, self.info["kind"]).from_options(request.method_config, limits=False)
         previous_state = self._method_state(state)
@@ -329,7 +332,7 @@ class Store:
         request = state.requests[rid]
         run = self._run(rid, state, progress)
         model, result = run.model, run.result
-        weights_after = result.edit.apply(run.weights_before)
+        weights_after = result.edit.view(run.weights_before)  # streamed into the hash and the file
         model_hash = tensor_hash(weights_after)
 
         # each component's state is replaced as a whole by what it returned
@@ -345,7 +348,7 @@ class Store:
 
         metrics = {}
         if evaluator is not None:
-            model.load_state_tensors({k: v.to(model.device) for k, v in weights_after.items()})
+            model.load_state_tensors(weights_after)
             metrics = evaluator(model, self, forgotten=run.context.forgotten + request.targets)
         cost = {"seconds": round(run.seconds, 3), "peak_memory_bytes": run.memory.peak_bytes, "peak_memory_kind": run.memory.kind,
                 "edit_bytes": result.edit.nbytes,
@@ -449,10 +452,9 @@ class Store:
         elif current.model_hash != init["base_hash"]:
             problems.append(f"ledger row {current.seq} expects weights {current.model_hash[:12]} but the base model is current")
         if replay and not problems:
-            base_weights = self._base_model().state_tensors()
-            if tensor_hash(base_weights) != init["base_hash"]:
+            if tensor_hash(self._base_tensors()) != init["base_hash"]:
                 problems.append(f"base model weights in {self.root / 'base'} do not match the hash recorded at init")
-            elif tensor_hash(self.replay(base=base_weights)) != current.model_hash:
+            elif tensor_hash(self.replay()) != current.model_hash:
                 problems.append("replaying base + edits does not reproduce the current weights recorded in the ledger")
         return problems
 
@@ -468,7 +470,7 @@ class Store:
         key = (tensors, str(path.relative_to(self.root)), info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
         if key in self._hashes:
             return self._hashes[key]
-        digest = tensor_hash(load_tensors(path)) if tensors else file_hash(path)
+        digest = tensor_hash(StoredTensors([("", path)])) if tensors else file_hash(path)
         if time.time_ns() - info.st_ctime_ns > 2_000_000_000:
             self._hashes[key] = digest
             self._unsaved = True

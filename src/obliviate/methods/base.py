@@ -4,6 +4,7 @@ interface with its registry (the ``UnlearningContext`` it reads lives beside ``R
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -11,6 +12,7 @@ import torch
 
 from ..registry import Configurable, Registry
 from ..request import UnlearningContext
+from ..tensors import EditedTensors
 
 
 @dataclass(frozen=True)
@@ -25,18 +27,19 @@ class Edit:
     deltas: dict[str, torch.Tensor] = field(default_factory=dict)
     additions: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def apply(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def apply(self, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return dict(self.view(weights))
+
+    def view(self, weights: Mapping[str, torch.Tensor]) -> "EditedTensors":
+        """``apply``'s result, each tensor computed when read: weights stream through an edit
+        (into a hash, into a file) without a second copy of the model in memory."""
         missing = [k for k in self.deltas if k not in weights]
         if missing:
             raise KeyError(f"Edit changes tensors the model does not have: {missing[:3]}")
         clash = [k for k in self.additions if k in weights]
         if clash:
             raise KeyError(f"Edit adds tensors the model already has: {clash[:3]}")
-        out = dict(weights)
-        for name, delta in self.deltas.items():
-            out[name] = weights[name] + delta.to(weights[name])
-        out.update(self.additions)
-        return out
+        return EditedTensors(weights, self.deltas, self.additions)
 
     @property
     def nbytes(self) -> int:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .base import Edit, MethodResult, UnlearningMethod, register_method
-from .closed_form import ErasureMemory, erase_and_preserve_states, kv_layers, other_edits
+from .closed_form import KV_PATTERN, ErasureMemory, erase_and_preserve_states, kv_layers, other_edits
 
 
 @dataclass
@@ -162,7 +162,7 @@ class ErasePro(UnlearningMethod):
                              "lower `rank` or roll back earlier requests.")
         metric = cfg.lam * torch.eye(dim, dtype=torch.float64) + cfg.preserve_scale * (p.T @ p)
 
-        current = model.state_tensors()
+        current = model.state_tensors(KV_PATTERN)
         layers = unet_depth_order(kv_layers(current))
         deltas, residuals = {}, []
         state = {**memory.to_state(), "ranks": ranks, "basis": all_basis, "anchor": all_anchor}
@@ -194,8 +194,8 @@ class ErasePro(UnlearningMethod):
             retained_encoding = model.encode(retained)
             retained_noisy, retained_t = noisy_drawings(model, retained, cfg.sampling_steps, generator)
 
-        current = model.state_tensors()
-        layers = unet_depth_order([k for k in current if OUT_PATTERN.search(k)])
+        current = model.state_tensors(OUT_PATTERN)
+        layers = unet_depth_order(list(current))
         if not layers:
             raise ValueError("The model has no cross-attention output projections (attn2.to_out.0) to edit; use layers=kv.")
         anchor_inputs = projection_inputs(model, layers, noisy, t, anchors, request.seed)  # pretrained model

@@ -86,8 +86,10 @@ class GradientMethod(UnlearningMethod):
         before = {n: p.detach().clone() for n, p in params.items()}
         teacher = None
         if self.uses_teacher:
+            # the teacher shares every weight training leaves alone: a copy of the trained ones only
+            frozen = {id(p): p for n, p in model.unet.named_parameters() if n not in params}
             teacher = copy.copy(model)
-            teacher.unet = copy.deepcopy(model.unet).requires_grad_(False).eval()
+            teacher.unet = copy.deepcopy(model.unet, memo=frozen).requires_grad_(False).eval()
         counter = PassCounter(*(m.unet for m in (model, teacher) if m is not None))
         session = TrainingSession(model, teacher, request, context, config, params,
                                   np.random.default_rng(request.seed), torch.Generator().manual_seed(request.seed),

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .base import Edit, MethodResult, UnlearningMethod, register_method
-from .closed_form import ErasureMemory, erase_and_preserve_states, kv_layers, other_edits
+from .closed_form import KV_PATTERN, ErasureMemory, erase_and_preserve_states, kv_layers, other_edits
 
 
 @dataclass
@@ -81,7 +81,7 @@ class UCE(UnlearningMethod):
         erase_gram, erase_cross = c.T @ c, g.T @ c
         state: dict[str, torch.Tensor] = memory.to_state() if cfg.incremental else {}
         deltas: dict[str, torch.Tensor] = {}
-        current = model.state_tensors()
+        current = model.state_tensors(KV_PATTERN)
         for name in kv_layers(current):
             weight = current[name]
             # incremental: every solve starts from the pretrained weights with all erasures so far

@@ -6,19 +6,21 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
                        UNet2DConditionModel)
 from diffusers.models.attention_processor import Attention
-from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME
 
 from ..config import build_config, parse_spec
+from ..tensors import StoredTensors
 from .belm import OBELMScheduler
 from .lml import LMLScheduler
 from .text import CLIPEncoder, MiniLMEncoder, TextEncoder, TextEncoding
@@ -119,7 +121,8 @@ class T2IModel:
                              "Check its config files (unet/config.json, scheduler/scheduler_config.json, "
                              f"{BUNDLE_FILE}) or save the model again.") from error
         if (folder / TEXT_TRANSFORMS_FILE).is_file():
-            model.load_state_tensors({**model.state_tensors(), **load_file(folder / TEXT_TRANSFORMS_FILE)})
+            stored = load_file(folder / TEXT_TRANSFORMS_FILE)
+            model.text_transforms = [LinearTextTransform(stored[k]) for k in sorted(stored)]
         return model
 
     def save(self, folder: str | Path) -> None:
@@ -154,11 +157,23 @@ class T2IModel:
         portable.save(folder)
 
     @classmethod
+    def stored_tensors(cls, folder: str | Path) -> StoredTensors:
+        """``state_tensors()`` of the model saved in ``folder``, each read from its file when
+        used (diffusers' sharded UNet files included)."""
+        folder = Path(folder)
+        index = folder / "unet" / SAFE_WEIGHTS_INDEX_NAME
+        unet_files = ([folder / "unet" / SAFETENSORS_WEIGHTS_NAME] if not index.is_file() else
+                      [folder / "unet" / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))])
+        files = [("unet.", path) for path in unet_files]
+        if (folder / TEXT_TRANSFORMS_FILE).is_file():
+            files.append(("", folder / TEXT_TRANSFORMS_FILE))
+        return StoredTensors(files)
+
+    @classmethod
     def parameter_names(cls, folder: str | Path) -> list[str]:
         """The UNet's parameter names, read from the saved weights without building the model:
         what a method's ``trainable`` pattern is matched against."""
-        with safe_open(Path(folder) / "unet" / SAFETENSORS_WEIGHTS_NAME, "pt") as weights:
-            return list(weights.keys())
+        return [name.removeprefix("unet.") for name in cls.stored_tensors(folder) if name.startswith("unet.")]
 
     @classmethod
     def request_vocabulary(cls, folder: str | Path, retain: tuple[str, ...] = ()):
@@ -189,21 +204,29 @@ class T2IModel:
         return self.unet.config.sample_size * scale
 
     # ---------------------------------------------------------------- the tensors edits act on
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor an edit may change: ``unet.<param>`` and ``text.<index>.matrix``."""
-        tensors = {f"unet.{k}": v.detach().cpu().clone() for k, v in self.unet.state_dict().items()}
-        for i, transform in enumerate(self.text_transforms):
-            tensors[f"{TEXT_PREFIX}{i:04d}.matrix"] = transform.matrix.detach().cpu().clone()
-        return tensors
+    def state_tensors(self, pattern: re.Pattern | None = None) -> dict[str, torch.Tensor]:
+        """Copies of every tensor an edit may change: ``unet.<param>`` and ``text.<index>.matrix``
+        (only those whose name ``pattern`` finds: a method that edits a few layers copies those)."""
+        tensors = {f"unet.{k}": v for k, v in self.unet.state_dict().items()}
+        tensors.update({f"{TEXT_PREFIX}{i:04d}.matrix": t.matrix for i, t in enumerate(self.text_transforms)})
+        return {k: v.detach().cpu().clone() for k, v in tensors.items() if pattern is None or pattern.search(k)}
 
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        unet = {k[5:]: v for k, v in tensors.items() if k.startswith("unet.")}
-        self.unet.load_state_dict(unet, strict=True)
+    @torch.no_grad()
+    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Copy ``tensors`` (named as ``state_tensors`` names them) into the model, one at a time,
+        so lazy ``tensors`` never stand in memory whole beside the model."""
+        unet = self.unet.state_dict(keep_vars=True)
         text = sorted(k for k in tensors if k.startswith(TEXT_PREFIX))
-        self.text_transforms = [LinearTextTransform(tensors[k].to(self.device)) for k in text]
         unknown = set(tensors) - set(text) - {f"unet.{k}" for k in unet}
-        if unknown:
-            raise KeyError(f"Unknown tensors for a text-to-image model: {sorted(unknown)[:3]}")
+        missing = [k for k in unet if f"unet.{k}" not in tensors]
+        if unknown or missing:
+            raise KeyError(f"Tensors do not fit this text-to-image model: unknown {sorted(unknown)[:3]}, missing {missing[:3]}.")
+        for name, target in unet.items():
+            value = tensors[f"unet.{name}"]
+            if value.shape != target.shape:
+                raise ValueError(f"Tensor unet.{name} has shape {tuple(value.shape)}; the model's is {tuple(target.shape)}.")
+            target.copy_(value)
+        self.text_transforms = [LinearTextTransform(tensors[k].to(self.device)) for k in text]
 
     @torch.no_grad()
     def fold_text_transforms(self) -> None:

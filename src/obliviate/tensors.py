@@ -1,0 +1,102 @@
+"""Named tensors that are read one at a time.
+
+A model's weights as a ``dict`` cost a full copy of the model in memory; at Stable Diffusion's
+size the store cannot afford several (base, weights before a request, weights after it). A
+``LazyTensors`` is a read-only mapping that produces each tensor when it is read and says its
+dtype and shape without reading it, so weights can be hashed and written tensor by tensor.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+
+# the dtype names in a safetensors header
+SAFETENSORS_DTYPES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.float16: "F16",
+                      torch.bfloat16: "BF16", torch.int32: "I32", torch.float32: "F32", torch.float64: "F64",
+                      torch.int64: "I64"}
+_DTYPE_OF_NAME = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+
+
+class LazyTensors(Mapping):
+    """A read-only mapping of names to tensors, each produced when read (never kept)."""
+
+    @abstractmethod
+    def spec(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """The dtype and shape of tensor ``name``, without reading it."""
+
+
+def tensor_spec(tensors: Mapping, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+    """Dtype and shape of ``tensors[name]``; read from the header where ``tensors`` is lazy."""
+    if isinstance(tensors, LazyTensors):
+        return tensors.spec(name)
+    return tensors[name].dtype, tuple(tensors[name].shape)
+
+
+class StoredTensors(LazyTensors):
+    """Tensors in safetensors files, read from disk on each access. ``files`` holds (key prefix,
+    file) pairs: key ``prefix + name`` reads tensor ``name`` of that file."""
+
+    def __init__(self, files: Iterable[tuple[str, Path]]):
+        self._where: dict[str, tuple[Path, str]] = {}
+        self._specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        self._open: dict[Path, safe_open] = {}
+        for prefix, path in files:
+            with safe_open(path, "pt") as stored:
+                for name in stored.keys():
+                    view = stored.get_slice(name)
+                    self._where[prefix + name] = (Path(path), name)
+                    self._specs[prefix + name] = (_DTYPE_OF_NAME[view.get_dtype()], tuple(view.get_shape()))
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        path, name = self._where[key]
+        if path not in self._open:  # kept open: parsing a large header on every read costs more than the read
+            self._open[path] = safe_open(path, "pt")
+        return self._open[path].get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._where
+
+    def spec(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        return self._specs[name]
+
+
+class EditedTensors(LazyTensors):
+    """``weights`` with ``deltas`` added and ``additions`` appended (``Edit.view``): a changed
+    tensor is ``weights[name] + delta``, computed by the same operation each time it is read, so
+    it is bit-identical to ``Edit.apply``'s."""
+
+    def __init__(self, weights: Mapping[str, torch.Tensor], deltas: Mapping[str, torch.Tensor],
+                 additions: Mapping[str, torch.Tensor]):
+        self.weights, self.deltas, self.additions = weights, deltas, additions
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self.additions:
+            return self.additions[name]
+        weight = self.weights[name]
+        delta = self.deltas.get(name)
+        return weight if delta is None else weight + delta.to(weight)
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.weights
+        yield from self.additions
+
+    def __len__(self) -> int:
+        return len(self.weights) + len(self.additions)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.additions or name in self.weights
+
+    def spec(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        return tensor_spec(self.additions if name in self.additions else self.weights, name)
