@@ -15,6 +15,7 @@ from hypothesis import given, settings, strategies as st
 from obliviate.engine import RegularizerSpec, Store, StoreIntegrityError, StoreLocked
 from obliviate.engine.files import load_tensors
 from obliviate.hashing import tensor_hash
+from obliviate.tensors import StoredTensors
 from obliviate.engine.lock import exclusive_lock
 from safetensors.torch import save_file
 
@@ -414,3 +415,9 @@ def test_streamed_safetensors_are_the_bytes_save_file_writes(tmp_path_factory, s
     save_file(tensors, folder / "reference", metadata=metadata)
     write_safetensors(tensors, folder / "streamed", metadata)
     assert (folder / "streamed").read_bytes() == (folder / "reference").read_bytes()
+    # read back lazily, tensor by tensor, and streamed again through a lazy mapping
+    stored = StoredTensors([("p.", folder / "reference")])
+    assert sorted(stored) == sorted(f"p.{name}" for name in tensors)
+    assert all(torch.equal(stored[f"p.{n}"], t) and stored[f"p.{n}"].dtype == t.dtype for n, t in tensors.items())
+    write_safetensors(StoredTensors([("", folder / "reference")]), folder / "again", metadata)
+    assert (folder / "again").read_bytes() == (folder / "reference").read_bytes()

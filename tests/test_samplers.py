@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from obliviate.models.belm import OBELMScheduler
+from obliviate.models.belm import BELMOptions, BELMScheduler, OBELMScheduler
 from obliviate.models.zoo import load_t2i
 from obliviate.world import render, sample_scenes
 
@@ -19,8 +19,11 @@ def gaussian_eps(x, alpha, sigma):
     return sigma * (x - alpha * MU) / (alpha**2 * TAU**2 + sigma**2)
 
 
-def scheduler(steps, prediction_type="epsilon"):
-    s = OBELMScheduler(prediction_type=prediction_type)
+def scheduler(steps, prediction_type="epsilon", a=None):
+    """O-BELM, or the BELM member with fixed weight ``a``."""
+    s = OBELMScheduler(prediction_type=prediction_type) if a is None else BELMScheduler(prediction_type=prediction_type)
+    if a is not None:
+        s.options = BELMOptions(a=a)
     s.set_timesteps(steps)
     return s
 
@@ -53,12 +56,23 @@ def test_o_belm_is_second_order_where_ddim_is_first_order():
     assert errors[True, 10] / errors[True, 20] < 2.5  # error ~ N^-1
 
 
+def test_a_fixed_weight_belm_member_is_first_order():
+    x_noise = torch.randn(4096, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    errors = {}
+    for steps in (10, 20, 40):
+        s = scheduler(steps, a=0.5)
+        eps_at = lambda x, i: gaussian_eps(x, s.alpha[i], s.sigma[i])  # noqa: E731
+        errors[steps] = (generate(s, x_noise, eps_at) - exact_clean(s, x_noise)).abs().max()
+    assert errors[20] < errors[10] and errors[20] / errors[40] < 2.5  # error ~ N^-1, not N^-2
+
+
 @settings(max_examples=20, deadline=None)
-@given(steps=st.integers(2, 60), seed=st.integers(0, 2**16), v=st.booleans())
-def test_inverting_then_regenerating_returns_the_image_in_float64(steps, seed, v):
-    """Any eps(x, t) works: exactness comes from the relation, not from a good model."""
+@given(steps=st.integers(2, 60), seed=st.integers(0, 2**16), v=st.booleans(), a=st.sampled_from([None, 1.0]))
+def test_inverting_then_regenerating_returns_the_image_in_float64(steps, seed, v, a):
+    """Any eps(x, t) works: exactness comes from the relation, not from a good model (O-BELM and
+    the leapfrog member alike; other fixed weights amplify rounding, see ``models.belm``)."""
     weights = torch.randn(8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) / 3
-    s = scheduler(steps, "v_prediction" if v else "epsilon")
+    s = scheduler(steps, "v_prediction" if v else "epsilon", a)
     model = lambda x, i: torch.tanh(x @ weights + float(s.s[max(i, 1)]))  # noqa: E731
     clean = torch.rand(5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
     lower, x = None, clean
@@ -101,10 +115,10 @@ def test_the_sampler_benchmark_writes_a_row_per_solver_and_step_count(tmp_path, 
     assert (tmp_path / f"{tiny_model_dir.name}.md").read_text() == table
 
 
-def lml_and_ddim(model, spec):
+def lml_and_plain(model, spec, plain="ddim"):
     from obliviate.models.t2i import make_scheduler
     steps = []
-    for solver in (spec, "ddim"):
+    for solver in (spec, plain):
         s = make_scheduler(solver, model.scheduler.config)
         s.set_timesteps(5)
         x, out = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)), []
@@ -116,15 +130,36 @@ def lml_and_ddim(model, spec):
     return steps
 
 
-def test_lml_with_the_released_default_momentum_is_plain_ddim(tiny_t2i):
-    lml, ddim = lml_and_ddim(tiny_t2i, "ddim-lml:momentum=0")
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(lml, ddim))
+@pytest.mark.parametrize("plain", ["ddim", "dpm"])
+def test_lml_with_the_released_default_momentum_is_the_plain_solver(tiny_t2i, plain):
+    lml, steps = lml_and_plain(tiny_t2i, f"{plain}-lml:momentum=0", plain)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(lml, steps))
 
 
-def test_lml_with_momentum_changes_the_step_and_keeps_its_length(tiny_t2i):
-    lml, ddim = lml_and_ddim(tiny_t2i, "ddim-lml:momentum=0.5")
-    assert torch.allclose(lml[0], ddim[0], atol=1e-5)  # the first step has no average yet
-    assert not torch.allclose(lml[-1], ddim[-1], atol=1e-3)
+@pytest.mark.parametrize("plain", ["ddim", "dpm"])
+def test_lml_with_momentum_changes_the_step(tiny_t2i, plain):
+    lml, steps = lml_and_plain(tiny_t2i, f"{plain}-lml:momentum=0.5", plain)
+    assert torch.allclose(lml[0], steps[0], atol=1e-5)  # the first step has no average yet
+    assert not torch.allclose(lml[-2], steps[-2], atol=1e-3)
+
+
+def test_first_order_dpm_lml_is_ddim_lml(tiny_t2i):
+    from obliviate.models.lml import DPMLMLScheduler, LMLOptions, LMLScheduler
+    ddim = LMLScheduler.from_config(tiny_t2i.scheduler.config)
+    dpm = DPMLMLScheduler.from_config(tiny_t2i.scheduler.config, solver_order=1)
+    ddim.set_timesteps(5)
+    dpm.set_timesteps(timesteps=ddim.timesteps.tolist())  # the same steps, ending at x0 alike
+    x = {}
+    for s in (ddim, dpm):
+        s.options = LMLOptions(momentum=0.5)
+        x[s] = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for t in ddim.timesteps:
+        eps = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(int(t)), dtype=torch.float64)
+        x = {s: s.step(eps, t, x[s]).prev_sample for s in (ddim, dpm)}
+        assert torch.allclose(x[ddim], x[dpm], atol=1e-6), int(t)
+
+
+def test_lml_keeps_the_noise_estimate_s_length(tiny_t2i):
     from obliviate.models.lml import LMLOptions, LMLScheduler
     s = LMLScheduler.from_config(tiny_t2i.scheduler.config)
     s.options, s._average = LMLOptions(damping=1e-12, momentum=0.5), torch.randn(1, 64, dtype=torch.float64)
@@ -134,8 +169,8 @@ def test_lml_with_momentum_changes_the_step_and_keeps_its_length(tiny_t2i):
 
 
 def test_solver_specs_are_checked(tiny_t2i):
-    images = tiny_t2i.sample(["a red circle"], steps=3, solver="ddim-lml:momentum=0.3")
-    assert images.shape == (1, 3, 16, 16)
+    for solver in ("ddim-lml:momentum=0.3", "dpm-lml:momentum=0.3"):
+        assert tiny_t2i.sample(["a red circle"], steps=3, solver=solver).shape == (1, 3, 16, 16)
     with pytest.raises(ValueError, match="Valid options: damping"):
         tiny_t2i.sample(["a red circle"], steps=3, solver="ddim-lml:kappa=0.3")
     with pytest.raises(ValueError, match="outside its range"):

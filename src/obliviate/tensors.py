@@ -8,13 +8,14 @@ dtype and shape without reading it, so weights can be hashed and written tensor 
 
 from __future__ import annotations
 
+import json
+import struct
 from abc import abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
-from safetensors import safe_open
 
 # the dtype names in a safetensors header
 SAFETENSORS_DTYPES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.float16: "F16",
@@ -40,24 +41,35 @@ def tensor_spec(tensors: Mapping, name: str) -> tuple[torch.dtype, tuple[int, ..
 
 class StoredTensors(LazyTensors):
     """Tensors in safetensors files, read from disk on each access. ``files`` holds (key prefix,
-    file) pairs: key ``prefix + name`` reads tensor ``name`` of that file."""
+    file) pairs: key ``prefix + name`` reads tensor ``name`` of that file.
+
+    Each read is a plain ``readinto`` at the tensor's offset: no memory map, so a tensor costs
+    its own bytes and nothing stays resident once it is dropped."""
 
     def __init__(self, files: Iterable[tuple[str, Path]]):
-        self._where: dict[str, tuple[Path, str]] = {}
+        self._where: dict[str, tuple[Path, int]] = {}  # key -> (file, offset of its bytes)
         self._specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
-        self._open: dict[Path, safe_open] = {}
         for prefix, path in files:
-            with safe_open(path, "pt") as stored:
-                for name in stored.keys():
-                    view = stored.get_slice(name)
-                    self._where[prefix + name] = (Path(path), name)
-                    self._specs[prefix + name] = (_DTYPE_OF_NAME[view.get_dtype()], tuple(view.get_shape()))
+            with open(path, "rb") as f:
+                size = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(size))
+            header.pop("__metadata__", None)
+            for name, entry in header.items():
+                if entry["dtype"] not in _DTYPE_OF_NAME:
+                    raise ValueError(f"{path}: tensor {name!r} has dtype {entry['dtype']}, which obliviate does not read.")
+                self._where[prefix + name] = (Path(path), 8 + size + entry["data_offsets"][0])
+                self._specs[prefix + name] = (_DTYPE_OF_NAME[entry["dtype"]], tuple(entry["shape"]))
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        path, name = self._where[key]
-        if path not in self._open:  # kept open: parsing a large header on every read costs more than the read
-            self._open[path] = safe_open(path, "pt")
-        return self._open[path].get_tensor(name)
+        path, offset = self._where[key]
+        dtype, shape = self._specs[key]
+        tensor = torch.empty(shape, dtype=dtype)
+        if tensor.numel():
+            with open(path, "rb") as f:
+                f.seek(offset)
+                if f.readinto(tensor.view(-1).view(torch.uint8).numpy()) != tensor.numel() * tensor.element_size():
+                    raise ValueError(f"{path} ends inside tensor {key!r}; the file is truncated.")
+        return tensor
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)

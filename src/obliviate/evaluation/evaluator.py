@@ -40,7 +40,7 @@ class EvalConfig:
     retain_prompts: int = field(default=40, metadata={"help": "prompts of retained concepts (IRA, CRA, FD)"})
     images_per_prompt: int = field(default=4, metadata={"help": "images sampled per prompt"})
     steps: int = field(default=20, metadata={"help": "sampler steps"})
-    solver: str = field(default="dpm", metadata={"help": "ddim, dpm, o-belm or ddim-lml (with options: ddim-lml:momentum=0.5)"})
+    solver: str = field(default="dpm", metadata={"help": "ddim, dpm, o-belm, ddim-lml or dpm-lml (with options: dpm-lml:momentum=0.5)"})
     judge: str = field(default="shapes-judge", metadata={"help": "zoo name or folder of the attribute judge"})
     ua_splits: str = field(default=",".join(SPLITS), metadata={
         "help": "prompt splits UA is measured on, comma-separated (train is always included); fewer = cheaper"})

@@ -43,7 +43,7 @@ class FreeTextEvalConfig:
     retain_prompts: int = field(default=40, metadata={"help": "prompts of retained concepts (IRA, FD, CLIP score)"})
     images_per_prompt: int = field(default=4, metadata={"help": "images sampled per prompt"})
     steps: int = field(default=20, metadata={"help": "sampler steps"})
-    solver: str = field(default="dpm", metadata={"help": "ddim, dpm, o-belm or ddim-lml (with options: ddim-lml:momentum=0.5)"})
+    solver: str = field(default="dpm", metadata={"help": "ddim, dpm, o-belm, ddim-lml or dpm-lml (with options: dpm-lml:momentum=0.5)"})
     seed: int = 0
 
     def __post_init__(self):

@@ -1,5 +1,5 @@
-"""O-BELM, the exactly invertible sampler of BELM (Wang et al., NeurIPS 2024), as a diffusers
-scheduler.
+"""BELM, the exactly invertible samplers of Wang et al. (NeurIPS 2024), as diffusers schedulers:
+O-BELM (``o-belm``) and the family's members with a fixed weight (``belm:a=...``).
 
 On a grid of N sampling steps from clean (i = 0, alpha_0 = 1, sigma_0 = 0) to noise (i = N), with
 alpha_i = sqrt(abar(t_i)), sigma_i = sqrt(1 - abar(t_i)), write y_i = x_i / alpha_i and
@@ -17,9 +17,19 @@ s). Generation reads the relation downwards; inversion solves the same relation 
 so an image inverted to noise regenerates to itself up to rounding, with classifier-free guidance
 too (the same guided eps both ways). The steps with no third state are DDIM:
 y_j = y_i + (s_j - s_i) eps. A v-prediction output v becomes eps = sigma x + alpha v.
+
+Any other weight a != 0 gives an exactly invertible member too: expanding y_{i-1} and y_{i+1}
+around s_i, the relation is consistent (first order) when c_i = -(h_i + a h_{i+1}). ``belm:a=1``
+is the symmetric form y_{i-1} = y_{i+1} - (h_i + h_{i+1}) eps (BDIA's leapfrog), whose parasitic
+solution neither grows nor shrinks; a fixed a != 1 multiplies rounding by up to max(a, 1/a)^N over
+a round trip (measured at 32 steps: a = 0.5 returns the image to 1e-9, a = 2 to 6e-5, a = 1 to
+1e-13, in float64), so ``belm`` defaults to a = 1. O-BELM's a_i = h_i^2 / h_{i+1}^2 is the member
+that is second order.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 from diffusers import DDPMScheduler
@@ -40,7 +50,7 @@ class OBELMScheduler(SchedulerMixin, ConfigMixin):
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas=None, prediction_type: str = "epsilon"):
         if prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"O-BELM needs epsilon or v_prediction outputs, not {prediction_type!r}.")
+            raise ValueError(f"BELM needs epsilon or v_prediction outputs, not {prediction_type!r}.")
         ddpm = DDPMScheduler(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
         self.alphas_cumprod = ddpm.alphas_cumprod.double()
         self.set_timesteps(num_train_timesteps)
@@ -48,7 +58,7 @@ class OBELMScheduler(SchedulerMixin, ConfigMixin):
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
         total = self.config.num_train_timesteps
         if not 1 <= num_inference_steps <= total:
-            raise ValueError(f"O-BELM takes 1 to {total} steps, got {num_inference_steps}.")
+            raise ValueError(f"BELM takes 1 to {total} steps, got {num_inference_steps}.")
         self.num_inference_steps = num_inference_steps
         ascending = torch.round(torch.arange(1, num_inference_steps + 1, dtype=torch.float64) * total / num_inference_steps) - 1
         abar = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[ascending.long()]])
@@ -106,3 +116,21 @@ class OBELMScheduler(SchedulerMixin, ConfigMixin):
             a, c = self._relation(i)
             y_up = (lower.double() / self.alpha[i - 1] - (1 - a) * y - c * eps) / a
         return (self.alpha[i + 1] * y_up).to(sample.dtype)
+
+
+@dataclass(frozen=True)
+class BELMOptions:
+    a: float = field(default=1.0, metadata={"help": "weight of x_{i+1} in every three-state relation (1: leapfrog)",
+                                            "range": (1e-3, 1e3)})
+
+
+class BELMScheduler(OBELMScheduler):
+    """A BELM member with a fixed weight ``options.a`` (module docstring): exactly invertible like
+    O-BELM, first order where O-BELM is second."""
+
+    options_class = BELMOptions
+    options = BELMOptions()
+
+    def _relation(self, i: int) -> tuple[float, float]:
+        h_i, h_up = self.s[i] - self.s[i - 1], self.s[i + 1] - self.s[i]
+        return self.options.a, -(h_i + self.options.a * h_up)

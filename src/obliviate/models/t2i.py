@@ -21,8 +21,8 @@ from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME
 
 from ..config import build_config, parse_spec
 from ..tensors import StoredTensors
-from .belm import OBELMScheduler
-from .lml import LMLScheduler
+from .belm import BELMScheduler, OBELMScheduler
+from .lml import DPMLMLScheduler, LMLScheduler
 from .text import CLIPEncoder, MiniLMEncoder, TextEncoder, TextEncoding
 
 BUNDLE_FILE = "obliviate.json"
@@ -33,7 +33,8 @@ _SD_MODEL_INDEX = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers
                    "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
                    "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"],
                    "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
-SOLVERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "o-belm": OBELMScheduler, "ddim-lml": LMLScheduler}
+SOLVERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "o-belm": OBELMScheduler, "belm": BELMScheduler,
+           "ddim-lml": LMLScheduler, "dpm-lml": DPMLMLScheduler}
 
 
 def solver_options(solver: str):
