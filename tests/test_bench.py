@@ -89,6 +89,40 @@ def test_bench_attacks_every_row_including_base_and_oracle(tmp_path, tiny_model_
     assert "attack_relearn" in (out / "s1-striped.csv").read_text().splitlines()[0]
 
 
+class Stop(BaseException):
+    """A kill, as far as the bench can tell."""
+
+
+@pytest.mark.parametrize("stop_at", ["while step 2 is applied", "after step 2 is applied, before its row"])
+def test_a_stopped_cell_resumes_at_the_step_it_stopped_at(tmp_path, tiny_model_dir, monkeypatch, stop_at):
+    from obliviate.engine import Store
+    args = (["uce"], [], "s3")
+    options = dict(model=str(tiny_model_dir), method_options={"uce": {"preserve": "none"}}, evaluate=False)
+    straight = run_bench(*args, tmp_path / "straight", tmp_path / "work-straight", echo=lambda _: None, **options)
+
+    original, applied = Store.apply, []
+
+    def stop_in_step_2(self, *a, **k):
+        applied.append(1)
+        if len(applied) == 2 and stop_at.startswith("while"):
+            raise Stop()
+        return original(self, *a, **k)
+
+    def stop_after_step_2(line):
+        if "step 2" in line and stop_at.startswith("after"):
+            raise Stop()
+
+    monkeypatch.setattr(Store, "apply", stop_in_step_2)
+    with pytest.raises(Stop):
+        run_bench(*args, tmp_path / "out", tmp_path / "work", echo=stop_after_step_2, **options)
+    monkeypatch.setattr(Store, "apply", original)
+    resumed = run_bench(*args, tmp_path / "out", tmp_path / "work", echo=lambda _: None, **options)
+    assert [(r["step"], r["model_hash"]) for r in resumed] == [(r["step"], r["model_hash"]) for r in straight]
+    store = Store(tmp_path / "work" / "s3__uce__none" / "store-1")
+    assert len(store.state().requests) == 3 and len(store.state().applied) == 3  # nothing applied twice
+    assert not (tmp_path / "work" / "s3__uce__none" / "progress.json").exists()  # a rerun starts afresh
+
+
 def test_a_request_the_method_refuses_ends_its_cell_with_the_rows_so_far(tmp_path, tiny_model_dir, monkeypatch):
     from obliviate.engine import Store
     original, calls = Store.apply, []

@@ -2,8 +2,10 @@
 every request, with the unedited base model as reference rows.
 
 Each cell (sequence, method, regularizer) is saved as JSON when it finishes, so a stopped run
-resumes where it left off. Tables are rebuilt from all finished cells: ``<sequence>.csv`` with one
-row per request, and ``<sequence>.md`` with the last row of every cell.
+resumes where it left off; inside a cell, its store and ``progress.json`` (the rows so far) in the
+work folder let a long sequence resume at the request it stopped at. Tables are rebuilt from all
+finished cells: ``<sequence>.csv`` with one row per request, and ``<sequence>.md`` with the last
+row of every cell.
 """
 
 from __future__ import annotations
@@ -173,20 +175,25 @@ def _run_cell(method, regularizer, sequence, spec, work, model, options, eval_op
     from .models.zoo import find_oracle, load_judge
     attackers = {kind: get_attack(kind).from_options(opts) for kind, opts in (attacks or {}).items()}
     judge = load_judge(eval_options.get("judge", "shapes-judge")) if attackers else None
-    rows = []
     cell_dir = work / _cell_name(sequence, method, regularizer)
-    shutil.rmtree(cell_dir, ignore_errors=True)
-    store, forgotten = None, ()
     requests = sequence_requests(sequence)
+    fresh = spec["fresh_store_per_request"]
+    progress = _CellProgress(cell_dir, {"model": str(model), "options": options, "eval_options": eval_options,
+                                        "oracles": str(oracles),
+                                        "evaluate": evaluate, "attacks": attacks or {},
+                                        "requests": [list(r) for r in requests]})
+    rows = progress.rows
+    store, forgotten = None, ()
     for step, targets in enumerate(requests, start=1):
         measured = evaluate and (step % spec.get("evaluate_every", 1) == 0 or step == len(requests))
-        if store is None or spec["fresh_store_per_request"]:
-            store = Store.init(cell_dir / f"store-{step}", model)
+        forgotten = (() if fresh else forgotten) + tuple(targets)
+        if step <= progress.done:  # recorded before a stop
+            continue
+        if store is None or fresh:
+            store = _cell_store(cell_dir / f"store-{step if fresh else 1}", model)
             evaluator = evaluator_for(store, eval_options) if evaluate else None
-            forgotten = ()
             if method == "oracle" and store.info["kind"] == "classifier":
                 return []
-        forgotten = forgotten + tuple(targets)
         start, outcome_hash = time.time(), None
         if method in ("base", "oracle") and not measured:
             continue
@@ -201,10 +208,15 @@ def _run_cell(method, regularizer, sequence, spec, work, model, options, eval_op
             model_now = store.family.load(folder).eval()
             metrics, cost = evaluator(model_now, store, forgotten=forgotten), {}
         else:
-            regs = split_regularizer_spec(regularizer)
-            store.add_request(list(targets), parse_spec(method)[0], options, regularizers=regs)
+            state, position = store.state(), 1 if fresh else step
             try:
-                outcome = store.apply(evaluator=evaluator if measured else None)[0]
+                if len(state.applied) < position:
+                    if not state.pending:  # else the stop came while this step's request was applied
+                        store.add_request(list(targets), parse_spec(method)[0], options,
+                                          regularizers=split_regularizer_spec(regularizer))
+                    outcome = store.apply(evaluator=evaluator if measured else None)[0]
+                else:  # applied before a stop, its row not yet written
+                    outcome = store.outcome(state.applied[position - 1])
             except ValueError as error:  # a method's own limit (ErasePro's constraint count): the cell ends here
                 echo(f"  step {step}: {Request(tuple(targets), '-').label} refused, the cell stops: {error}")
                 break
@@ -228,7 +240,42 @@ def _run_cell(method, regularizer, sequence, spec, work, model, options, eval_op
         shown = FAMILY_COLUMNS[store.info["kind"]]
         echo(f"  step {step} {row['targets']}: " + " ".join(f"{h} {row[k]}" for h, k, _ in shown if row[k] is not None)
              + f" ({time.time() - start:.0f}s)")
+        progress.record(step)
+    progress.finish()
     return rows
+
+
+class _CellProgress:
+    """The rows a cell has so far and the last step they cover, in ``progress.json`` beside its
+    store, so a stopped cell resumes at the step after. Anything else in the folder (a cell run
+    with other settings) is cleared first."""
+
+    def __init__(self, cell_dir: Path, identity: dict):
+        self.path, self.identity = cell_dir / "progress.json", json.loads(json.dumps(identity))
+        saved = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        if saved.get("identity") == self.identity:
+            self.rows, self.done = saved["rows"], saved["done"]
+        else:
+            shutil.rmtree(cell_dir, ignore_errors=True)
+            self.rows, self.done = [], 0
+
+    def record(self, step: int) -> None:
+        self.done = step
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"identity": self.identity, "done": step, "rows": self.rows}))
+        tmp.replace(self.path)
+
+    def finish(self) -> None:
+        """The cell's rows go to its JSON in the output folder; a rerun starts afresh."""
+        self.path.unlink(missing_ok=True)
+
+
+def _cell_store(folder: Path, model) -> Store:
+    """The cell's store: reopened when a stopped run left one, else created (a half-built one cleared)."""
+    if (folder / "store.json").is_file():
+        return Store(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    return Store.init(folder, model)
 
 
 def _attack_success(attack, model, judge, prompts, targets) -> dict:

@@ -361,6 +361,11 @@ class Store:
         self._remove_leftovers()
         return ApplyOutcome(rid, model_hash, metrics, cost)
 
+    def outcome(self, rid: int) -> ApplyOutcome:
+        """What ``apply`` returned for applied request ``rid``, read back from its ledger row."""
+        event = self.state().apply_events[rid]
+        return ApplyOutcome(rid, event.model_hash, event.payload["metrics"], event.payload["cost"])
+
     def _method_state(self, state: LedgerState) -> dict[str, torch.Tensor]:
         if not state.applied:
             return {}
