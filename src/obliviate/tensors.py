@@ -9,6 +9,7 @@ dtype and shape without reading it, so weights can be hashed and written tensor 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from abc import abstractmethod
 from collections.abc import Mapping
@@ -39,6 +40,30 @@ def tensor_spec(tensors: Mapping, name: str) -> tuple[torch.dtype, tuple[int, ..
     return tensors[name].dtype, tuple(tensors[name].shape)
 
 
+def _read_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int]]:
+    """Name -> (dtype, shape, offset of its bytes) from a safetensors file's header, checked so a
+    damaged file is refused here (``ValueError``) rather than read wrong."""
+    length = path.stat().st_size
+    with open(path, "rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0] if length >= 8 else length
+        if size > length - 8:
+            raise ValueError(f"{path} is not a safetensors file (its header would end past the file).")
+        header = json.loads(f.read(size))
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file (its header is not a JSON object).")
+    header.pop("__metadata__", None)
+    tensors = {}
+    for name, entry in header.items():
+        try:
+            dtype, shape, (start, end) = _DTYPE_OF_NAME[entry["dtype"]], tuple(entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: the header's entry for {name!r} is not one safetensors writes.") from None
+        if start < 0 or any(n < 0 for n in shape) or end - start != math.prod(shape) * dtype.itemsize or 8 + size + end > length:
+            raise ValueError(f"{path}: tensor {name!r}'s shape, dtype and byte range disagree; the file is damaged.")
+        tensors[name] = (dtype, shape, 8 + size + start)
+    return tensors
+
+
 class StoredTensors(LazyTensors):
     """Tensors in safetensors files, read from disk on each access. ``files`` holds (key prefix,
     file) pairs: key ``prefix + name`` reads tensor ``name`` of that file.
@@ -50,15 +75,9 @@ class StoredTensors(LazyTensors):
         self._where: dict[str, tuple[Path, int]] = {}  # key -> (file, offset of its bytes)
         self._specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
         for prefix, path in files:
-            with open(path, "rb") as f:
-                size = struct.unpack("<Q", f.read(8))[0]
-                header = json.loads(f.read(size))
-            header.pop("__metadata__", None)
-            for name, entry in header.items():
-                if entry["dtype"] not in _DTYPE_OF_NAME:
-                    raise ValueError(f"{path}: tensor {name!r} has dtype {entry['dtype']}, which obliviate does not read.")
-                self._where[prefix + name] = (Path(path), 8 + size + entry["data_offsets"][0])
-                self._specs[prefix + name] = (_DTYPE_OF_NAME[entry["dtype"]], tuple(entry["shape"]))
+            for name, (dtype, shape, offset) in _read_header(Path(path)).items():
+                self._where[prefix + name] = (Path(path), offset)
+                self._specs[prefix + name] = (dtype, shape)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         path, offset = self._where[key]
