@@ -581,13 +581,15 @@ def bench_samplers(model: str = typer.Option(DEFAULT_T2I, help="Zoo name or mode
                    prompts: int = typer.Option(40, min=1, max=1000, help="Training prompts judged per cell."),
                    images_per_prompt: int = typer.Option(4, min=1, max=64),
                    out: Path = typer.Option(Path("benchmarks/samplers")),
-                   fisher_only: bool = typer.Option(False, "--fisher-only", help="Only time diffusion-Fisher products.")) -> None:
+                   fisher_only: bool = typer.Option(False, "--fisher-only", help="Only time diffusion-Fisher products."),
+                   fisher: bool = typer.Option(True, "--fisher/--no-fisher", help="Also time diffusion-Fisher products.")) -> None:
     """Judge accuracy, FD, cost and O-BELM's inversion round trip per solver and step count; the
     speed of diffusion-Fisher vector products against autodiff."""
     from .bench import fisher_speed, sampler_benchmark
     if not fisher_only:
         typer.echo(sampler_benchmark(model, solver, steps, out, prompts, images_per_prompt, echo=typer.echo))
-    typer.echo(fisher_speed(model, out))
+    if fisher or fisher_only:
+        typer.echo(fisher_speed(model, out))
 
 
 def main() -> None:
