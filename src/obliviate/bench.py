@@ -272,7 +272,7 @@ class _CellProgress:
 
 def _cell_store(folder: Path, model) -> Store:
     """The cell's store: reopened when a stopped run left one, else created (a half-built one cleared)."""
-    if (folder / "store.json").is_file():
+    if Store.exists(folder):
         return Store(folder)
     shutil.rmtree(folder, ignore_errors=True)
     return Store.init(folder, model)

@@ -158,6 +158,11 @@ class Store:
         self._hashes: dict[tuple, str] = self._read_hash_cache()  # (how, path, inode, size, mtime, ctime) -> digest
         self._unsaved = False  # digests remembered since hashes.cache was read or written
 
+    @staticmethod
+    def exists(root: str | Path) -> bool:
+        """Whether ``root`` holds a store (``Store(root)`` then opens it)."""
+        return (Path(root) / STORE_FILE).is_file()
+
     # ------------------------------------------------------------------ creation
     @classmethod
     def init(cls, root: str | Path, model: str | Path = DEFAULT_T2I, retain: tuple[str, ...] = (),
