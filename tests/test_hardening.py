@@ -55,6 +55,11 @@ def flip_byte(path: Path, where: float = 0.5) -> None:
     path.write_bytes(bytes(data))
 
 
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
 def edit_json(path: Path, **changes) -> None:
     data = json.loads(path.read_text())
     data.update(changes)
@@ -77,6 +82,8 @@ FILE_TAMPERS = {
     "edit byte": lambda r: flip_byte(r / "edits/00001.safetensors", 0.9),
     "state byte": lambda r: flip_byte(r / "state/00001.safetensors", 0.9),
     "current weights byte": lambda r: flip_byte(r / "weights/after-00001.safetensors", 0.9),
+    "current weights header length": lambda r: flip_byte(r / "weights/after-00001.safetensors", 0.0),
+    "current weights truncated": lambda r: truncate(r / "weights/after-00001.safetensors"),
     "head file byte": lambda r: flip_byte(r / HEAD_FILE, 0.3),
     "head file deleted": lambda r: (r / HEAD_FILE).unlink(),
 }

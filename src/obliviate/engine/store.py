@@ -457,7 +457,7 @@ class Store:
             path = self.root / weights_file
             if not path.is_file():
                 problems.append(f"{path} (current weights) is missing")
-            elif self._hash(path, tensors=True) != current.model_hash:
+            elif self._weights_hash(path) != current.model_hash:
                 problems.append(f"{path} (current weights) does not match the hash in ledger row {current.seq}")
         elif current.model_hash != init["base_hash"]:
             problems.append(f"ledger row {current.seq} expects weights {current.model_hash[:12]} but the base model is current")
@@ -467,6 +467,13 @@ class Store:
             elif tensor_hash(self.replay()) != current.model_hash:
                 problems.append("replaying base + edits does not reproduce the current weights recorded in the ledger")
         return problems
+
+    def _weights_hash(self, path: Path) -> str | None:
+        """``tensor_hash`` of a weights file; None when it is no longer a safetensors file."""
+        try:
+            return self._hash(path, tensors=True)
+        except ValueError:
+            return None
 
     def _hash(self, path: Path, tensors: bool = False) -> str:
         """``file_hash`` of ``path`` (``tensor_hash`` of its tensors with ``tensors``), computed
