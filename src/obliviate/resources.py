@@ -85,7 +85,6 @@ class TensorCensus:
         self.packages = packages
         self.peak_bytes = 0
         self.peak_at = ""
-        self.counts = 0
 
     @staticmethod
     def live_bytes() -> int:
@@ -101,7 +100,6 @@ class TensorCensus:
         return sum(storages.values())
 
     def _count(self, where: str) -> None:
-        self.counts += 1
         live = self.live_bytes() - self._start
         if live > self.peak_bytes:
             self.peak_bytes, self.peak_at = live, where

@@ -181,8 +181,9 @@ class Store:
 
         def build(staging: Path) -> None:
             kind = model_family(source)
-            MODEL_FAMILIES[kind].load(source).save(staging / "base")
-            base_hash = tensor_hash(MODEL_FAMILIES[kind].stored_tensors(staging / "base"))  # no second copy in memory
+            family = MODEL_FAMILIES[kind]
+            family.load(source).save(staging / "base")
+            base_hash = tensor_hash(family.stored_tensors(staging / "base"))  # no second copy in memory
             info = {"format": FORMAT_VERSION, "kind": kind, "model_source": str(model), "retain": list(retain),
                     "evaluation": evaluation}
             (staging / STORE_FILE).write_text(json.dumps(info, indent=2))

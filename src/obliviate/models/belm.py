@@ -83,7 +83,10 @@ class OBELMScheduler(SchedulerMixin, ConfigMixin):
         return model_output.double()
 
     def _relation(self, i: int) -> tuple[float, float]:
-        h_i, h_up = self.s[i] - self.s[i - 1], self.s[i + 1] - self.s[i]
+        """(a_i, c_i) of the three-state relation at grid index ``i``."""
+        return self._coefficients(self.s[i] - self.s[i - 1], self.s[i + 1] - self.s[i])
+
+    def _coefficients(self, h_i, h_up) -> tuple[float, float]:
         return h_i**2 / h_up**2, -h_i * (h_i + h_up) / h_up
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True, **_):
@@ -131,6 +134,5 @@ class BELMScheduler(OBELMScheduler):
     options_class = BELMOptions
     options = BELMOptions()
 
-    def _relation(self, i: int) -> tuple[float, float]:
-        h_i, h_up = self.s[i] - self.s[i - 1], self.s[i + 1] - self.s[i]
+    def _coefficients(self, h_i, h_up) -> tuple[float, float]:
         return self.options.a, -(h_i + self.options.a * h_up)

@@ -89,7 +89,7 @@ class DPMLMLScheduler(_LMLCorrection, DPMSolverMultistepScheduler):
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, *args, **kwargs):
         if self.step_index is None:
             self._init_step_index(timestep)
-        alpha_t, sigma_t = self._sigma_to_alpha_sigma_t(self.sigmas[self.step_index])
+        alpha_t, _ = self._sigma_to_alpha_sigma_t(self.sigmas[self.step_index])
         _, sigma_next = self._sigma_to_alpha_sigma_t(self.sigmas[self.step_index + 1])
         eps = self._noise(model_output, sample, alpha_t**2)
         plain = super().step(model_output, timestep, sample, *args, **kwargs)

@@ -91,10 +91,11 @@ def find_oracle(concepts, language: str | None, oracles_dir: str | Path | None =
     there is one: in ``oracles_dir`` first, then among the shipped ones. Free-text models
     (``language`` None) have none."""
     from .t2i import bundle_language
-    if language is None or len(oracle_key(concepts).encode()) > 255:  # no folder can have a longer name
+    key = oracle_key(concepts)
+    if language is None or len(key.encode()) > 255:  # no folder can have a longer name
         return None
     for root in ([Path(oracles_dir)] if oracles_dir else []) + [SHIPPED_ORACLES / language]:
-        folder = root / oracle_key(concepts) / "model"
+        folder = root / key / "model"
         if folder.is_dir() and bundle_language(folder) == language:
             return folder
     return None
