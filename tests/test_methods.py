@@ -107,7 +107,8 @@ def test_the_gradient_methods_of_the_issue_are_registered():
 @pytest.mark.parametrize("method", GRADIENT_METHODS)
 def test_every_method_changes_the_model(tiny_t2i, method):
     result = run(tiny_t2i, method, anchor="solid" if method == "ablation" else None)
-    assert result.edit.deltas and any(torch.count_nonzero(d) for d in result.edit.deltas.values())
+    changes = [*result.edit.deltas.values(), *(up for up, _ in result.edit.factors.values())]
+    assert changes and any(torch.count_nonzero(d) for d in changes)
     assert result.stats["unet_forward_passes"] > 0 and result.stats["unet_backward_passes"] >= FAST["steps"]
 
 

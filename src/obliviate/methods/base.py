@@ -20,12 +20,20 @@ class Edit:
     """A frozen record of what one request changed.
 
     ``deltas`` are added to existing model tensors (named as in ``model.state_tensors()``);
+    ``factors`` are low-rank deltas kept as (up, down), added as ``up @ down`` (an adapter's
+    update: a rank-r change to a d_out x d_in weight stores r (d_out + d_in) numbers);
     ``additions`` are new tensors the request introduces (e.g. a text-space transform). Applying
     the same edits in the same order to the same base always gives bit-identical weights.
     """
 
     deltas: dict[str, torch.Tensor] = field(default_factory=dict)
     additions: dict[str, torch.Tensor] = field(default_factory=dict)
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        both = [k for k in self.factors if k in self.deltas]
+        if both:
+            raise ValueError(f"Edit changes {both[0]!r} both as a dense delta and as low-rank factors; give one.")
 
     def apply(self, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return dict(self.view(weights))
@@ -33,30 +41,54 @@ class Edit:
     def view(self, weights: Mapping[str, torch.Tensor]) -> "EditedTensors":
         """``apply``'s result, each tensor computed when read: weights stream through an edit
         (into a hash, into a file) without a second copy of the model in memory."""
-        missing = [k for k in self.deltas if k not in weights]
+        missing = [k for k in (*self.deltas, *self.factors) if k not in weights]
         if missing:
             raise KeyError(f"Edit changes tensors the model does not have: {missing[:3]}")
         clash = [k for k in self.additions if k in weights]
         if clash:
             raise KeyError(f"Edit adds tensors the model already has: {clash[:3]}")
-        return EditedTensors(weights, self.deltas, self.additions)
+        return EditedTensors(weights, _Deltas(self.deltas, self.factors), self.additions)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.deltas.values(), *self.additions.values()))
+        return sum(t.numel() * t.element_size() for t in self.to_tensors().values())
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        return {**{f"delta/{k}": v for k, v in self.deltas.items()}, **{f"add/{k}": v for k, v in self.additions.items()}}
+        return {**{f"delta/{k}": v for k, v in self.deltas.items()}, **{f"add/{k}": v for k, v in self.additions.items()},
+                **{f"up/{k}": up for k, (up, _) in self.factors.items()},
+                **{f"down/{k}": down for k, (_, down) in self.factors.items()}}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "Edit":
         return cls({k[6:]: v for k, v in tensors.items() if k.startswith("delta/")},
-                   {k[4:]: v for k, v in tensors.items() if k.startswith("add/")})
+                   {k[4:]: v for k, v in tensors.items() if k.startswith("add/")},
+                   {k[3:]: (v, tensors[f"down/{k[3:]}"]) for k, v in tensors.items() if k.startswith("up/")})
 
     @classmethod
     def between(cls, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> "Edit":
         """The delta edit from ``before`` to ``after`` over the tensors that changed."""
         return cls({k: (after[k] - before[k]).detach().cpu() for k in after if not torch.equal(after[k], before[k])})
+
+
+class _Deltas(Mapping):
+    """Dense deltas and low-rank factors as one mapping of deltas; ``up @ down`` is computed when
+    read, by the same operation each time, so replay stays bit-exact."""
+
+    def __init__(self, dense: Mapping[str, torch.Tensor], factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]):
+        self.dense, self.factors = dense, factors
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self.factors:
+            up, down = self.factors[name]
+            return up @ down
+        return self.dense[name]
+
+    def __iter__(self):
+        yield from self.dense
+        yield from self.factors
+
+    def __len__(self) -> int:
+        return len(self.dense) + len(self.factors)
 
 
 @dataclass

@@ -63,6 +63,11 @@ class GradientMethod(UnlearningMethod):
     def check_parameters(self, names) -> None:
         match_names(names, self.config.trainable_regex)
 
+    def trainable_pattern(self) -> str:
+        """The regex over UNet parameter names that selects what trains (``trainable`` by
+        default; an adapter method names its adapter's weights)."""
+        return self.config.trainable_regex
+
     def unlearn(self, model, request, context: UnlearningContext) -> MethodResult:
         config = self.config
         check_composition([spec.name for spec in request.regularizers])
@@ -80,7 +85,7 @@ class GradientMethod(UnlearningMethod):
         accelerator = Accelerator(cpu=context.device.type == "cpu")
         model.to(accelerator.device)
         model.unet.requires_grad_(False)
-        params = select_parameters(model.unet, config.trainable_regex)
+        params = select_parameters(model.unet, self.trainable_pattern())
         for p in params.values():
             p.requires_grad_(True)
         before = {n: p.detach().clone() for n, p in params.items()}

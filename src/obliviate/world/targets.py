@@ -64,6 +64,12 @@ class PromptSource(TargetSource, Protocol):
     def concept_words(self, targets: tuple[str, ...]) -> list[str]:
         """Every word naming a target."""
 
+    def supertype_of(self, targets: tuple[str, ...]) -> str:
+        """The supertype the targets belong to (the group an adapter method files them under)."""
+
+    def supertype_prompts(self, supertype: str) -> list[str]:
+        """Prompts that name ``supertype`` itself rather than one of its concepts."""
+
     def concept_mask(self, terms: tuple[str, ...]) -> np.ndarray:
         """Which known concepts the terms cover (empty for free text)."""
 
@@ -230,6 +236,24 @@ class WorldPrompts:
         synonyms), e.g. for text-space methods. Held-out synonyms are never among them."""
         return [w for c in self.target_concepts(targets) for w in self.lang.words(c)]
 
+    def supertype_of(self, targets: tuple[str, ...]) -> str:
+        """The parents of the targets' concepts, e.g. ``polygon`` for triangle and
+        ``pattern+polygon`` for "striped triangle"."""
+        return "+".join(sorted({c.parent for c in self.target_concepts(targets)}))
+
+    def supertype_prompts(self, supertype: str) -> list[str]:
+        """Short prompts naming each supertype word of ``supertype`` ("+"-joined) and nothing
+        else: "a polygon", "a polygon shape", "an image of a polygon", ..."""
+        prompts = []
+        for parent in supertype.split("+"):
+            if parent not in self.ontology.supertypes:
+                raise ValueError(f"{parent!r} is not a supertype of the embedded world; choose from "
+                                 f"{', '.join(self.ontology.supertypes)}.")
+            domain = self.ontology.get(self.ontology.supertypes[parent][0]).domain
+            prompts += [parent, f"a {parent}", f"an image of a {parent}", f"a {parent} {domain}", f"{parent} {domain}s",
+                        f"a picture of a {parent} {domain}"]
+        return prompts
+
 
 FREE_TEXT_TEMPLATES = ("{}", "a photo of {}", "an image of {}", "a painting of {}", "a picture showing {}")
 
@@ -277,3 +301,10 @@ class FreeTextPrompts:
 
     def concept_words(self, targets) -> list[str]:
         return list(targets)
+
+    def supertype_of(self, targets) -> str:
+        raise ValueError("Free-text targets have no known supertype; name the group the request belongs to "
+                         "(e.g. --set group=\"painting style\").")
+
+    def supertype_prompts(self, supertype) -> list[str]:
+        return [t.format(supertype) for t in FREE_TEXT_TEMPLATES]

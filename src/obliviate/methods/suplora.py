@@ -1,0 +1,164 @@
+"""SuPLoRA: one LoRA per supertype group on the cross-attention keys and values, whose
+down-projection cannot see the supertype.
+
+For a group j (the targets' supertype, e.g. ``polygon`` for triangle; ``group=NAME`` for free
+text) the adapted layer computes
+
+    W' h = W h + U_j D_j h,   D_j (r x d_in) frozen, U_j (d_out x r) trained from zero,
+
+where D_j's rows are an orthonormal basis of directions outside S_j, the span of the token states
+of the prompts naming the supertype ("a polygon", "a polygon shape", ...), chosen where the targets' token states have the
+most energy. So D_j s = 0 for every s in S_j: whatever U_j learns, a supertype prompt's keys and
+values stay those of the model before the group's adapter (to float rounding). A later request in
+the same group warm-starts it: D_j grows by up to ``rank`` new rows, orthogonal to S_j and to its
+old rows, and U_j keeps its columns.
+
+U_j trains with concept ablation's objective (target prompts reproduce the frozen model's anchor
+predictions, on the frozen model's anchor images) plus ``retain_weight`` times the same match on
+retained prompts. The paper's MACE-style loss (cross-attention maps inside the concept's mask)
+needs masks of the images trained on; this loss needs none, so it runs on any store.
+
+The served model is the base plus every group's adapter, summed (the paper fuses groups in closed
+form); each request's edit holds only its group's change, as factors (U_delta, D_j), and the
+method state holds each group's S_j, D_j and U_j.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..training import GradientConfig, TrainingSession, match_names, orthonormal_basis, token_states
+from .base import Edit, MethodResult, register_method
+from .gradient import GradientMethod
+
+ADAPTER = "suplora"
+
+
+@dataclass
+class SupLoRAConfig(GradientConfig):
+    steps: int = field(default=40, metadata={"help": "optimizer steps"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate of the up-projection"})
+    trainable: str = field(default="xattn-kv", metadata={
+        "help": "layers that get the group's LoRA: a preset or a regex over UNet parameter names (their .weight)"})
+    rank: int = field(default=4, metadata={"help": "down-projection rows each request adds to its group's adapter"})
+    group: str = field(default="", metadata={"help": "the adapter group; default: the targets' supertype (free text must name one)"})
+    retain_weight: float = field(default=1.0, metadata={"help": "weight of the retained prompts' prediction match"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.rank <= 0:
+            raise ValueError(f"rank must be positive, got {self.rank}")
+        if self.retain_weight < 0:
+            raise ValueError(f"retain_weight must be >= 0, got {self.retain_weight}")
+
+
+def extend_down(down: torch.Tensor, protected: torch.Tensor, concept: torch.Tensor, rank: int) -> torch.Tensor:
+    """``down`` (r x d, orthonormal rows) with up to ``rank`` new rows appended: the top singular
+    directions of ``concept`` (n x d token states) outside ``protected`` (d x k) and ``down``."""
+    d = protected.shape[0]
+    seen = torch.cat([protected, down.double().T], 1)
+    outside = torch.eye(d, dtype=torch.float64) - seen @ seen.T
+    _, s, vh = torch.linalg.svd(concept.double() @ outside, full_matrices=False)
+    new = vh[:min(rank, int((s > 1e-6 * s[0]).sum()) if len(s) and s[0] > 0 else 0)]
+    new = new - (new @ seen) @ seen.T  # exact complement, not just to the SVD's rounding
+    new = torch.linalg.qr(new.T).Q.T if len(new) else new
+    return torch.cat([down.double(), new]).float()
+
+
+def _group_key(group: str) -> str:
+    return "group." + re.sub(r"[^A-Za-z0-9+_.-]", "_", group)
+
+
+def adapted_layers(unet: torch.nn.Module, pattern: str) -> list[str]:
+    """The linear layers whose ``.weight`` the pattern matches."""
+    names = [n for n, p in unet.named_parameters()]
+    chosen = match_names(names, pattern)
+    layers = [n[:-len(".weight")] for n in chosen if n.endswith(".weight")
+              and isinstance(unet.get_submodule(n[:-len(".weight")]), torch.nn.Linear)]
+    if not layers:
+        raise ValueError(f"{pattern!r} selects no linear layer's weight; a LoRA needs linear layers (e.g. trainable=xattn-kv).")
+    return layers
+
+
+@register_method
+class SupLoRA(GradientMethod):
+    name = "suplora"
+    description = "one LoRA per supertype group on K/V, its down-projection blind to the supertype's prompts (SuPLoRA)"
+    config_class = SupLoRAConfig
+    accepts_regularizers = False  # its protection is the frozen subspace; a weight-space regularizer sees other shapes
+
+    def trainable_pattern(self) -> str:
+        return rf"\.lora_B\.{ADAPTER}\."
+
+    def image_prompts(self, session: TrainingSession) -> list[str]:
+        return session.anchor_prompts
+
+    def loss(self, session: TrainingSession) -> torch.Tensor:
+        batch = session.forget_batch()
+        with torch.no_grad():
+            goal = session.teacher.predict(batch.noisy, batch.t, session.encode(batch.anchors))
+        loss = (session.model.predict(batch.noisy, batch.t, session.encode(batch.prompts)) - goal).pow(2).mean()
+        if self.config.retain_weight:
+            kept = session.retain_batch()
+            with torch.no_grad():
+                goal = session.teacher.predict(kept.noisy, kept.t, session.encode(kept.prompts))
+            drift = (session.model.predict(kept.noisy, kept.t, session.encode(kept.prompts)) - goal).pow(2).mean()
+            loss = loss + self.config.retain_weight * drift
+        return loss
+
+    def unlearn(self, model, request, context) -> MethodResult:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        cfg = self.config
+        targets = tuple(request.targets)
+        group = cfg.group or context.prompts.supertype_of(targets)
+        key = _group_key(group)
+        rng = np.random.default_rng([request.seed, 1])  # the training loop draws from the request seed's own stream
+        layers = adapted_layers(model.unet, cfg.trainable_regex)
+        with torch.no_grad():
+            protected = context.state.get(f"{key}/supertype")
+            if protected is None:  # every direction the supertype prompts' token states have
+                states = token_states(model, context.prompts.supertype_prompts(group))
+                protected = orthonormal_basis(states.T, states.shape[1], rtol=1e-6)
+            old_down = context.state.get(f"{key}/down", torch.zeros(0, protected.shape[0]))
+            pairs = context.prompts.forget_pairs(targets, request.anchor, 64, rng)
+            down = extend_down(old_down, protected, token_states(model, [p.target for p in pairs]), cfg.rank)
+
+        rank = len(down)
+        had_config = hasattr(model.unet, "peft_config")
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=layers, lora_dropout=0.0),
+                                model.unet, adapter_name=ADAPTER)
+        try:
+            with torch.no_grad():
+                for layer in layers:
+                    lora = model.unet.get_submodule(layer)
+                    lora.lora_A[ADAPTER].weight.copy_(down.to(lora.lora_A[ADAPTER].weight))
+                    lora.lora_B[ADAPTER].weight.zero_()
+            result = super().unlearn(model, request, context)
+        finally:
+            for layer in layers:  # put the plain linear layers back: names and weights as before
+                parent, _, child = layer.rpartition(".")
+                holder = model.unet.get_submodule(parent)
+                setattr(holder, child, getattr(holder, child).get_base_layer())
+            if not had_config:
+                del model.unet.peft_config
+
+        state = dict(context.state)
+        state[f"{key}/supertype"] = protected
+        state[f"{key}/down"] = down
+        factors = {}
+        for layer in layers:
+            change = result.edit.deltas.get(f"unet.{layer}.lora_B.{ADAPTER}.weight")
+            old_up = state.get(f"{key}/up/{layer}", torch.zeros(model.unet.get_submodule(layer).out_features, 0))
+            up = torch.cat([old_up, torch.zeros(old_up.shape[0], rank - old_up.shape[1])], 1)
+            if change is not None:
+                factors[f"unet.{layer}.weight"] = (change.contiguous(), down.clone())
+                up = up + change
+            state[f"{key}/up/{layer}"] = up
+        stats = {**result.stats, "group": group, "group_rank": rank, "new_directions": rank - len(old_down),
+                 "protected_dimensions": protected.shape[1], "warm_start": bool(len(old_down))}
+        return MethodResult(Edit(factors=factors), state, stats)

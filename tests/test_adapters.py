@@ -1,0 +1,98 @@
+"""Adapter methods (issue #18): low-rank edits, SuPLoRA's frozen supertype subspace, groups in the store."""
+
+import pytest
+import torch
+
+from obliviate.methods import Edit
+from obliviate.training import token_states
+from obliviate.world import FreeTextPrompts, WorldPrompts
+from test_methods import FAST, run
+
+
+def test_low_rank_edit_round_trips_and_views_like_apply():
+    gen = torch.Generator().manual_seed(0)
+    weights = {"a": torch.randn(6, 5, generator=gen), "b": torch.randn(3, generator=gen)}
+    edit = Edit(deltas={"b": torch.ones(3)}, factors={"a": (torch.randn(6, 2, generator=gen), torch.randn(2, 5, generator=gen))})
+    applied = edit.apply(weights)
+    up, down = edit.factors["a"]
+    assert torch.equal(applied["a"], weights["a"] + up @ down) and torch.equal(applied["b"], weights["b"] + 1)
+    again = Edit.from_tensors(edit.to_tensors())
+    assert all(torch.equal(again.apply(weights)[k], applied[k]) for k in applied)
+    assert edit.nbytes == 4 * (3 + 6 * 2 + 2 * 5)
+    with pytest.raises(ValueError, match="both as a dense delta and as low-rank factors"):
+        Edit(deltas={"a": torch.zeros(6, 5)}, factors={"a": (up, down)})
+    with pytest.raises(KeyError, match="does not have"):
+        Edit(factors={"c": (up, down)}).view(weights)
+
+
+def _kv_outputs(model, prompts, edit, weights):
+    """Each edited layer's outputs for the token states of ``prompts``, before and after ``edit``."""
+    states = token_states(model, prompts).float()
+    after = edit.apply(weights)
+    return [(states @ weights[k].T, states @ after[k].T) for k in edit.factors]
+
+
+def test_suplora_keeps_its_supertype_prompts_exactly_and_grows_its_group(tiny_t2i):
+    weights = tiny_t2i.state_tensors()
+    first = run(tiny_t2i, "suplora", {"learning_rate": 1e-2}, targets=("triangle",))
+    assert first.stats["group"] == "polygon" and not first.stats["warm_start"]
+    assert first.edit.factors and not first.edit.deltas
+    supertype = WorldPrompts().supertype_prompts("polygon")
+    for before, after in _kv_outputs(tiny_t2i, supertype, first.edit, weights):
+        assert torch.allclose(after, before, atol=1e-6)
+    # the concept's own prompts do move: the adapter is not a no-op
+    moved = _kv_outputs(tiny_t2i, ["a striped red triangle"], first.edit, weights)
+    assert max(float((a - b).abs().max()) for b, a in moved) > 1e-4
+    # a dense K/V delta of the same layers costs d_out * d_in per layer; the factors far less
+    dense = sum(weights[k].numel() * 4 for k in first.edit.factors)
+    assert first.edit.nbytes < dense / 3
+
+    # a second request in the group warm-starts it: more rows, still orthonormal and blind to S
+    context_state = first.state
+    from obliviate.methods import UnlearningContext, get_method
+    from obliviate.engine import Request
+    options = {**FAST, "learning_rate": 1e-2}
+    request = Request(("square",), "suplora", options, None, (), 1)
+    context = UnlearningContext(prompts=WorldPrompts(), base_weights=weights, state=context_state)
+    second = get_method("suplora").from_options(options).unlearn(tiny_t2i, request, context)
+    assert second.stats["warm_start"] and second.stats["group_rank"] == first.stats["group_rank"] + second.stats["new_directions"]
+    down, protected = second.state["group.polygon/down"].double(), second.state["group.polygon/supertype"]
+    assert torch.allclose(down @ down.T, torch.eye(len(down), dtype=torch.float64), atol=1e-5)
+    assert float((down @ protected).abs().max()) < 1e-5
+    assert torch.equal(down[:first.stats["group_rank"]], first.state["group.polygon/down"].double())
+    for before, after in _kv_outputs(tiny_t2i, supertype, second.edit, weights):
+        assert torch.allclose(after, before, atol=1e-6)
+
+
+def test_suplora_groups_by_supertype_and_free_text_must_name_one(tiny_t2i):
+    assert WorldPrompts().supertype_of(("red",)) == "warm"
+    assert WorldPrompts().supertype_of(("striped triangle",)) == "pattern+polygon"
+    with pytest.raises(ValueError, match="not a supertype"):
+        WorldPrompts().supertype_prompts("shiny")
+    with pytest.raises(ValueError, match="--set group="):
+        FreeTextPrompts().supertype_of(("van gogh",))
+    assert FreeTextPrompts().supertype_prompts("painting style")[0] == "painting style"
+
+
+def test_suplora_requests_in_a_store_replay_bit_exactly_and_roll_back(tmp_path, tiny_model_dir):
+    from obliviate.engine import Store
+    store = Store.init(tmp_path / "s", tiny_model_dir)
+    fast = {k: str(v) for k, v in FAST.items()}
+    for target in ("triangle", "red", "square"):
+        store.add_request([target], "suplora", fast)
+    store.apply()
+    state = store.method_state()
+    assert {k.split("/")[1] for k in state if k.startswith("suplora/group.")} == {"group.polygon", "group.warm"}
+    assert store.verify() == []
+    # the served model is the base plus every group's adapter
+    base, served = store.replay(0), store.load_model().state_tensors()
+    for key in [k for k in state if "/up/" in k][:4]:
+        group, layer = key.split("/")[1], key.split("/up/")[1]
+        name = f"unet.{layer}.weight"
+        others = [k for k in state if k.endswith(f"/up/{layer}") and k != key]
+        total = state[key] @ state[f"suplora/{group}/down"] + sum(
+            state[k] @ state[f"suplora/{k.split('/')[1]}/down"] for k in others)
+        assert torch.allclose(served[name] - base[name], total, atol=1e-6)
+    store.rollback(1)
+    assert {k.split("/")[1] for k in store.method_state() if k.startswith("suplora/")} == {"group.polygon"}
+    assert store.verify() == []
