@@ -96,3 +96,51 @@ def test_suplora_requests_in_a_store_replay_bit_exactly_and_roll_back(tmp_path, 
     store.rollback(1)
     assert {k.split("/")[1] for k in store.method_state() if k.startswith("suplora/")} == {"group.polygon"}
     assert store.verify() == []
+
+
+def test_grow_basis_holds_the_energy_asked_for_and_stays_orthonormal():
+    from obliviate.methods.lw2g import grow_basis
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(40, 3, generator=gen).double() @ torch.randn(3, 12, generator=gen).double()
+    basis = grow_basis(torch.zeros(12, 0, dtype=torch.float64), features, 0.9)
+    assert torch.allclose(basis.T @ basis, torch.eye(basis.shape[1], dtype=torch.float64), atol=1e-10)
+    held = (features @ basis).pow(2).sum() / features.pow(2).sum()
+    assert held >= 0.9 and basis.shape[1] <= 3
+    # features already held add nothing
+    assert grow_basis(basis, features @ basis @ basis.T, 0.9).shape == basis.shape
+
+
+def test_hinder_angle_is_zero_inside_the_basis_and_ninety_outside():
+    from obliviate.methods.lw2g import hinder_angle
+    basis = torch.eye(6, dtype=torch.float64)[:, :2]
+    assert hinder_angle([torch.tensor([[1.0, 2.0, 0, 0, 0, 0]])], basis) == pytest.approx(0.0, abs=1e-4)
+    assert hinder_angle([torch.tensor([[0, 0, 1.0, 0, 0, 0]])], basis) == pytest.approx(90.0)
+    assert hinder_angle([torch.tensor([[1.0, 0, 1.0, 0, 0, 0]])], basis) == pytest.approx(45.0)
+
+
+def test_lw2g_records_its_decision_and_a_shared_group_keeps_its_earlier_columns(tiny_t2i, monkeypatch):
+    from obliviate.engine import Request
+    from obliviate.methods import UnlearningContext, get_method
+    from obliviate.methods import lw2g
+    options = {**FAST, "learning_rate": 1e-2}
+
+    def apply(target, state, seed):
+        request = Request((target,), "lw2g", options, None, (), seed)
+        context = UnlearningContext(WorldPrompts(), tiny_t2i.state_tensors(), state, forgotten=())
+        return get_method("lw2g").from_options(options).unlearn(tiny_t2i, request, context)
+
+    first = apply("triangle", {}, 0)
+    assert first.stats["decision"] == "grow lw2g.0" and first.stats["hfc"] == {}
+    assert "group.lw2g.0/features" in first.state
+    # force sharing: the threshold (computed first) is low, the one group's angle high
+    angles = iter([10.0, 80.0])
+    monkeypatch.setattr(lw2g, "hinder_angle", lambda gradients, basis: next(angles))
+    second = apply("square", first.state, 1)
+    assert second.stats["decision"] == "share lw2g.0" and second.stats["warm_start"]
+    old = first.stats["group_rank"]
+    for up, down in second.edit.factors.values():
+        assert torch.count_nonzero(up[:, :old]) == 0 and torch.count_nonzero(up[:, old:]) > 0
+    features = second.state["group.lw2g.0/features"]
+    down = second.state["group.lw2g.0/down"].double()
+    assert float((down[old:] @ first.state["group.lw2g.0/features"]).abs().max()) < 1e-5
+    assert features.shape[1] >= first.state["group.lw2g.0/features"].shape[1]

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..training import GradientConfig, TrainingSession, match_names, orthonormal_basis, token_states
+from ..training import (GradientConfig, ParameterConstraint, TrainingSession, match_names, orthonormal_basis,
+                        token_states)
 from .base import Edit, MethodResult, register_method
 from .gradient import GradientMethod
 
@@ -58,15 +59,30 @@ class SupLoRAConfig(GradientConfig):
 
 def extend_down(down: torch.Tensor, protected: torch.Tensor, concept: torch.Tensor, rank: int) -> torch.Tensor:
     """``down`` (r x d, orthonormal rows) with up to ``rank`` new rows appended: the top singular
-    directions of ``concept`` (n x d token states) outside ``protected`` (d x k) and ``down``."""
+    directions of ``concept`` (n x d token states) outside the span of ``protected`` (d x k
+    columns, not necessarily orthonormal) and of ``down``."""
     d = protected.shape[0]
-    seen = torch.cat([protected, down.double().T], 1)
+    seen = orthonormal_basis(torch.cat([protected.double(), down.double().T], 1), d, rtol=1e-9)
     outside = torch.eye(d, dtype=torch.float64) - seen @ seen.T
     _, s, vh = torch.linalg.svd(concept.double() @ outside, full_matrices=False)
     new = vh[:min(rank, int((s > 1e-6 * s[0]).sum()) if len(s) and s[0] > 0 else 0)]
     new = new - (new @ seen) @ seen.T  # exact complement, not just to the SVD's rounding
     new = torch.linalg.qr(new.T).Q.T if len(new) else new
     return torch.cat([down.double(), new]).float()
+
+
+@dataclass(frozen=True)
+class GroupChoice:
+    """Which group's adapter a request trains. ``supertype`` names the prompts a new group's
+    down-projection must not see; ``avoid`` (d_in x k) are further directions the request's new
+    rows stay out of; with ``train_old_columns`` False the group's earlier up-projection columns
+    stay fixed, so the request cannot change what the group's earlier rows read."""
+
+    name: str
+    supertype: str
+    avoid: torch.Tensor | None = None
+    train_old_columns: bool = True
+    stats: dict = field(default_factory=dict)
 
 
 def _group_key(group: str) -> str:
@@ -91,8 +107,14 @@ class SupLoRA(GradientMethod):
     config_class = SupLoRAConfig
     accepts_regularizers = False  # its protection is the frozen subspace; a weight-space regularizer sees other shapes
 
+    _frozen_columns = 0  # up-projection columns a request may not move (set per request)
+
     def trainable_pattern(self) -> str:
         return rf"\.lora_B\.{ADAPTER}\."
+
+    def group_state(self, key: str, state: dict[str, torch.Tensor], concept: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Extra per-group state a subclass keeps (LW2G: the group's feature basis)."""
+        return {}
 
     def image_prompts(self, session: TrainingSession) -> list[str]:
         return session.anchor_prompts
@@ -110,23 +132,41 @@ class SupLoRA(GradientMethod):
             loss = loss + self.config.retain_weight * drift
         return loss
 
+    def choose_group(self, model, request, context, layers: list[str]) -> GroupChoice:
+        """The group this request trains: its supertype, or the one the config names."""
+        group = self.config.group or context.prompts.supertype_of(tuple(request.targets))
+        return GroupChoice(group, group)
+
+    def constraints(self, session: TrainingSession) -> dict[str, ParameterConstraint]:
+        if not self._frozen_columns:
+            return {}
+        masks = {}
+        for name, param in session.params.items():
+            mask = torch.ones_like(param, device="cpu")
+            mask[:, :self._frozen_columns] = 0
+            masks[name] = ParameterConstraint(self.name, mask=mask)
+        return masks
+
     def unlearn(self, model, request, context) -> MethodResult:
         from peft import LoraConfig, inject_adapter_in_model
 
         cfg = self.config
         targets = tuple(request.targets)
-        group = cfg.group or context.prompts.supertype_of(targets)
-        key = _group_key(group)
         rng = np.random.default_rng([request.seed, 1])  # the training loop draws from the request seed's own stream
         layers = adapted_layers(model.unet, cfg.trainable_regex)
+        choice = self.choose_group(model, request, context, layers)
+        key = _group_key(choice.name)
         with torch.no_grad():
             protected = context.state.get(f"{key}/supertype")
             if protected is None:  # every direction the supertype prompts' token states have
-                states = token_states(model, context.prompts.supertype_prompts(group))
+                states = token_states(model, context.prompts.supertype_prompts(choice.supertype))
                 protected = orthonormal_basis(states.T, states.shape[1], rtol=1e-6)
             old_down = context.state.get(f"{key}/down", torch.zeros(0, protected.shape[0]))
             pairs = context.prompts.forget_pairs(targets, request.anchor, 64, rng)
-            down = extend_down(old_down, protected, token_states(model, [p.target for p in pairs]), cfg.rank)
+            concept = token_states(model, [p.target for p in pairs])
+            avoid = protected if choice.avoid is None else torch.cat([protected, choice.avoid.double()], 1)
+            down = extend_down(old_down, avoid, concept, cfg.rank)
+        self._frozen_columns = 0 if choice.train_old_columns else len(old_down)
 
         rank = len(down)
         had_config = hasattr(model.unet, "peft_config")
@@ -159,6 +199,7 @@ class SupLoRA(GradientMethod):
                 factors[f"unet.{layer}.weight"] = (change.contiguous(), down.clone())
                 up = up + change
             state[f"{key}/up/{layer}"] = up
-        stats = {**result.stats, "group": group, "group_rank": rank, "new_directions": rank - len(old_down),
+        state.update(self.group_state(key, context.state, concept))
+        stats = {**result.stats, **choice.stats, "group": choice.name, "group_rank": rank, "new_directions": rank - len(old_down),
                  "protected_dimensions": protected.shape[1], "warm_start": bool(len(old_down))}
         return MethodResult(Edit(factors=factors), state, stats)
