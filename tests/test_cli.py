@@ -96,3 +96,21 @@ def test_eval_reports_the_likelihood_of_forgotten_and_retained_renders(tmp_path,
                     "--set", "retain_prompts=2", "--set", "steps=2", "--set", f"oracles={tmp_path / 'none'}")
     metrics = json.loads(result.output)
     assert set(metrics["nll"]) == {"striped"} and all(math.isfinite(metrics[k]) for k in ("nll_forgotten", "nll_retained"))
+
+
+def test_status_shows_an_adapter_requests_group_and_lw2g_decision(tmp_path, tiny_model_dir):
+    from obliviate.cli import _adapter_note
+    store = tmp_path / "store"
+    invoke("init", store, "--model", tiny_model_dir)
+    assert invoke("request", "add", store, "triangle", "--method", "lw2g", *FAST).exit_code == 0
+    assert invoke("request", "add", store, "red", "--method", "suplora", *FAST).exit_code == 0
+    assert invoke("apply", store).exit_code == 0
+    costs = [r["cost"] for r in json.loads(invoke("status", store, "--json").output)["requests"]]
+    assert costs[0]["decision"] == "grow lw2g.0" and costs[0]["hfc"] == {} and costs[0]["hfc_threshold"] > 0
+    assert _adapter_note(costs[0]).startswith("lw2g.0 rank 4; grow lw2g.0 (HFC no groups; threshold ")
+    assert _adapter_note(costs[1]) == "warm rank 4" and _adapter_note({"seconds": 1.0}) == ""
+    # a group the embedded world does not know fails the request with the choices, and changes nothing
+    invoke("request", "add", store, "square", "--method", "suplora", "--set", "group=shiny", *FAST)
+    result = runner.invoke(app, ["apply", str(store)])
+    assert result.exit_code != 0 and "not a supertype" in result.output + str(result.exception)
+    assert json.loads(invoke("status", store, "--json").output)["applied"] == [1, 2]

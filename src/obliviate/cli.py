@@ -394,8 +394,19 @@ def status(store: Path = typer.Argument(...), as_json: bool = typer.Option(False
         rows.append([r["id"], r["label"], r["method"], ",".join(r["regularizers"]) or "-", r["status"],
                      (r["model_hash"] or "")[:12], f"{cost['seconds']:.1f}" if cost else "",
                      " ".join(f"{k}={metrics[k]:.3f}" for k in ("ua", "ira", "cra", "fd", "ra", "ta", "mia", "gap")
-                              if metrics.get(k) is not None)])
-    _table("requests", ["id", "forget", "method", "regularizers", "status", "model", "seconds", "metrics"], rows)
+                              if metrics.get(k) is not None), _adapter_note(cost)])
+    _table("requests", ["id", "forget", "method", "regularizers", "status", "model", "seconds", "metrics", "adapter"], rows)
+
+
+def _adapter_note(cost: dict) -> str:
+    """An adapter method's group (and LW2G's decision with its angles) from a ledger row's cost."""
+    if "group" not in cost:
+        return ""
+    note = f"{cost['group']} rank {cost['group_rank']}"
+    if "decision" in cost:
+        angles = ", ".join(f"{g} {a:.1f}" for g, a in cost["hfc"].items()) or "no groups"
+        note += f"; {cost['decision']} (HFC {angles}; threshold {cost['hfc_threshold']:.1f})"
+    return note
 
 
 @app.command()
