@@ -144,3 +144,44 @@ def test_lw2g_records_its_decision_and_a_shared_group_keeps_its_earlier_columns(
     down = second.state["group.lw2g.0/down"].double()
     assert float((down[old:] @ first.state["group.lw2g.0/features"]).abs().max()) < 1e-5
     assert features.shape[1] >= first.state["group.lw2g.0/features"].shape[1]
+
+
+def test_iteris_keeps_one_task_exactly_and_each_task_on_its_own_inputs():
+    from obliviate.regularizers.merge import iteris_merge
+    gen = torch.Generator().manual_seed(0)
+    w1, w2 = torch.randn(5, 8, generator=gen).double(), torch.randn(5, 8, generator=gen).double()
+    x1 = torch.randn(20, 8, generator=gen).double()
+    assert torch.allclose(iteris_merge([w1], [x1]), w1, atol=1e-10)
+    # tasks whose inputs live in orthogonal subspaces: the merge reproduces each on its own inputs
+    q = torch.linalg.qr(torch.randn(8, 8, generator=gen).double()).Q
+    a = torch.randn(30, 3, generator=gen).double() @ q[:, :3].T
+    b = torch.randn(30, 4, generator=gen).double() @ q[:, 3:7].T
+    merged = iteris_merge([w1, w2], [a, b], alpha=1e-8)
+    assert torch.allclose(merged @ a.T, w1 @ a.T, atol=1e-5) and torch.allclose(merged @ b.T, w2 @ b.T, atol=1e-5)
+    # rounds refresh the merged model's inputs; inputs no edit changes give the one-round answer
+    calls = []
+    again = iteris_merge([w1, w2], [a, b], alpha=1e-8, rounds=3, refresh=lambda w: calls.append(w) or [a, b])
+    assert len(calls) == 2 and torch.allclose(again, merged)
+
+
+def test_iteris_merge_in_a_store_and_its_clear_refusal(tmp_path, tiny_model_dir):
+    from obliviate.engine import RegularizerSpec, Store
+    from obliviate.regularizers.merge import iteris_merge
+    store = Store.init(tmp_path / "s", tiny_model_dir)
+    fast = {**{k: str(v) for k, v in FAST.items()}, "trainable": "xattn-kv"}
+    iteris = (RegularizerSpec("merge", {"strategy": "iteris"}),)
+    for target in ("striped", "triangle"):
+        store.add_request([target], "esd", fast, regularizers=iteris)
+    store.apply()
+    state = store.method_state()
+    assert "reg.merge/tasks.inputs.0" in state and "reg.merge/tasks.inputs.1" in state
+    base, served = store.replay(0), store.load_model().state_tensors()
+    name = next(k[len("reg.merge/tasks.0."):] for k in state if k.startswith("reg.merge/tasks.0."))
+    start = base[f"unet.{name}"]
+    expected = iteris_merge([start + state[f"reg.merge/tasks.{i}.{name}"] for i in (0, 1)],
+                            [state[f"reg.merge/tasks.inputs.{i}"] for i in (0, 1)], 1e-5)
+    assert torch.allclose(served[f"unet.{name}"], expected, atol=1e-5)
+    store.add_request(["red"], "esd", {**fast, "trainable": "xattn"}, regularizers=iteris)
+    with pytest.raises(ValueError, match="strategy=iteris merges layers whose input is the prompt"):
+        store.apply()
+    assert store.verify() == []
