@@ -7,11 +7,11 @@ text) the adapted layer computes
     W' h = W h + U_j D_j h,   D_j (r x d_in) frozen, U_j (d_out x r) trained from zero,
 
 where D_j's rows are an orthonormal basis of directions outside S_j, the span of the token states
-of the prompts naming the supertype ("a polygon", "a polygon shape", ...), chosen where the targets' token states have the
-most energy. So D_j s = 0 for every s in S_j: whatever U_j learns, a supertype prompt's keys and
-values stay those of the model before the group's adapter (to float rounding). A later request in
-the same group warm-starts it: D_j grows by up to ``rank`` new rows, orthogonal to S_j and to its
-old rows, and U_j keeps its columns.
+of the prompts naming the supertype ("a polygon", "a polygon shape", ...), chosen where target
+prompts' token states differ most from their anchors'. So D_j s = 0 for every s in S_j: whatever
+U_j learns, a supertype prompt's keys and values stay those of the model before the group's
+adapter (to float rounding). A later request in the same group warm-starts it: D_j grows by up
+to ``rank`` new rows, orthogonal to S_j and to its old rows, and U_j keeps its columns.
 
 U_j trains with concept ablation's objective (target prompts reproduce the frozen model's anchor
 predictions, on the frozen model's anchor images) plus ``retain_weight`` times the same match on
@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..training import (GradientConfig, ParameterConstraint, TrainingSession, match_names, orthonormal_basis,
-                        token_states)
+from ..training import (GradientConfig, ParameterConstraint, TrainingSession, aligned_token_states, match_names,
+                        orthonormal_basis, token_states)
 from .base import Edit, MethodResult, register_method
 from .gradient import GradientMethod
 
@@ -57,14 +57,14 @@ class SupLoRAConfig(GradientConfig):
             raise ValueError(f"retain_weight must be >= 0, got {self.retain_weight}")
 
 
-def extend_down(down: torch.Tensor, protected: torch.Tensor, concept: torch.Tensor, rank: int) -> torch.Tensor:
+def extend_down(down: torch.Tensor, protected: torch.Tensor, shift: torch.Tensor, rank: int) -> torch.Tensor:
     """``down`` (r x d, orthonormal rows) with up to ``rank`` new rows appended: the top singular
-    directions of ``concept`` (n x d token states) outside the span of ``protected`` (d x k
-    columns, not necessarily orthonormal) and of ``down``."""
+    directions of ``shift`` (n x d: how token states move when a prompt names the concept)
+    outside the span of ``protected`` (d x k columns, not necessarily orthonormal) and of ``down``."""
     d = protected.shape[0]
     seen = orthonormal_basis(torch.cat([protected.double(), down.double().T], 1), d, rtol=1e-9)
     outside = torch.eye(d, dtype=torch.float64) - seen @ seen.T
-    _, s, vh = torch.linalg.svd(concept.double() @ outside, full_matrices=False)
+    _, s, vh = torch.linalg.svd(shift.double() @ outside, full_matrices=False)
     new = vh[:min(rank, int((s > 1e-6 * s[0]).sum()) if len(s) and s[0] > 0 else 0)]
     new = new - (new @ seen) @ seen.T  # exact complement, not just to the SVD's rounding
     new = torch.linalg.qr(new.T).Q.T if len(new) else new
@@ -163,9 +163,9 @@ class SupLoRA(GradientMethod):
                 protected = orthonormal_basis(states.T, states.shape[1], rtol=1e-6)
             old_down = context.state.get(f"{key}/down", torch.zeros(0, protected.shape[0]))
             pairs = context.prompts.forget_pairs(targets, request.anchor, 64, rng)
-            concept = token_states(model, [p.target for p in pairs])
+            concept, anchor = aligned_token_states(model, [p.target for p in pairs], [p.anchor for p in pairs])
             avoid = protected if choice.avoid is None else torch.cat([protected, choice.avoid.double()], 1)
-            down = extend_down(old_down, avoid, concept, cfg.rank)
+            down = extend_down(old_down, avoid, concept - anchor, cfg.rank)
         self._frozen_columns = 0 if choice.train_old_columns else len(old_down)
 
         rank = len(down)
