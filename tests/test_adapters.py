@@ -34,7 +34,7 @@ def _kv_outputs(model, prompts, edit, weights):
 
 def test_suplora_keeps_its_supertype_prompts_exactly_and_grows_its_group(tiny_t2i):
     weights = tiny_t2i.state_tensors()
-    first = run(tiny_t2i, "suplora", {"learning_rate": 1e-2}, targets=("triangle",))
+    first = run(tiny_t2i, "suplora", {"learning_rate": 1e-2, "rank": 4}, targets=("triangle",))
     assert first.stats["group"] == "polygon" and not first.stats["warm_start"]
     assert first.edit.factors and not first.edit.deltas
     supertype = WorldPrompts().supertype_prompts("polygon")
@@ -51,7 +51,7 @@ def test_suplora_keeps_its_supertype_prompts_exactly_and_grows_its_group(tiny_t2
     context_state = first.state
     from obliviate.methods import UnlearningContext, get_method
     from obliviate.engine import Request
-    options = {**FAST, "learning_rate": 1e-2}
+    options = {**FAST, "learning_rate": 1e-2, "rank": 4}
     request = Request(("square",), "suplora", options, None, (), 1)
     context = UnlearningContext(prompts=WorldPrompts(), base_weights=weights, state=context_state)
     second = get_method("suplora").from_options(options).unlearn(tiny_t2i, request, context)
@@ -122,7 +122,7 @@ def test_lw2g_records_its_decision_and_a_shared_group_keeps_its_earlier_columns(
     from obliviate.engine import Request
     from obliviate.methods import UnlearningContext, get_method
     from obliviate.methods import lw2g
-    options = {**FAST, "learning_rate": 1e-2}
+    options = {**FAST, "learning_rate": 1e-2, "rank": 4}
 
     def apply(target, state, seed):
         request = Request((target,), "lw2g", options, None, (), seed)
@@ -185,3 +185,21 @@ def test_iteris_merge_in_a_store_and_its_clear_refusal(tmp_path, tiny_model_dir)
     with pytest.raises(ValueError, match="strategy=iteris merges layers whose input is the prompt"):
         store.apply()
     assert store.verify() == []
+
+
+def test_closed_form_up_is_the_least_squares_solution_it_states():
+    from obliviate.methods.suplora import closed_form_up
+    gen = torch.Generator().manual_seed(0)
+    d, r, out = 10, 3, 4
+    weight = torch.randn(out, d, generator=gen).double()
+    down = torch.linalg.qr(torch.randn(d, r, generator=gen).double()).Q.T
+    concept, anchor, kept = (torch.randn(n, d, generator=gen).double() for n in (12, 12, 7))
+    up = closed_form_up(weight, down, concept, anchor, kept, retain_weight=0.5, ridge=1e-3).double()
+    # the same problem stacked as one least-squares system
+    p, k = concept @ down.T, kept @ down.T
+    normal = p.T @ p + 0.5 * k.T @ k
+    ridge = 1e-3 * normal.diagonal().mean()
+    system = torch.cat([p, 0.5 ** 0.5 * k, ridge ** 0.5 * torch.eye(r, dtype=torch.float64)])
+    goal = torch.cat([(anchor - concept) @ weight.T, torch.zeros(len(k) + r, out, dtype=torch.float64)])
+    expected = torch.linalg.lstsq(system, goal).solution.T
+    assert torch.allclose(up, expected, atol=1e-5)

@@ -102,8 +102,8 @@ def test_status_shows_an_adapter_requests_group_and_lw2g_decision(tmp_path, tiny
     from obliviate.cli import _adapter_note
     store = tmp_path / "store"
     invoke("init", store, "--model", tiny_model_dir)
-    assert invoke("request", "add", store, "triangle", "--method", "lw2g", *FAST).exit_code == 0
-    assert invoke("request", "add", store, "red", "--method", "suplora", *FAST).exit_code == 0
+    assert invoke("request", "add", store, "triangle", "--method", "lw2g", "--set", "rank=4", *FAST).exit_code == 0
+    assert invoke("request", "add", store, "red", "--method", "suplora", "--set", "rank=4", *FAST).exit_code == 0
     assert invoke("apply", store).exit_code == 0
     costs = [r["cost"] for r in json.loads(invoke("status", store, "--json").output)["requests"]]
     assert costs[0]["decision"] == "grow lw2g.0" and costs[0]["hfc"] == {} and costs[0]["hfc_threshold"] > 0

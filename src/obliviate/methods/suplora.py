@@ -13,7 +13,9 @@ U_j learns, a supertype prompt's keys and values stay those of the model before 
 adapter (to float rounding). A later request in the same group warm-starts it: D_j grows by up
 to ``rank`` new rows, orthogonal to S_j and to its old rows, and U_j keeps its columns.
 
-U_j trains with concept ablation's objective (target prompts reproduce the frozen model's anchor
+U_j's new columns start at MACE's closed-form refinement restricted to D_j's rows (target token
+states' outputs moved to their aligned anchors', retained ones kept; ``closed_form_up``), then
+train with concept ablation's objective (target prompts reproduce the frozen model's anchor
 predictions, on the frozen model's anchor images) plus ``retain_weight`` times the same match on
 retained prompts. The paper's MACE-style loss (cross-attention maps inside the concept's mask)
 needs masks of the images trained on; this loss needs none, so it runs on any store.
@@ -42,12 +44,15 @@ ADAPTER = "suplora"
 @dataclass
 class SupLoRAConfig(GradientConfig):
     steps: int = field(default=40, metadata={"help": "optimizer steps"})
-    learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate of the up-projection"})
+    learning_rate: float = field(default=5e-3, metadata={"help": "Adam learning rate of the up-projection"})
     trainable: str = field(default="xattn-kv", metadata={
         "help": "layers that get the group's LoRA: a preset or a regex over UNet parameter names (their .weight)"})
-    rank: int = field(default=4, metadata={"help": "down-projection rows each request adds to its group's adapter"})
+    rank: int = field(default=32, metadata={
+        "help": "down-projection rows each request adds to its group's adapter (colours need about 32 on shapes-t2i; shapes and textures fewer)"})
     group: str = field(default="", metadata={"help": "the adapter group; default: the targets' supertype (free text must name one)"})
     retain_weight: float = field(default=1.0, metadata={"help": "weight of the retained prompts' prediction match"})
+    closed_form_init: bool = field(default=True, metadata={
+        "help": "start the up-projection at MACE's closed-form refinement within the adapter's rows (else at zero)"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -85,6 +90,23 @@ class GroupChoice:
     stats: dict = field(default_factory=dict)
 
 
+def closed_form_up(weight: torch.Tensor, down: torch.Tensor, concept: torch.Tensor, anchor: torch.Tensor,
+                   retained: torch.Tensor, retain_weight: float, ridge: float = 1e-3) -> torch.Tensor:
+    """The up-projection U (d_out x r) that best moves target token states' outputs to their
+    aligned anchors' while leaving retained ones where they are, within the rows of ``down``
+    (MACE's closed-form refinement, restricted to the adapter):
+
+        min_U sum_i |(W + U D) c_i - W a_i|^2 + retain_weight sum_j |U D r_j|^2 + ridge' |U|^2,
+
+    ridge' = ``ridge`` times the mean diagonal of the normal matrix. Normal equations, r x r."""
+    down, weight = down.double(), weight.double()
+    concept_rows, kept_rows = concept.double() @ down.T, retained.double() @ down.T
+    normal = concept_rows.T @ concept_rows + retain_weight * kept_rows.T @ kept_rows
+    normal = normal + ridge * normal.diagonal().mean().clamp_min(1e-12) * torch.eye(len(down), dtype=torch.float64)
+    goal = (anchor.double() - concept.double()) @ weight.T
+    return torch.linalg.solve(normal, concept_rows.T @ goal).T.float()
+
+
 def _group_key(group: str) -> str:
     return "group." + re.sub(r"[^A-Za-z0-9+_.-]", "_", group)
 
@@ -108,6 +130,7 @@ class SupLoRA(GradientMethod):
     accepts_regularizers = False  # its protection is the frozen subspace; a weight-space regularizer sees other shapes
 
     _frozen_columns = 0  # up-projection columns a request may not move (set per request)
+    _initial_up: dict[str, torch.Tensor] = {}  # where each layer's up-projection starts (set per request)
 
     def trainable_pattern(self) -> str:
         return rf"\.lora_B\.{ADAPTER}\."
@@ -131,6 +154,13 @@ class SupLoRA(GradientMethod):
             drift = (session.model.predict(kept.noisy, kept.t, session.encode(kept.prompts)) - goal).pow(2).mean()
             loss = loss + self.config.retain_weight * drift
         return loss
+
+    def setup(self, session: TrainingSession) -> None:
+        """Start the trained up-projections at the closed-form refinement (the teacher, made
+        before this, keeps them at zero: it is the model the request started from)."""
+        with torch.no_grad():
+            for layer, up in self._initial_up.items():
+                session.params[f"{layer}.lora_B.{ADAPTER}.weight"].copy_(up)
 
     def choose_group(self, model, request, context, layers: list[str]) -> GroupChoice:
         """The group this request trains: its supertype, or the one the config names."""
@@ -167,6 +197,14 @@ class SupLoRA(GradientMethod):
             avoid = protected if choice.avoid is None else torch.cat([protected, choice.avoid.double()], 1)
             down = extend_down(old_down, avoid, concept - anchor, cfg.rank)
         self._frozen_columns = 0 if choice.train_old_columns else len(old_down)
+        self._initial_up = {}
+        if cfg.closed_form_init:
+            with torch.no_grad():
+                kept = token_states(model, context.prompts.retain_prompts(context.forgotten + targets, 64, rng) or [""])
+                new_rows = down[self._frozen_columns:]
+                for layer in layers:
+                    up = closed_form_up(model.unet.get_submodule(layer).weight, new_rows, concept, anchor, kept, cfg.retain_weight)
+                    self._initial_up[layer] = torch.cat([torch.zeros(up.shape[0], self._frozen_columns), up], 1)
 
         rank = len(down)
         had_config = hasattr(model.unet, "peft_config")
