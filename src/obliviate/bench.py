@@ -35,6 +35,8 @@ SEQUENCES: dict[str, dict] = {
             "about": "ten requests mixing the three domains, applied one after another"},
     "s50": {"model": DEFAULT_T2I, "fresh_store_per_request": False, "requests": lambda: combination_requests(50),
             "about": "fifty requests, each a combination of two concepts (e.g. 'striped triangle'), one after another"},
+    "s30": {"model": DEFAULT_T2I, "fresh_store_per_request": False, "requests": lambda: combination_requests(30),
+            "evaluate_every": 10, "about": "s100's first thirty requests, evaluated after every tenth"},
     "s100": {"model": DEFAULT_T2I, "fresh_store_per_request": False, "requests": lambda: combination_requests(100),
              "evaluate_every": 10,
              "about": "a hundred two-concept combinations one after another, evaluated after every tenth (forgetting "

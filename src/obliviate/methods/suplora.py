@@ -196,6 +196,10 @@ class SupLoRA(GradientMethod):
             concept, anchor = aligned_token_states(model, [p.target for p in pairs], [p.anchor for p in pairs])
             avoid = protected if choice.avoid is None else torch.cat([protected, choice.avoid.double()], 1)
             down = extend_down(old_down, avoid, concept - anchor, cfg.rank)
+        if len(down) == len(old_down) and (len(down) == 0 or not choice.train_old_columns):
+            raise ValueError(f"Nothing to adapt for {request.label}: its prompts differ from their anchors only inside the "
+                             f"directions group {choice.name!r} must not touch. Name another group (--set group=...) "
+                             "or check the anchor.")
         self._frozen_columns = 0 if choice.train_old_columns else len(old_down)
         self._initial_up = {}
         if cfg.closed_form_init:
@@ -203,7 +207,7 @@ class SupLoRA(GradientMethod):
                 kept = token_states(model, context.prompts.retain_prompts(context.forgotten + targets, 64, rng) or [""])
                 new_rows = down[self._frozen_columns:]
                 for layer in layers:
-                    up = closed_form_up(model.unet.get_submodule(layer).weight, new_rows, concept, anchor, kept, cfg.retain_weight)
+                    up = closed_form_up(model.unet.get_submodule(layer).weight.detach().cpu(), new_rows, concept, anchor, kept, cfg.retain_weight)
                     self._initial_up[layer] = torch.cat([torch.zeros(up.shape[0], self._frozen_columns), up], 1)
 
         rank = len(down)
