@@ -203,3 +203,16 @@ def test_closed_form_up_is_the_least_squares_solution_it_states():
     goal = torch.cat([(anchor - concept) @ weight.T, torch.zeros(len(k) + r, out, dtype=torch.float64)])
     expected = torch.linalg.lstsq(system, goal).solution.T
     assert torch.allclose(up, expected, atol=1e-5)
+
+
+def test_layers_sharing_a_down_projection_store_it_once():
+    gen = torch.Generator().manual_seed(1)
+    down = torch.randn(2, 5, generator=gen)
+    edit = Edit(factors={"a": (torch.randn(6, 2, generator=gen), down), "b": (torch.randn(3, 2, generator=gen), down.clone()),
+                         "c": (torch.randn(3, 2, generator=gen), torch.randn(2, 5, generator=gen))})
+    tensors = edit.to_tensors()
+    assert sorted(k for k in tensors if k.startswith("down/")) == ["down/0", "down/1"]
+    assert edit.nbytes == 4 * (12 + 6 + 6 + 2 * 10)
+    again = Edit.from_tensors(tensors)
+    assert all(torch.equal(again.factors[k][0], edit.factors[k][0]) and torch.equal(again.factors[k][1], edit.factors[k][1])
+               for k in edit.factors)

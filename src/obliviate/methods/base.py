@@ -21,7 +21,8 @@ class Edit:
 
     ``deltas`` are added to existing model tensors (named as in ``model.state_tensors()``);
     ``factors`` are low-rank deltas kept as (up, down), added as ``up @ down`` (an adapter's
-    update: a rank-r change to a d_out x d_in weight stores r (d_out + d_in) numbers);
+    update: a rank-r change to a d_out x d_in weight stores r d_out numbers, plus r d_in for
+    each distinct down-projection);
     ``additions`` are new tensors the request introduces (e.g. a text-space transform). Applying
     the same edits in the same order to the same base always gives bit-identical weights.
     """
@@ -54,15 +55,27 @@ class Edit:
         return sum(t.numel() * t.element_size() for t in self.to_tensors().values())
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        return {**{f"delta/{k}": v for k, v in self.deltas.items()}, **{f"add/{k}": v for k, v in self.additions.items()},
-                **{f"up/{k}": up for k, (up, _) in self.factors.items()},
-                **{f"down/{k}": down for k, (_, down) in self.factors.items()}}
+        """Flat named tensors for one file. Layers that share a down-projection (an adapter's
+        rows, read by every layer it adapts) store it once: ``down/<i>`` and ``up/<i>/<name>``."""
+        downs: list[torch.Tensor] = []
+        tensors = {**{f"delta/{k}": v for k, v in self.deltas.items()}, **{f"add/{k}": v for k, v in self.additions.items()}}
+        for name, (up, down) in self.factors.items():
+            index = next((i for i, d in enumerate(downs) if d.shape == down.shape and torch.equal(d, down)), len(downs))
+            if index == len(downs):
+                downs.append(down)
+                tensors[f"down/{index}"] = down
+            tensors[f"up/{index}/{name}"] = up
+        return tensors
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "Edit":
+        factors = {}
+        for key, up in tensors.items():
+            if key.startswith("up/"):
+                index, name = key[3:].split("/", 1)
+                factors[name] = (up, tensors[f"down/{index}"])
         return cls({k[6:]: v for k, v in tensors.items() if k.startswith("delta/")},
-                   {k[4:]: v for k, v in tensors.items() if k.startswith("add/")},
-                   {k[3:]: (v, tensors[f"down/{k[3:]}"]) for k, v in tensors.items() if k.startswith("up/")})
+                   {k[4:]: v for k, v in tensors.items() if k.startswith("add/")}, factors)
 
     @classmethod
     def between(cls, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> "Edit":

@@ -17,7 +17,7 @@ U_j's new columns start at MACE's closed-form refinement restricted to D_j's row
 states' outputs moved to their aligned anchors', retained ones kept; ``closed_form_up``), then
 train with concept ablation's objective (target prompts reproduce the frozen model's anchor
 predictions, on the frozen model's anchor images) plus ``retain_weight`` times the same match on
-retained prompts. The paper's MACE-style loss (cross-attention maps inside the concept's mask)
+retained prompts and on earlier requests' target prompts (``keep_forgotten``). The paper's MACE-style loss (cross-attention maps inside the concept's mask)
 needs masks of the images trained on; this loss needs none, so it runs on any store.
 
 The served model is the base plus every group's adapter, summed (the paper fuses groups in closed
@@ -51,6 +51,8 @@ class SupLoRAConfig(GradientConfig):
         "help": "down-projection rows each request adds to its group's adapter (colours need about 32 on shapes-t2i; shapes and textures fewer)"})
     group: str = field(default="", metadata={"help": "the adapter group; default: the targets' supertype (free text must name one)"})
     retain_weight: float = field(default=1.0, metadata={"help": "weight of the retained prompts' prediction match"})
+    keep_forgotten: bool = field(default=True, metadata={
+        "help": "earlier requests' target prompts join the retained ones, so their (already erased) predictions are kept"})
     closed_form_init: bool = field(default=True, metadata={
         "help": "start the up-projection at MACE's closed-form refinement within the adapter's rows (else at zero)"})
 
@@ -157,10 +159,18 @@ class SupLoRA(GradientMethod):
 
     def setup(self, session: TrainingSession) -> None:
         """Start the trained up-projections at the closed-form refinement (the teacher, made
-        before this, keeps them at zero: it is the model the request started from)."""
+        before this, keeps them at zero: it is the model the request started from), and add the
+        earlier requests' target prompts to the retained ones: the frozen model's predictions for
+        them are already erased, and the other groups' adapters must not undo that."""
         with torch.no_grad():
             for layer, up in self._initial_up.items():
                 session.params[f"{layer}.lora_B.{ADAPTER}.weight"].copy_(up)
+        earlier = session.context.forgotten
+        if self.config.retain_weight and self.config.keep_forgotten and earlier:
+            n = session.config.forget_images
+            session.retain_prompt_list = session.retain_prompts(n) + [
+                p.target for p in session.prompts.forget_pairs(earlier, None, n, session.rng)]
+            session.retain_latents = session.draw_latents(session.retain_prompt_list)
 
     def choose_group(self, model, request, context, layers: list[str]) -> GroupChoice:
         """The group this request trains: its supertype, or the one the config names."""
@@ -238,7 +248,7 @@ class SupLoRA(GradientMethod):
             old_up = state.get(f"{key}/up/{layer}", torch.zeros(model.unet.get_submodule(layer).out_features, 0))
             up = torch.cat([old_up, torch.zeros(old_up.shape[0], rank - old_up.shape[1])], 1)
             if change is not None:
-                factors[f"unet.{layer}.weight"] = (change.contiguous(), down.clone())
+                factors[f"unet.{layer}.weight"] = (change.contiguous(), down)  # one down, stored once
                 up = up + change
             state[f"{key}/up/{layer}"] = up
         state.update(self.group_state(key, context.state, concept))
