@@ -216,3 +216,29 @@ def test_layers_sharing_a_down_projection_store_it_once():
     again = Edit.from_tensors(tensors)
     assert all(torch.equal(again.factors[k][0], edit.factors[k][0]) and torch.equal(again.factors[k][1], edit.factors[k][1])
                for k in edit.factors)
+
+
+@pytest.mark.parametrize("own_rank", [0, 2, 5])
+def test_protected_basis_is_orthonormal_and_leaves_the_targets_own_directions_out(own_rank):
+    from obliviate.training import orthonormal_basis, protected_basis
+    gen = torch.Generator().manual_seed(own_rank)
+    states, shift = torch.randn(40, 12, generator=gen), torch.randn(30, 12, generator=gen)
+    basis = protected_basis(states, shift, rank=6, own_rank=own_rank)
+    assert basis.shape == (12, 6)
+    assert torch.allclose(basis.T @ basis, torch.eye(6, dtype=torch.float64), atol=1e-10)
+    own = orthonormal_basis(shift.T, own_rank)
+    assert float(torch.linalg.norm(basis.T @ own)) < 1e-10
+    if not own_rank:  # nothing taken out: the top directions of the states themselves
+        top = orthonormal_basis(states.T, 6)
+        assert torch.allclose(basis @ basis.T, top @ top.T, atol=1e-10)
+
+
+def test_suplora_rows_stay_out_of_the_protected_retained_directions(tiny_t2i, monkeypatch):
+    import obliviate.methods.suplora as suplora
+    from obliviate.training import protected_basis
+    seen = []
+    monkeypatch.setattr(suplora, "protected_basis", lambda *a, **k: seen.append(protected_basis(*a, **k)) or seen[-1])
+    result = run(tiny_t2i, "suplora", {"rank": 4, "protect_rank": 6, "target_rank": 2}, targets=("triangle",))
+    down = result.state["group.polygon/down"].double()
+    assert len(seen) == 1 and seen[0].shape[1] == 6 and len(down)
+    assert float((down @ seen[0]).abs().max()) < 1e-5

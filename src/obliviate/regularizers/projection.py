@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..training import ParameterConstraint, aligned_token_states, orthonormal_basis, token_states
+from ..training import ParameterConstraint, aligned_token_states, protected_basis, token_states
 from .base import Regularizer, register_regularizer
 
 KV_WEIGHT = re.compile(r"attn2\.(to_k|to_v)\.weight$")
@@ -77,10 +77,7 @@ class GradientProjection(SubspaceProtection):
 
     def setup(self, session) -> None:
         cfg = self.config
-        states = token_states(session.model, protected_prompts(session, cfg.prompts, cfg.sibling_share)).T  # (dim, tokens)
-        if cfg.target_rank:
-            concept, anchor = aligned_token_states(session.model, session.forget_prompts[:cfg.prompts],
-                                                   session.anchor_prompts[:cfg.prompts])
-            own = orthonormal_basis((concept - anchor).T, cfg.target_rank, rtol=1e-8)
-            states = states - own @ (own.T @ states)
-        self.protect(session, orthonormal_basis(states, cfg.rank))
+        states = token_states(session.model, protected_prompts(session, cfg.prompts, cfg.sibling_share))
+        concept, anchor = aligned_token_states(session.model, session.forget_prompts[:cfg.prompts],
+                                               session.anchor_prompts[:cfg.prompts])
+        self.protect(session, protected_basis(states, concept - anchor, cfg.rank, cfg.target_rank))

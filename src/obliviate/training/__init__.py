@@ -17,9 +17,9 @@ from .session import (TRAINABLE_PRESETS, Batch, GradientConfig, PassCounter, Tra
                       select_parameters)
 from .simulation import (OPTIMIZERS, FineTuneDistribution, ScratchModule, first_order_meta_gradient, linear_surrogate,
                          moreau_hypergradient)
-from .subspace import aligned_token_states, orthonormal_basis, token_states
+from .subspace import aligned_token_states, orthonormal_basis, protected_basis, token_states
 
 __all__ = ["OPTIMIZERS", "TRAINABLE_PRESETS", "Batch", "FineTuneDistribution", "GradientConfig", "ParameterConstraint", "PassCounter",
            "ScratchModule", "TrainingSession", "UpdateProjector", "accumulate_gradients", "aligned_token_states",
            "combine_constraints", "first_order_meta_gradient", "fisher_ratio_mask", "linear_surrogate",
-           "match_names", "moreau_hypergradient", "orthonormal_basis", "select_parameters", "token_states", "top_fraction_mask"]
+           "match_names", "moreau_hypergradient", "orthonormal_basis", "protected_basis", "select_parameters", "token_states", "top_fraction_mask"]
