@@ -213,7 +213,7 @@ class SupLoRA(GradientMethod):
             pairs = context.prompts.forget_pairs(targets, request.anchor, 64, rng)
             concept, anchor = aligned_token_states(model, [p.target for p in pairs], [p.anchor for p in pairs])
             avoid = [protected] + ([] if choice.avoid is None else [choice.avoid.double()])
-            if cfg.protect_rank:  # like gradproj: retained prompts' keys and values cannot move along these rows
+            if cfg.protect_rank:  # like gradproj: the new rows cannot read retained prompts' main directions
                 forgotten = context.forgotten + targets
                 kept = token_states(model, context.prompts.related_prompts(targets, forgotten, PROTECT_PROMPTS, rng)
                                     + context.prompts.retain_prompts(forgotten, PROTECT_PROMPTS, rng) or [""])
