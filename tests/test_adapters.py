@@ -242,3 +242,17 @@ def test_suplora_rows_stay_out_of_the_protected_retained_directions(tiny_t2i, mo
     down = result.state["group.polygon/down"].double()
     assert len(seen) == 1 and seen[0].shape[1] == 6 and len(down)
     assert float((down @ seen[0]).abs().max()) < 1e-5
+
+
+def test_suplora_reads_its_rows_from_pairs_in_one_wording_unless_told_otherwise(tiny_t2i, monkeypatch):
+    calls = []
+    for kind in ("forget_pairs", "random_anchor_pairs"):
+        original = getattr(WorldPrompts, kind)
+        monkeypatch.setattr(WorldPrompts, kind, lambda self, *a, _o=original, _k=kind, **k: calls.append(_k) or _o(self, *a, **k))
+    run(tiny_t2i, "suplora", {"rank": 4, "closed_form_init": False}, targets=("triangle",))
+    assert calls[0] == "random_anchor_pairs"  # the rows' pairs come first, before the training loop's
+    calls.clear()
+    run(tiny_t2i, "suplora", {"rank": 4, "closed_form_init": False, "token_anchors": "description"}, targets=("triangle",))
+    assert calls[0] == "forget_pairs"
+    with pytest.raises(ValueError, match="token_anchors must be"):
+        run(tiny_t2i, "suplora", {"token_anchors": "plain"}, targets=("triangle",))

@@ -59,6 +59,10 @@ class SupLoRAConfig(GradientConfig):
                 "out of, after the targets' own top ``target_rank`` directions are taken out (gradproj's protection); "
                 "0: the supertype's only (48 measured worse over s10 on shapes-t2i)"})
     target_rank: int = field(default=8, metadata={"help": "the targets' own directions kept out of that protection"})
+    token_anchors: str = field(default="same-template", metadata={
+        "help": "anchors of the token-level steps (rows, closed-form start) when the request names none: 'same-template' "
+                "puts a random other concept of the domain in the target's place; 'description' uses the training loss's "
+                "anchor, the plain description, whose other wording moves every token state"})
     closed_form_init: bool = field(default=True, metadata={
         "help": "start the up-projection at MACE's closed-form refinement within the adapter's rows (else at zero)"})
 
@@ -68,6 +72,8 @@ class SupLoRAConfig(GradientConfig):
             raise ValueError(f"rank must be positive, got {self.rank}")
         if self.retain_weight < 0:
             raise ValueError(f"retain_weight must be >= 0, got {self.retain_weight}")
+        if self.token_anchors not in ("same-template", "description"):
+            raise ValueError(f"token_anchors must be 'same-template' or 'description', got {self.token_anchors!r}")
         if self.protect_rank < 0 or self.target_rank < 0:
             raise ValueError(f"protect_rank and target_rank must be >= 0, got {self.protect_rank} and {self.target_rank}")
 
@@ -210,7 +216,13 @@ class SupLoRA(GradientMethod):
                 states = token_states(model, context.prompts.supertype_prompts(choice.supertype))
                 protected = orthonormal_basis(states.T, states.shape[1], rtol=1e-6)
             old_down = context.state.get(f"{key}/down", torch.zeros(0, protected.shape[0]))
-            pairs = context.prompts.forget_pairs(targets, request.anchor, 64, rng)
+            # Token states are contextual: a pair in two wordings differs at every token, and rows read
+            # from that shift move every prompt's keys and values (red's edit moved other colours'
+            # by 25% against red's 60%; in one wording 10% against 40%).
+            if request.anchor or cfg.token_anchors == "description":
+                pairs = context.prompts.forget_pairs(targets, request.anchor, 64, rng)
+            else:
+                pairs = context.prompts.random_anchor_pairs(targets, 64, rng)
             concept, anchor = aligned_token_states(model, [p.target for p in pairs], [p.anchor for p in pairs])
             avoid = [protected] + ([] if choice.avoid is None else [choice.avoid.double()])
             if cfg.protect_rank:  # like gradproj: the new rows cannot read retained prompts' main directions
