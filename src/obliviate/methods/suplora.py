@@ -217,8 +217,8 @@ class SupLoRA(GradientMethod):
                 protected = orthonormal_basis(states.T, states.shape[1], rtol=1e-6)
             old_down = context.state.get(f"{key}/down", torch.zeros(0, protected.shape[0]))
             # Token states are contextual: a pair in two wordings differs at every token, and rows read
-            # from that shift move every prompt's keys and values (red's edit moved other colours'
-            # by 25% against red's 60%; in one wording 10% against 40%).
+            # from that shift move every prompt's keys and values (red's closed-form start moved other
+            # colours' by 25% against red's 60%; in one wording 10% against 40%).
             if request.anchor or cfg.token_anchors == "description":
                 pairs = context.prompts.forget_pairs(targets, request.anchor, 64, rng)
             else:
