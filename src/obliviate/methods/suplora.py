@@ -8,7 +8,8 @@ text) the adapted layer computes
 
 where D_j's rows are an orthonormal basis of directions outside S_j, the span of the token states
 of the prompts naming the supertype ("a polygon", "a polygon shape", ...), chosen where target
-prompts' token states differ most from their anchors'. So D_j s = 0 for every s in S_j: whatever
+prompts' token states differ most from their anchors' (by default the same sentence with another
+concept of the domain in the target's place: ``token_anchors``). So D_j s = 0 for every s in S_j: whatever
 U_j learns, a supertype prompt's keys and values stay those of the model before the group's
 adapter (to float rounding). A later request in the same group warm-starts it: D_j grows by up
 to ``rank`` new rows, orthogonal to S_j and to its old rows, and U_j keeps its columns.
