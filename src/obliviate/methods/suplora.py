@@ -115,13 +115,21 @@ def closed_form_up(weight: torch.Tensor, down: torch.Tensor, concept: torch.Tens
 
         min_U sum_i |(W + U D) c_i - W a_i|^2 + retain_weight sum_j |U D r_j|^2 + ridge' |U|^2,
 
-    ridge' = ``ridge`` times the mean diagonal of the normal matrix. Normal equations, r x r."""
-    down, weight = down.double(), weight.double()
+    ridge' = ``ridge`` times the mean diagonal of the normal matrix. U = W M^T with M from
+    ``closed_form_map``, which does not depend on W."""
+    return (weight.double() @ closed_form_map(down, concept, anchor, retained, retain_weight, ridge).T).float()
+
+
+def closed_form_map(down: torch.Tensor, concept: torch.Tensor, anchor: torch.Tensor, retained: torch.Tensor,
+                    retain_weight: float, ridge: float = 1e-3) -> torch.Tensor:
+    """M (r x d_in) = N^-1 P^T (A - C), the normal equations of ``closed_form_up`` with the layer's
+    weight factored out: P = C D^T (targets' states in the adapter's rows), N = P^T P +
+    retain_weight R^T R + ridge', R = retained D^T. One solve serves every layer."""
+    down = down.double()
     concept_rows, kept_rows = concept.double() @ down.T, retained.double() @ down.T
     normal = concept_rows.T @ concept_rows + retain_weight * kept_rows.T @ kept_rows
     normal = normal + ridge * normal.diagonal().mean().clamp_min(1e-12) * torch.eye(len(down), dtype=torch.float64)
-    goal = (anchor.double() - concept.double()) @ weight.T
-    return torch.linalg.solve(normal, concept_rows.T @ goal).T.float()
+    return torch.linalg.solve(normal, concept_rows.T @ (anchor.double() - concept.double()))
 
 
 def _group_key(group: str) -> str:
@@ -242,9 +250,9 @@ class SupLoRA(GradientMethod):
         if cfg.closed_form_init:
             with torch.no_grad():
                 kept = token_states(model, context.prompts.retain_prompts(context.forgotten + targets, 64, rng) or [""])
-                new_rows = down[self._frozen_columns:]
+                start = closed_form_map(down[self._frozen_columns:], concept, anchor, kept, cfg.retain_weight)
                 for layer in layers:
-                    up = closed_form_up(model.unet.get_submodule(layer).weight.detach().cpu(), new_rows, concept, anchor, kept, cfg.retain_weight)
+                    up = (model.unet.get_submodule(layer).weight.detach().cpu().double() @ start.T).float()
                     self._initial_up[layer] = torch.cat([torch.zeros(up.shape[0], self._frozen_columns), up], 1)
 
         rank = len(down)

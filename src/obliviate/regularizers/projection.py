@@ -78,6 +78,9 @@ class GradientProjection(SubspaceProtection):
     def setup(self, session) -> None:
         cfg = self.config
         states = token_states(session.model, protected_prompts(session, cfg.prompts, cfg.sibling_share))
-        concept, anchor = aligned_token_states(session.model, session.forget_prompts[:cfg.prompts],
-                                               session.anchor_prompts[:cfg.prompts])
-        self.protect(session, protected_basis(states, concept - anchor, cfg.rank, cfg.target_rank))
+        own_shift = None
+        if cfg.target_rank:
+            concept, anchor = aligned_token_states(session.model, session.forget_prompts[:cfg.prompts],
+                                                   session.anchor_prompts[:cfg.prompts])
+            own_shift = concept - anchor
+        self.protect(session, protected_basis(states, own_shift, cfg.rank, cfg.target_rank))

@@ -19,13 +19,14 @@ def orthonormal_basis(columns: torch.Tensor, rank: int, rtol: float = 0.0) -> to
     return u[:, :keep]
 
 
-def protected_basis(states: torch.Tensor, own_shift: torch.Tensor, rank: int, own_rank: int) -> torch.Tensor:
+def protected_basis(states: torch.Tensor, own_shift: torch.Tensor | None, rank: int, own_rank: int) -> torch.Tensor:
     """(dim, k <= rank) orthonormal columns: the top directions of ``states`` (count x dim, token
     states of prompts to protect) once the top ``own_rank`` directions of ``own_shift`` (count x
-    dim: how the targets' token states differ from their anchors') are removed from them, so a
-    protection that spans the targets' own words still leaves them something to move."""
+    dim: how the targets' token states differ from their anchors; None when own_rank is 0) are
+    removed from them, so a protection that spans the targets' own words still leaves them
+    something to move."""
     states = states.double().T
-    if own_rank and len(own_shift):
+    if own_rank and own_shift is not None and len(own_shift):
         own = orthonormal_basis(own_shift.double().T, own_rank, rtol=1e-8)
         states = states - own @ (own.T @ states)
     return orthonormal_basis(states, rank)
