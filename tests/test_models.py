@@ -125,3 +125,27 @@ def test_a_lora_export_loads_in_a_stock_pipeline_and_reproduces_the_store(tiny_s
 def test_no_oracle_is_looked_up_for_more_concepts_than_a_folder_name_can_hold(tmp_path):
     from obliviate.models.zoo import find_oracle
     assert find_oracle(tuple(f"concept number {i}" for i in range(40)), "v1", tmp_path) is None  # no OSError
+
+
+def test_an_installed_world_model_card_puts_each_held_out_word_beside_the_encoder_readout(tiny_model_dir, tmp_path, monkeypatch):
+    import json
+    import shutil
+    from types import SimpleNamespace
+
+    from obliviate import cards as card
+    from obliviate.evaluation import lexical
+    from obliviate.world import DEFAULT_ONTOLOGY
+    words = {w: 0.5 for c in DEFAULT_ONTOLOGY.concepts for w in c.heldout_synonyms}
+    monkeypatch.setattr(lexical, "heldout_word_readout", lambda encoder, lang: lexical.WordReadout({"colour": 0.25}, words))
+    monkeypatch.setattr(card, "ZOO", {"shapes-t2i-v2": SimpleNamespace(path=tmp_path / "installed")})
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model_dir, run / "model")
+    recipe = {"batch_size": 2, "language": "v2", "prompts_per_combination": 4, "learning_rate": 1e-3, "warmup_steps": 1,
+              "ema_decay": 0.9, "prompt_dropout": 0.1, "guidance_scale": 2.0, "seed": 0}
+    (run / "train_state.json").write_text(json.dumps({"step": 4, "seconds": 60.0, "device": "cpu", "recipe": recipe}))
+    split = {"shape": 0.5, "colour": 0.5, "texture": 0.5, "fd": 10.0}
+    quality = {"n_prompts": 2, "images_per_prompt": 1, "sampler": "dpm-2", "guidance_scale": 2.0, "train": split,
+               "heldout_synonym": {**split, "per_concept": {"red": 0.75}}}
+    text = (card.install_t2i("shapes-t2i-v2", run, quality) / "MODEL_CARD.md").read_text()
+    assert "| red | crimson | 0.75 | 0.50 |" in text and "colour 0.25" in text
+    assert "| triangle |" not in text  # a concept the judge was not asked about gets no row

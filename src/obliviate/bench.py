@@ -476,3 +476,42 @@ def fisher_speed(model_name: str, out: Path, batch: int = 4, repeats: int = 5) -
     out.mkdir(parents=True, exist_ok=True)
     (out / "fisher.md").write_text(table)
     return table
+
+
+def heldout_words_benchmark(model_names: list[str], out: Path, echo=print) -> str:
+    """Each world model's judge accuracy on held-out synonyms (its shipped quality numbers) beside
+    what its frozen text encoder carries about those words (``heldout_word_readout`` in its
+    language); writes ``out/heldout-words.md`` and returns the table."""
+    from .evaluation.lexical import heldout_word_readout
+    from .evaluation.quality import model_language
+    from .models.zoo import load_t2i, zoo_entry
+    from .world import DEFAULT_ONTOLOGY
+    lines = ["# Held-out synonyms: the model against its text encoder", "",
+             "`model`: the judge's accuracy on the model's held-out-synonym prompts (its shipped quality numbers). "
+             "`readout`: how often an MLP reading the frozen encoder's token states of a word, trained on every word "
+             "the model's language knows, names a held-out word's concept (`obliviate.evaluation.lexical`; 16 fresh "
+             "prompts a word, three probes averaged). A readout below a target says the encoder, not the training "
+             "recipe, is what stands in the way.", "",
+             "| model | language | shape: model / readout | colour: model / readout | texture: model / readout |",
+             "|---|---|---|---|---|"]
+    per_word = {}
+    for name in model_names:
+        model = load_t2i(name)
+        readout = heldout_word_readout(model.text_encoder, model_language(model))
+        shipped = json.loads((zoo_entry(name).path / "quality.json").read_text()).get("heldout_synonym", {})
+        cells = [f"{shipped[d]:.3f} / {readout.per_domain[d]:.3f}" if d in shipped else f"- / {readout.per_domain[d]:.3f}"
+                 for d in DEFAULT_ONTOLOGY.domains]
+        lines.append(f"| {name} | {model_language(model).name} | " + " | ".join(cells) + " |")
+        echo(lines[-1])
+        per_word[name] = (shipped.get("per_concept", {}), readout.per_word)
+    lines += ["", "One by one:", "", "| concept | held-out word | " + " | ".join(f"{n}: model / readout" for n in model_names) + " |",
+              "|---|---|" + "---|" * len(model_names)]
+    for concept in DEFAULT_ONTOLOGY.concepts:
+        for word in concept.heldout_synonyms:
+            cells = [(f"{drawn[concept.name]:.2f}" if concept.name in drawn else "-") + f" / {read[word]:.2f}"
+                     for drawn, read in per_word.values()]
+            lines.append(f"| {concept.name} | {word} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "heldout-words.md").write_text(table)
+    return table

@@ -28,6 +28,7 @@ def install_t2i(name: str, run: Path, quality: dict, comparison: dict | None = N
     target = entry.path
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(run / "model", target)
+    from .evaluation.lexical import heldout_word_readout
     from .models.t2i import T2IModel
     params = sum(p.numel() for p in T2IModel.load(target).unet.parameters())
     recipe = state["recipe"]
@@ -36,9 +37,6 @@ def install_t2i(name: str, run: Path, quality: dict, comparison: dict | None = N
     rows = "\n".join(f"| {model} | {split} | {q[split]['shape']:.3f} | {q[split]['colour']:.3f} | "
                      f"{q[split]['texture']:.3f} | {q[split]['fd']:.2f} |"
                      for model, q in table for split in SPLITS if split in q)
-    unseen = quality.get("heldout_synonym", {}).get("per_concept", {})
-    words = "\n".join(f"| {c.name} | {c.heldout_synonyms[0]} | {unseen[c.name]:.2f} |"
-                      for c in DEFAULT_ONTOLOGY.concepts if c.name in unseen)
     synonyms = sum(len(lang.synonyms_of(c)) for c in DEFAULT_ONTOLOGY.concepts) / len(DEFAULT_ONTOLOGY.concepts)
     card = f"""# {name}
 
@@ -74,19 +72,30 @@ Each model is judged in its own language (`train`: its templates with concept na
 |---|---|---|---|---|---|
 {rows}
 
-## Held-out synonyms, one by one
-
-The judge's accuracy in the word's domain on prompts that use it (never trained on). What the
-model can do with an unseen word is bounded by where frozen MiniLM puts it: a word MiniLM places
-near another concept's words is drawn as that concept.
-
-| concept | held-out word | accuracy |
-|---|---|---|
-{words}
-"""
+{heldout_words_section(quality, heldout_word_readout(T2IModel.load(target).text_encoder, lang))}"""
     (target / "MODEL_CARD.md").write_text(card)
     (target / "quality.json").write_text(json.dumps(quality, indent=2))
     return target
+
+
+def heldout_words_section(quality: dict, readout) -> str:
+    """The card's per-word table: how often the model draws each held-out synonym's concept, and how
+    often a probe reading the frozen encoder's states of the word names it (a ``WordReadout``)."""
+    drawn = quality.get("heldout_synonym", {}).get("per_concept", {})
+    rows = "\n".join(f"| {c.name} | {word} | {drawn[c.name]:.2f} | {readout.per_word[word]:.2f} |"
+                     for c in DEFAULT_ONTOLOGY.concepts if c.name in drawn for word in c.heldout_synonyms[:1])
+    return f"""## Held-out synonyms, one by one
+
+`drawn`: the judge's accuracy in the word's domain on prompts that use it (never trained on).
+`encoder readout`: how often a small MLP that reads the frozen MiniLM token states of a word, trained
+on every word the language knows, names the held-out word's concept (`obliviate bench-words`). The
+model can only draw what those states carry; the readout estimates how much that is (per domain:
+{", ".join(f"{d} {v:.2f}" for d, v in readout.per_domain.items())}).
+
+| concept | held-out word | drawn | encoder readout |
+|---|---|---|---|
+{rows}
+"""
 
 
 def install_oracle(name: str, run: Path, oracle: dict, base: dict) -> Path:

@@ -603,5 +603,14 @@ def bench_samplers(model: str = typer.Option(DEFAULT_T2I, help="Zoo name or mode
         typer.echo(fisher_speed(model, out))
 
 
+@app.command("bench-words")
+def bench_words(model: List[str] = typer.Option(["shapes-t2i", DEFAULT_T2I], "--model", help="World model (repeatable)."),
+                out: Path = typer.Option(Path("benchmarks/v2"))) -> None:
+    """Each world model's accuracy on held-out synonyms beside what its frozen text encoder carries
+    about those words; writes OUT/heldout-words.md."""
+    from .bench import heldout_words_benchmark
+    typer.echo(heldout_words_benchmark(model, out, echo=typer.echo))
+
+
 def main() -> None:
     app(prog_name="obliviate")
