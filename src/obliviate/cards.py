@@ -7,11 +7,15 @@ import json
 import platform
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .models.zoo import ZOO
 from .world import DEFAULT_ONTOLOGY, SPLITS, language
+
+if TYPE_CHECKING:
+    from .evaluation.lexical import WordReadout
 
 
 def _hardware() -> str:
@@ -78,9 +82,9 @@ Each model is judged in its own language (`train`: its templates with concept na
     return target
 
 
-def heldout_words_section(quality: dict, readout) -> str:
+def heldout_words_section(quality: dict, readout: "WordReadout") -> str:
     """The card's per-word table: how often the model draws each held-out synonym's concept, and how
-    often a probe reading the frozen encoder's states of the word names it (a ``WordReadout``)."""
+    often a probe reading the frozen encoder's states of the word names it."""
     drawn = quality.get("heldout_synonym", {}).get("per_concept", {})
     rows = "\n".join(f"| {c.name} | {word} | {drawn[c.name]:.2f} | {readout.per_word[word]:.2f} |"
                      for c in DEFAULT_ONTOLOGY.concepts if c.name in drawn for word in c.heldout_synonyms[:1])
