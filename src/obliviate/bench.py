@@ -497,11 +497,12 @@ def heldout_words_benchmark(model_names: list[str], out: Path, echo=print) -> st
     per_word = {}
     for name in model_names:
         model = load_t2i(name)
-        readout = heldout_word_readout(model.text_encoder, model_language(model))
+        lang = model_language(model)
+        readout = heldout_word_readout(model.text_encoder, lang)
         shipped = json.loads((zoo_entry(name).path / "quality.json").read_text()).get("heldout_synonym", {})
         cells = [f"{shipped[d]:.3f} / {readout.per_domain[d]:.3f}" if d in shipped else f"- / {readout.per_domain[d]:.3f}"
                  for d in DEFAULT_ONTOLOGY.domains]
-        lines.append(f"| {name} | {model_language(model).name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {lang.name} | " + " | ".join(cells) + " |")
         echo(lines[-1])
         per_word[name] = (shipped.get("per_concept", {}), readout.per_word)
     lines += ["", "One by one:", "", "| concept | held-out word | " + " | ".join(f"{n}: model / readout" for n in model_names) + " |",

@@ -34,7 +34,8 @@ def install_t2i(name: str, run: Path, quality: dict, comparison: dict | None = N
     shutil.copytree(run / "model", target)
     from .evaluation.lexical import heldout_word_readout
     from .models.t2i import T2IModel
-    params = sum(p.numel() for p in T2IModel.load(target).unet.parameters())
+    installed = T2IModel.load(target)
+    params = sum(p.numel() for p in installed.unet.parameters())
     recipe = state["recipe"]
     lang = language(recipe.get("language", "v1"))
     table = [(name, quality)] + ([(comparison["model"], comparison)] if comparison else [])
@@ -76,7 +77,7 @@ Each model is judged in its own language (`train`: its templates with concept na
 |---|---|---|---|---|---|
 {rows}
 
-{heldout_words_section(quality, heldout_word_readout(T2IModel.load(target).text_encoder, lang))}"""
+{heldout_words_section(quality, heldout_word_readout(installed.text_encoder, lang))}"""
     (target / "MODEL_CARD.md").write_text(card)
     (target / "quality.json").write_text(json.dumps(quality, indent=2))
     return target

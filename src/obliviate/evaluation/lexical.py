@@ -47,9 +47,6 @@ class WordReadout:
     per_domain: dict[str, float]
     per_word: dict[str, float]
 
-    def to_dict(self) -> dict:
-        return {"per_domain": self.per_domain, "per_word": self.per_word}
-
 
 def word_in_prompt(template: str, words: dict[str, str], domain: str) -> tuple[str, int, int]:
     """The prompt for ``words`` (one per domain) and the character span of ``domain``'s word in it
@@ -68,8 +65,7 @@ def word_states(encoder, prompts: list[tuple[str, int, int]]) -> tuple[torch.Ten
     layer, truncated like the UNet's input); and which rows kept their word after truncation."""
     texts = [p for p, _, _ in prompts]
     states = encoder.encode(texts).states.cpu()
-    offsets = encoder.tokenizer(texts, padding="max_length", truncation=True, max_length=encoder.max_length,
-                                return_offsets_mapping=True)["offset_mapping"]
+    offsets = encoder.tokenize(texts, return_offsets_mapping=True)["offset_mapping"].tolist()
     rows, kept = [], []
     for i, (_, start, end) in enumerate(prompts):
         tokens = [t for t, (a, b) in enumerate(offsets[i]) if b > a and a < end and b > start]
@@ -109,29 +105,33 @@ def heldout_word_readout(encoder, lang: Language = DEFAULT_LANGUAGE, ontology: O
     per_domain, per_word = {}, {}
     for domain in ontology.domains:
         concepts = ontology.in_domain(domain)
-
-        def contexts(word: str, n: int) -> list[tuple[str, int, int]]:
-            rows = []
-            for _ in range(n):
-                words = {d: lang.random_word(ontology.in_domain(d)[rng.integers(len(ontology.in_domain(d)))], rng)
-                         for d in ontology.domains}
-                words[domain] = word
-                rows.append(word_in_prompt(lang.full_templates[rng.integers(len(lang.full_templates))], words, domain))
-            return rows
-
-        known = [(k, contexts(w, config.contexts_per_word)) for k, c in enumerate(concepts) for w in lang.words(c)]
-        unseen = [(k, w, contexts(w, config.heldout_contexts)) for k, c in enumerate(concepts) for w in c.heldout_synonyms]
+        known = [(k, p) for k, c in enumerate(concepts) for w in lang.words(c)
+                 for p in _contexts(word=w, domain=domain, n=config.contexts_per_word, lang=lang, ontology=ontology, rng=rng)]
+        unseen = [(k, w, p) for k, c in enumerate(concepts) for w in c.heldout_synonyms
+                  for p in _contexts(word=w, domain=domain, n=config.heldout_contexts, lang=lang, ontology=ontology, rng=rng)]
         if not unseen:
             continue
-        train, kept = word_states(encoder, [p for _, rows in known for p in rows])
-        labels = torch.tensor([k for k, rows in known for _ in rows])
-        test, test_kept = word_states(encoder, [p for _, _, rows in unseen for p in rows])
+        train, kept = word_states(encoder, [p for _, p in known])
+        labels = torch.tensor([k for k, _ in known])
+        test, test_kept = word_states(encoder, [p for _, _, p in unseen])
         probabilities = fit_readout(train[kept], labels[kept], test, len(concepts), config)
-        correct = probabilities.argmax(-1) == torch.tensor([k for k, _, rows in unseen for _ in rows])
-        start = 0
-        for _, word, rows in unseen:
-            span = slice(start, start + len(rows))
-            per_word[word] = round(correct[span][test_kept[span]].float().mean().item(), 4)
-            start += len(rows)
-        per_domain[domain] = round(float(np.mean([per_word[w] for _, w, _ in unseen])), 4)
+        correct = probabilities.argmax(-1) == torch.tensor([k for k, _, _ in unseen])
+        words = [w for _, w, _ in unseen]
+        for word in dict.fromkeys(words):
+            rows = torch.tensor([w == word for w in words]) & test_kept
+            per_word[word] = round(correct[rows].float().mean().item(), 4)
+        per_domain[domain] = round(float(np.mean([per_word[w] for w in dict.fromkeys(words)])), 4)
     return WordReadout(per_domain, per_word)
+
+
+def _contexts(word: str, domain: str, n: int, lang: Language, ontology: Ontology,
+              rng: np.random.Generator) -> list[tuple[str, int, int]]:
+    """``n`` prompts of a random full template of ``lang`` with ``word`` as the domain's word and
+    random known words elsewhere, each with the word's span."""
+    rows = []
+    for _ in range(n):
+        words = {d: lang.random_word(ontology.in_domain(d)[rng.integers(len(ontology.in_domain(d)))], rng)
+                 for d in ontology.domains}
+        words[domain] = word
+        rows.append(word_in_prompt(lang.full_templates[rng.integers(len(lang.full_templates))], words, domain))
+    return rows

@@ -22,27 +22,27 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from ..config import build_config, config_to_dict
+from ..config import build_config, config_to_dict, parse_assignments
 from ..training import PassCounter
 from .base import Edit, MethodResult, UnlearningContext, UnlearningMethod, get_method, register_method
+
+UNET_TENSORS = re.compile(r"^unet\.")  # the distilled weights; added tensors (a text transform) stay the inner edit's
 
 
 def split_method_spec(spec: str) -> tuple[str, dict[str, str]]:
     """``"ablation;trainable=xattn-kv;steps=40"`` -> ``("ablation", {...})``: a method inside an
     option value, its options separated by ``;`` (the outer spec already uses commas)."""
     name, *options = [part.strip() for part in spec.split(";") if part.strip()] or [""]
-    assignments = {}
-    for option in options:
-        key, equals, value = option.partition("=")
-        if not equals:
-            raise ValueError(f"method={spec!r}: expected NAME;key=value;..., got {option!r}.")
-        assignments[key.strip().replace("-", "_")] = value.strip()
-    return name, assignments
+    try:
+        return name, parse_assignments(options)
+    except ValueError:
+        raise ValueError(f"method={spec!r}: expected NAME;key=value;... with each option a key=value.") from None
 
 
 @dataclass
@@ -100,10 +100,9 @@ class Undo(UnlearningMethod):
         inner_request = dataclasses.replace(request, method=teacher_method.name,
                                             method_config=config_to_dict(teacher_method.config))
         inner = teacher_method.unlearn(model, inner_request, context)
-        current = model.state_tensors()
         teacher, student = copy.copy(model), copy.copy(model)  # the frozen text encoder is shared, not copied
         teacher.unet = copy.deepcopy(model.unet)
-        teacher.load_state_tensors(inner.edit.apply(current))
+        teacher.load_state_tensors(inner.edit.apply(model.state_tensors()))
         teacher.unet.requires_grad_(False).eval()
         student.unet = copy.deepcopy(teacher.unet)
         student.text_transforms = teacher.text_transforms
@@ -120,13 +119,12 @@ class Undo(UnlearningMethod):
             losses = self._distill(teacher, student, request, context, counter)
         finally:
             counter.close()
-        after = student.state_tensors()
-        unet = {k: after[k] - current[k] for k in current if k.startswith("unet.") and not torch.equal(after[k], current[k])}
+        unet = Edit.between(model.state_tensors(UNET_TENSORS), student.state_tensors(UNET_TENSORS)).deltas
         stats = {**{f"teacher_{k}": v for k, v in inner.stats.items()},
                  "unet_forward_passes": counter.forward + inner.stats.get("unet_forward_passes", 0),
                  "unet_backward_passes": counter.backward + inner.stats.get("unet_backward_passes", 0),
                  "distill_first_loss": losses[0], "distill_final_loss": losses[-1]}
-        return MethodResult(Edit(deltas={k: v.cpu() for k, v in unet.items()}, additions=inner.edit.additions),
+        return MethodResult(Edit(deltas=unet, additions=inner.edit.additions),
                             inner.state, stats, inner.regularizer_states)
 
     def _distill(self, teacher, student, request, context: UnlearningContext, counter: PassCounter) -> list[float]:
@@ -147,9 +145,10 @@ class Undo(UnlearningMethod):
         try:
             for _ in range(config.steps):
                 index = torch.from_numpy(rng.integers(0, len(clean), config.batch_size))
-                noise = torch.randn(clean[index].shape, generator=generator).to(clean)
+                x0 = clean[index]
+                noise = torch.randn(x0.shape, generator=generator).to(x0)
                 t = teacher.sample_timesteps(len(index), generator)
-                noisy = teacher.scheduler.add_noise(clean[index], noise, t)
+                noisy = teacher.scheduler.add_noise(x0, noise, t)
                 dropped = rng.random(len(index)) < config.prompt_dropout
                 encoding = teacher.encode(["" if drop else prompts[i] for i, drop in zip(index.tolist(), dropped)])
                 with torch.no_grad():

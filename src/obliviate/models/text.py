@@ -61,9 +61,11 @@ class TextEncoder(nn.Module):
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
 
-    def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+    def tokenize(self, prompts: list[str], **options) -> dict[str, torch.Tensor]:
+        """Token ids padded and truncated as the encoder reads them; ``options`` go to the
+        tokenizer (e.g. ``return_offsets_mapping=True``)."""
         return self.tokenizer(list(prompts), padding="max_length", truncation=True,
-                              max_length=self.max_length, return_tensors="pt")
+                              max_length=self.max_length, return_tensors="pt", **options)
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Input word embeddings (before the transformer), for attacks that optimise soft tokens."""
