@@ -23,11 +23,13 @@ from obliviate.methods import METHODS, UnlearningContext, get_method
 from obliviate.methods.classifier.fgoriu import _project, energy_basis, merge_bases
 from obliviate.methods.classifier.salun import top_fraction_mask
 from obliviate.methods.classifier.scrub import distill_kl
+from obliviate.methods.classifier.undo import reinitialised
 from obliviate.models.zoo import resolve_model_path
 
 DIGITS = DataTargets("digits")
 QUICK = {"ft": {"epochs": 1}, "rl": {"epochs": 1}, "salun": {"epochs": 1}, "scrub": {"epochs": 1, "max_epochs": 1},
-         "sfron": {"iterations": 20}, "ugclu": {"iterations": 20}, "ga": {}, "fgoriu": {"epochs": 10}}
+         "sfron": {"iterations": 20}, "ugclu": {"iterations": 20}, "ga": {}, "fgoriu": {"epochs": 10},
+         "undo": {"epochs": 1, "method": "fgoriu;epochs=2"}}
 
 
 def digits_cnn() -> ClassifierModel:
@@ -92,7 +94,7 @@ CLASSIFIER_METHODS = sorted(METHODS["classifier"])
 
 
 def test_every_classifier_method_is_registered_apart_from_diffusion_ones():
-    assert set(CLASSIFIER_METHODS) == {"ft", "ga", "rl", "salun", "scrub", "sfron", "fgoriu", "ugclu"}
+    assert set(CLASSIFIER_METHODS) == {"ft", "ga", "rl", "salun", "scrub", "sfron", "fgoriu", "ugclu", "undo"}
     assert get_method("ga", "classifier") is not get_method("ga", "t2i")
     with pytest.raises(ValueError, match="Unknown classifier method 'esd'"):
         get_method("esd", "classifier")
@@ -112,8 +114,8 @@ def test_method_changes_the_model_reproducibly(name):
 
 @pytest.mark.parametrize("name", CLASSIFIER_METHODS)
 def test_only_targeted_parameters_move(name):
-    # fgoriu's objective lives in the features, which the head does not produce
-    layer = "body.9" if name == "fgoriu" else "head"
+    # fgoriu's objective (undo's teacher by default) lives in the features, which the head does not produce
+    layer = "body.9" if name in ("fgoriu", "undo") else "head"
     _, result = run_method(name, trainable=rf"^{layer}\.weight$")
     assert set(result.edit.deltas) == {f"net.{layer}.weight"}
 
@@ -282,6 +284,16 @@ def test_relearn_is_instant_for_a_model_that_never_forgot():
     assert relearn_steps(digits_cnn(), split.forget_x, split.forget_y, 0.9, 10) == 0
 
 
+def test_relearning_attacker_is_configurable_and_checked():
+    with pytest.raises(ValueError, match="relearn_optimizer must be one of"):
+        ClassifierEvalConfig(relearn_optimizer="rmsprop")
+    forgot, _ = run_method("rl", epochs=2)
+    split = DIGITS.split(("3",))
+    relearn = lambda **recipe: relearn_steps(forgot, split.forget_x, split.forget_y, 0.9, 30, **recipe)  # noqa: E731
+    assert relearn(optimizer="adam", learning_rate=1e-2) < 30
+    assert relearn(optimizer="adam", learning_rate=1e-9) == 30  # the attacker's learning rate is the one used
+
+
 def test_evaluator_reports_the_gap_to_a_real_retrain_oracle():
     config = ClassifierEvalConfig(relearn=False, probe=False)
     base = ClassifierEvaluator(config)(digits_cnn(), forgotten=("3",))
@@ -291,6 +303,55 @@ def test_evaluator_reports_the_gap_to_a_real_retrain_oracle():
     forgot, _ = run_method("rl", epochs=2)
     assert ClassifierEvaluator(config)(forgot, forgotten=("3",))["gap"] < 5
 
+
+
+def test_reinitialised_redraws_every_layer_under_its_seed_and_leaves_the_rng_alone():
+    net = digits_cnn().net
+    rng = torch.random.get_rng_state()
+    first, again, other = reinitialised(net, 0), reinitialised(net, 0), reinitialised(net, 1)
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    for name, weight in net.named_parameters():
+        assert not torch.equal(first.get_parameter(name), weight)
+        assert torch.equal(first.get_parameter(name), again.get_parameter(name))
+        assert not torch.equal(first.get_parameter(name), other.get_parameter(name))
+
+
+def test_undo_without_noise_distils_back_the_teachers_predictions():
+    teacher, _ = run_method("fgoriu", epochs=2)
+    student, _ = run_method("undo", noise="0", epochs=2)
+    split = DIGITS.split(("3",))
+    agreement = (student.predict(split.test_x) == teacher.predict(split.test_x)).float().mean()
+    assert agreement > 0.99 and accuracy(student, split.forget_x, split.forget_y) < 0.05
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"method": "undo"}, "distil a distillation"),
+    ({"method": "esd"}, "Unknown classifier method 'esd'"),
+    ({"method": "rl;epochs=0"}, "positive"),
+    ({"noise": "1"}, "noise"),
+    ({"temperature": "0"}, "temperature"),
+])
+def test_undo_explains_bad_options(options, message):
+    with pytest.raises(ValueError, match=message):
+        get_method("undo", "classifier").from_options(options)
+
+
+def test_undo_keeps_its_teacher_inside_its_own_trainable_set():
+    with pytest.raises(ValueError, match="within undo's trainable"):
+        run_method("undo", trainable=r"^body\.9\.", method=r"fgoriu;trainable=^head\.")
+
+
+@pytest.mark.slow
+def test_undo_makes_a_forgotten_sequence_slower_to_relearn_than_its_teacher():
+    relearn = {}
+    for name in ("fgoriu", "undo"):
+        model, state, forgotten = digits_cnn(), {}, ()
+        for target in ("3", "8", "1", "5"):
+            model, result = run_method(name, (target,), model, forgotten, state, **({"epochs": 30, "method": "fgoriu"} if name == "undo" else {}))
+            state, forgotten = result.state, forgotten + (target,)
+        split = DIGITS.split(forgotten)
+        relearn[name] = relearn_steps(model, split.forget_x, split.forget_y, 0.9, 100)
+    assert relearn["undo"] >= 2 * relearn["fgoriu"] + 10, relearn
 
 # ------------------------------------------------------------------ the engine
 def test_store_applies_class_and_sample_requests_and_rolls_back(tmp_path):

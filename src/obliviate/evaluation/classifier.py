@@ -10,7 +10,8 @@
   SalUn's RBF SVM: forgotten examples have confidences the attack never saw in training, and
   an RBF SVM's call there is arbitrary (it flipped whole sequences from 1 to 0 in our runs),
   while a monotone attack calls low confidence "non-member".
-- Relearn: SGD steps on the forget set until its accuracy is back to ``relearn_accuracy``.
+- Relearn: optimizer steps on the forget set until its accuracy is back to ``relearn_accuracy``
+  (SGD at 0.01 with momentum by default; ``relearn_optimizer`` and ``relearn_learning_rate`` vary the attacker).
 - Probe: a linear probe trained on penultimate features of all training data (forgotten classes
   included) and tested on forgotten classes' test images: the information features still hold.
 - Gap: mean absolute difference to the retrain oracle over UA, RA, TA and MIA, in points, the
@@ -26,11 +27,13 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
+from ..training import OPTIMIZERS
 from .metrics import Accuracy
 
 GAP_KEYS = ("ua", "ra", "ta", "mia")
@@ -42,12 +45,18 @@ class ClassifierEvalConfig:
     relearn: bool = field(default=True, metadata={"help": "measure relearn steps"})
     relearn_accuracy: float = field(default=0.9, metadata={"help": "forget-set accuracy that counts as relearned"})
     relearn_max_steps: int = field(default=100, metadata={"help": "give up relearning after this many steps"})
+    relearn_optimizer: Literal["sgd", "adam"] = field(default="sgd", metadata={
+        "help": "the relearning attacker's optimizer (sgd with momentum 0.9, or adam)"})
+    relearn_learning_rate: float = field(default=0.01, metadata={"help": "the relearning attacker's learning rate"})
     probe: bool = field(default=True, metadata={"help": "linear probe on penultimate features"})
     seed: int = 0
 
     def __post_init__(self):
         if not 0 < self.relearn_accuracy <= 1 or self.relearn_max_steps <= 0:
             raise ValueError("relearn_accuracy must lie in (0, 1] and relearn_max_steps be positive")
+        if self.relearn_optimizer not in OPTIMIZERS or self.relearn_learning_rate <= 0:
+            raise ValueError(f"relearn_optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.relearn_optimizer!r}) "
+                             f"and relearn_learning_rate positive (got {self.relearn_learning_rate})")
 
 
 def accuracy(model, x: torch.Tensor, y: torch.Tensor) -> float | None:
@@ -79,10 +88,11 @@ def mia_efficacy(model, members: tuple, non_members: tuple, forget: tuple, seed:
 
 
 def relearn_steps(model, x: torch.Tensor, y: torch.Tensor, target_accuracy: float, max_steps: int,
-                  learning_rate: float = 0.01, batch_size: int = 32, seed: int = 0) -> int:
-    """SGD steps on (x, y) until its accuracy reaches ``target_accuracy`` (``max_steps`` if never)."""
+                  learning_rate: float = 0.01, batch_size: int = 32, seed: int = 0, optimizer: str = "sgd") -> int:
+    """Optimizer steps on (x, y) until its accuracy reaches ``target_accuracy`` (``max_steps`` if never)."""
     student = copy.deepcopy(model)
-    optimizer = torch.optim.SGD(student.net.parameters(), lr=learning_rate, momentum=0.9)
+    options = {"momentum": 0.9} if optimizer == "sgd" else {}
+    optimizer = OPTIMIZERS[optimizer](student.net.parameters(), lr=learning_rate, **options)
     generator = torch.Generator().manual_seed(seed)
     for step in range(max_steps):
         if accuracy(student, x, y) >= target_accuracy:
@@ -170,7 +180,8 @@ class ClassifierEvaluator:
                                       (split.forget_x, split.forget_y), cfg.seed)
             if cfg.relearn:
                 out["relearn_steps"] = relearn_steps(model, split.forget_x, split.forget_y, cfg.relearn_accuracy,
-                                                     cfg.relearn_max_steps, seed=cfg.seed)
+                                                     cfg.relearn_max_steps, cfg.relearn_learning_rate, seed=cfg.seed,
+                                                     optimizer=cfg.relearn_optimizer)
             if cfg.probe:
                 all_x = torch.cat([split.retain_x, split.forget_x])
                 all_y = torch.cat([split.retain_y, split.forget_y])

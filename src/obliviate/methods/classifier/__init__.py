@@ -3,4 +3,4 @@ family of the method registry."""
 
 from __future__ import annotations
 
-from . import fgoriu, ft, ga, rl, salun, scrub, sfron, ugclu  # noqa: F401  (register the built-in methods)
+from . import fgoriu, ft, ga, rl, salun, scrub, sfron, ugclu, undo  # noqa: F401  (register the built-in methods)
