@@ -304,7 +304,7 @@ def test_evaluator_reports_the_gap_to_a_real_retrain_oracle():
     assert ClassifierEvaluator(config)(forgot, forgotten=("3",))["gap"] < 5
 
 
-
+# ------------------------------------------------------------------ undo: distillation into a noised copy
 def test_reinitialised_redraws_every_layer_under_its_seed_and_leaves_the_rng_alone():
     net = digits_cnn().net
     rng = torch.random.get_rng_state()
@@ -347,11 +347,13 @@ def test_undo_makes_a_forgotten_sequence_slower_to_relearn_than_its_teacher():
     for name in ("fgoriu", "undo"):
         model, state, forgotten = digits_cnn(), {}, ()
         for target in ("3", "8", "1", "5"):
-            model, result = run_method(name, (target,), model, forgotten, state, **({"epochs": 30, "method": "fgoriu"} if name == "undo" else {}))
+            defaults = {"epochs": 30, "method": "fgoriu"} if name == "undo" else {}
+            model, result = run_method(name, (target,), model, forgotten, state, **defaults)
             state, forgotten = result.state, forgotten + (target,)
         split = DIGITS.split(forgotten)
         relearn[name] = relearn_steps(model, split.forget_x, split.forget_y, 0.9, 100)
     assert relearn["undo"] >= 2 * relearn["fgoriu"] + 10, relearn
+
 
 # ------------------------------------------------------------------ the engine
 def test_store_applies_class_and_sample_requests_and_rolls_back(tmp_path):

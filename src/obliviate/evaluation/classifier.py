@@ -92,7 +92,7 @@ def relearn_steps(model, x: torch.Tensor, y: torch.Tensor, target_accuracy: floa
     """Optimizer steps on (x, y) until its accuracy reaches ``target_accuracy`` (``max_steps`` if never)."""
     student = copy.deepcopy(model)
     options = {"momentum": 0.9} if optimizer == "sgd" else {}
-    optimizer = OPTIMIZERS[optimizer](student.net.parameters(), lr=learning_rate, **options)
+    attacker = OPTIMIZERS[optimizer](student.net.parameters(), lr=learning_rate, **options)
     generator = torch.Generator().manual_seed(seed)
     for step in range(max_steps):
         if accuracy(student, x, y) >= target_accuracy:
@@ -100,9 +100,9 @@ def relearn_steps(model, x: torch.Tensor, y: torch.Tensor, target_accuracy: floa
         index = torch.randint(0, len(x), (batch_size,), generator=generator)
         student.net.train()
         loss = F.cross_entropy(student.net(x[index].to(student.device)), y[index].to(student.device))
-        optimizer.zero_grad()
+        attacker.zero_grad()
         loss.backward()
-        optimizer.step()
+        attacker.step()
     return max_steps
 
 

@@ -45,6 +45,22 @@ def split_method_spec(spec: str) -> tuple[str, dict[str, str]]:
         raise ValueError(f"method={spec!r}: expected NAME;key=value;... with each option a key=value.") from None
 
 
+def check_teacher_options(method: str, noise: float, example: str) -> None:
+    """The checks every UNDO config shares: a noise that keeps something of the teacher, and a
+    teacher that is not itself a distillation."""
+    if not 0 <= noise < 1:
+        raise ValueError(f"noise must be in [0, 1): 1 would keep nothing of the teacher, got {noise}")
+    if split_method_spec(method)[0] == "undo":
+        raise ValueError(f"method=undo would distil a distillation; name the method that forgets, e.g. method={example}.")
+
+
+def build_teacher_method(spec: str, family: str = "t2i") -> UnlearningMethod:
+    """The method ``NAME;key=value;...`` names, in the model family's registry, with those options."""
+    name, options = split_method_spec(spec)
+    method_cls = get_method(name, family)
+    return method_cls(build_config(method_cls.config_class, options, owner=f"undo's method {name!r}"))
+
+
 @dataclass
 class UndoConfig:
     method: str = field(default="uce", metadata={
@@ -65,17 +81,7 @@ class UndoConfig:
         for name in ("steps", "batch_size", "images", "sampling_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not 0 <= self.noise < 1:
-            raise ValueError(f"noise must be in [0, 1): 1 would keep nothing of the teacher, got {self.noise}")
-        name, _ = split_method_spec(self.method)
-        if name == "undo":
-            raise ValueError("method=undo would distil a distillation; name the method that erases, e.g. method=uce.")
-
-    def inner(self) -> UnlearningMethod:
-        """The configured teacher method."""
-        name, options = split_method_spec(self.method)
-        method_cls = get_method(name)
-        return method_cls(build_config(method_cls.config_class, options, owner=f"undo's method {name!r}"))
+        check_teacher_options(self.method, self.noise, example="uce")
 
 
 @register_method
@@ -87,7 +93,7 @@ class Undo(UnlearningMethod):
 
     def __init__(self, config: UndoConfig | None = None):
         super().__init__(config)
-        self.teacher_method = self.config.inner()
+        self.teacher_method = build_teacher_method(self.config.method)
 
     def check_parameters(self, names) -> None:
         self.teacher_method.check_parameters(names)

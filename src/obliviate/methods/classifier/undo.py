@@ -26,10 +26,9 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
-from ...config import build_config
 from ...training import match_names
-from ..base import get_method, register_method
-from ..undo import split_method_spec
+from ..base import register_method
+from ..undo import build_teacher_method, check_teacher_options
 from .base import ClassifierConfig, ClassifierMethod
 
 
@@ -45,18 +44,9 @@ class ClassifierUndoConfig(ClassifierConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0 <= self.noise < 1:
-            raise ValueError(f"noise must be in [0, 1): 1 would keep nothing of the teacher, got {self.noise}")
+        check_teacher_options(self.method, self.noise, example="fgoriu")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
-        name, _ = split_method_spec(self.method)
-        if name == "undo":
-            raise ValueError("method=undo would distil a distillation; name the method that forgets, e.g. method=fgoriu.")
-
-    def inner(self) -> ClassifierMethod:
-        name, options = split_method_spec(self.method)
-        method_cls = get_method(name, family="classifier")
-        return method_cls(build_config(method_cls.config_class, options, owner=f"undo's method {name!r}"))
 
 
 def reinitialised(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -79,7 +69,7 @@ class ClassifierUndo(ClassifierMethod):
 
     def __init__(self, config: ClassifierUndoConfig | None = None):
         super().__init__(config)
-        self.teacher_method = self.config.inner()
+        self.teacher_method = build_teacher_method(self.config.method, family="classifier")
 
     def check_parameters(self, names) -> None:
         super().check_parameters(names)
@@ -103,7 +93,7 @@ class ClassifierUndo(ClassifierMethod):
         net.train()
         for _ in range(config.epochs):
             for inputs, _ in session.batches(x, x):
-                with torch.no_grad():  # the teacher on the same batch, so that noise=0 leaves a loss of exactly 0
+                with torch.no_grad():  # the teacher on the same batch: with noise=0 the loss starts at exactly 0
                     log_teacher = F.log_softmax(teacher(inputs) / temperature, dim=1)
                 log_student = F.log_softmax(net(inputs) / temperature, dim=1)
                 session.counter.forward += 1
@@ -117,7 +107,8 @@ class ClassifierUndo(ClassifierMethod):
         method = self.teacher_method
         named = dict(session.net.named_parameters())
         # the outer ``trainable`` bounds what may change at all, the inner method's included
-        params = {n: named[n] for n in match_names(list(session.params), method.config.trainable, "network (within undo's trainable)")}
+        chosen = match_names(list(session.params), method.config.trainable, "network (within undo's trainable)")
+        params = {n: named[n] for n in chosen}
         inner = dataclasses.replace(session, config=method.config, params=params, mask=None)
         inner.optimizer = inner.sgd()
         for name, p in named.items():
