@@ -29,6 +29,8 @@ SEQUENCES: dict[str, dict] = {
            "about": "the s1 requests applied one after another"},
     "s1-striped": {"model": DEFAULT_T2I, "fresh_store_per_request": True, "requests": [("striped",)],
                    "about": "forget striped, the concept whose retrain oracle ships; for attacks beside the oracle"},
+    "s1-triangle": {"model": DEFAULT_T2I, "fresh_store_per_request": True, "requests": [("triangle",)],
+                    "about": "forget triangle, beside its retrain oracle; for attacks beside the oracle"},
     "s10": {"model": DEFAULT_T2I, "fresh_store_per_request": False,
             "requests": [("striped",), ("triangle",), ("red",), ("dotted",), ("circle",), ("blue",), ("star",),
                          ("checkered",), ("yellow",), ("heart",)],
