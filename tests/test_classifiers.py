@@ -277,6 +277,10 @@ def test_mia_calls_low_confidence_non_members():
     remembered = (torch.ones(20, 1), torch.zeros(20, dtype=torch.long))
     assert mia_efficacy(Fixed, members, others, unlearned) == 1.0
     assert mia_efficacy(Fixed, members, others, remembered) == 0.0
+    # Members no more confident than non-members: no monotone signal, a coin flip, never an
+    # inverted attack that calls the least confident examples members.
+    assert mia_efficacy(Fixed, others, members, unlearned) == 0.5
+    assert mia_efficacy(Fixed, others, members, remembered) == 0.5
 
 
 def test_relearn_is_instant_for_a_model_that_never_forgot():

@@ -95,7 +95,8 @@ LEGENDS = {
            "Passes: UNet forward / backward calls.",
     "classifier": "UA: 1 - accuracy on all training data forgotten so far (UA test: on forgotten classes' test images). "
                   "RA/TA: accuracy on retained training data / test images of known classes. MIA: share of forget examples "
-                  "a confidence-based membership attack calls non-members. gap: mean |UA, RA, TA, MIA - retrain oracle| in "
+                  "a confidence-based membership attack calls non-members (0.5: members are no more confident than test images, "
+                  "so the attack has no signal). gap: mean |UA, RA, TA, MIA - retrain oracle| in "
                   "points. relearn: optimizer steps on the forget set until 90% accuracy (SGD at 0.01 with momentum 0.9 "
                   "unless the command sets relearn_optimizer / relearn_learning_rate). probe: linear-probe accuracy on "
                   "forgotten classes' test images from penultimate features. Passes: network forward / backward calls.",

@@ -9,7 +9,10 @@
   non-members (higher = more forgotten). The attack is a logistic regression rather than
   SalUn's RBF SVM: forgotten examples have confidences the attack never saw in training, and
   an RBF SVM's call there is arbitrary (it flipped whole sequences from 1 to 0 in our runs),
-  while a monotone attack calls low confidence "non-member".
+  while a monotone attack calls low confidence "non-member". Its slope is constrained to be
+  non-negative: where members are no more confident than non-members (a collapsed or fully
+  distilled model), the constrained fit is the constant 1/2, a coin flip, and MIA reads 0.5 rather
+  than the 0 an inverted attack would give.
 - Relearn: optimizer steps on the forget set until its accuracy is back to ``relearn_accuracy``
   (SGD at 0.01 with momentum by default; ``relearn_optimizer`` and ``relearn_learning_rate`` vary the attacker).
 - Probe: a linear probe trained on penultimate features of all training data (forgotten classes
@@ -84,6 +87,10 @@ def mia_efficacy(model, members: tuple, non_members: tuple, forget: tuple, seed:
     features = np.concatenate([rng.choice(member_conf, n, replace=False), rng.choice(other_conf, n, replace=False)])
     labels = np.concatenate([np.ones(n), np.zeros(n)])
     attack = LogisticRegression(C=100.0).fit(features[:, None], labels)
+    if attack.coef_[0, 0] <= 0:
+        # The best fit with a non-negative slope on balanced classes is slope 0, probability 1/2
+        # everywhere: every call is a tie, counted as half.
+        return 0.5
     return float(1.0 - attack.predict(true_label_confidence(model, *forget)[:, None]).mean())
 
 
