@@ -18,6 +18,10 @@ def test_bench_writes_tables_and_resumes(tmp_path, tiny_model_dir):
     assert len([r for r in rows if r["method"] != "oracle"]) == 3 * len(SEQUENCES["s3"]["requests"])  # base, esd, esd+l2sp
     # the shipped v1 oracle has forgotten striped only: a row for the first step alone
     assert [r["step"] for r in rows if r["method"] == "oracle"] == [1]
+    # which concept a sequence lost, not only how far: one UA per target forgotten so far
+    last = [r for r in rows if r["method"] == "esd" and r["step"] == 3][0]
+    assert [part.split()[0] for part in last["ua_per_target"].split("; ")] == ["striped", "triangle", "red"]
+    assert min(float(part.split()[1]) for part in last["ua_per_target"].split("; ")) == pytest.approx(last["ua_min"], abs=1e-3)
     table = (out / "s3.md").read_text()
     assert table.count("\n| esd |") == 6 and "| base |" in table
     assert (out / "s3.csv").read_text().count("\n") == len(rows) + 1

@@ -239,6 +239,7 @@ def _run_cell(method, regularizer, sequence, spec, work, model, options, eval_op
                "forward_passes": cost.get("unet_forward_passes", cost.get("forward_passes")),
                "backward_passes": cost.get("unet_backward_passes", cost.get("backward_passes")),
                "edit_bytes": cost.get("edit_bytes"), "model_hash": outcome_hash,
+               "ua_per_target": _per_target(metrics.get("ua_per_target")),
                **{f"attack_{kind}": result["after"] for kind, result in attacked.items()},
                **{f"attack_{kind}_auc": result["auc"] for kind, result in attacked.items() if result["auc"] is not None},
                **({"attack_results": attacked} if attacked else {})}
@@ -284,6 +285,12 @@ def _cell_store(folder: Path, model) -> Store:
     return Store.init(folder, model)
 
 
+def _per_target(ua: dict | None) -> str | None:
+    """UA of each forgotten target on the training wording, as "striped 1.000; triangle 0.875":
+    which concept a sequence lost, where ``ua_min`` says only how far."""
+    return "; ".join(f"{target} {splits['train']:.3f}" for target, splits in ua.items()) if ua else None
+
+
 def _attack_success(attack, model, judge, prompts, targets) -> dict:
     """The attack on each target of a step (mean success), run on the model itself: the base
     row shows what an attack recovers from a model never made to forget, the oracle row what
@@ -309,7 +316,8 @@ def write_tables(out: Path, sequence: str) -> list[dict]:
     keys = [k for _, k, _ in FAMILY_COLUMNS[family]]
     keys += _attack_keys(rows)
     with open(out / f"{sequence}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["sequence", "method", "regularizer", "step", "targets", *keys, *COST_COLUMNS],
+        writer = csv.DictWriter(f, fieldnames=["sequence", "method", "regularizer", "step", "targets", *keys, *COST_COLUMNS,
+                                            "ua_per_target"],
                                 extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
