@@ -22,16 +22,21 @@ from ...training import fisher_ratio_mask
 from .sfron import SFRon, SFRonConfig, diagonal_fisher
 
 
+def _sfron_option(name: str, default):
+    """SFR-on's option ``name`` (its help included) with another default."""
+    return field(default=default, metadata=SFRonConfig.__dataclass_fields__[name].metadata)
+
+
 @dataclass
 class UGCLUConfig(SFRonConfig):
     # UG-CLU publishes no SFR-on settings of its own; SFR-on's DDPM defaults (1500 iterations, alpha 25,
     # per-sample weights) collapse d5 from the second request (RA 0.12), so it keeps the shorter recipe.
-    iterations: int = field(default=60, metadata={"help": "iterations (each one retain step)"})
-    alpha: float = field(default=2.0, metadata={"help": "initial weight of the forget step"})
-    weighting: str = field(default="batch", metadata={"help": "ascent weight 1/CE^0.5: per-sample (normalised in the batch) or batch"})
-    clip_norm: float = field(default=0.0, metadata={"help": "gradient-norm clip of the forget step (0: none)"})
-    mask_retain: bool = field(default=True, metadata={"help": "mask the retain step too"})
-    lr_schedule: str = field(default="constant", metadata={"help": "cosine or constant"})
+    iterations: int = _sfron_option("iterations", 60)
+    alpha: float = _sfron_option("alpha", 2.0)
+    weighting: str = _sfron_option("weighting", "batch")
+    clip_norm: float = _sfron_option("clip_norm", 0.0)
+    mask_retain: bool = _sfron_option("mask_retain", True)
+    lr_schedule: str = _sfron_option("lr_schedule", "constant")
     learn: str = field(default="", metadata={"help": "comma-separated classes to learn in this request (empty: unlearn only)"})
     learn_weight: float = field(default=1.0, metadata={"help": "weight of the learning term in the slow step"})
 
