@@ -31,6 +31,8 @@ SEQUENCES: dict[str, dict] = {
                    "about": "forget striped, the concept whose retrain oracle ships; for attacks beside the oracle"},
     "s1-triangle": {"model": DEFAULT_T2I, "fresh_store_per_request": True, "requests": [("triangle",)],
                     "about": "forget triangle, beside its retrain oracle; for attacks beside the oracle"},
+    "s1-red": {"model": DEFAULT_T2I, "fresh_store_per_request": True, "requests": [("red",)],
+               "about": "forget red, beside its retrain oracle; for attacks beside the oracle"},
     "s10": {"model": DEFAULT_T2I, "fresh_store_per_request": False,
             "requests": [("striped",), ("triangle",), ("red",), ("dotted",), ("circle",), ("blue",), ("star",),
                          ("checkered",), ("yellow",), ("heart",)],
