@@ -5,7 +5,7 @@ its first version (kept so that tables made with it reproduce) and ``shapes-judg
 judge; ``digits-*`` and ``shapes-cnn`` are classifiers for the classifier side of the engine. All
 are trained by ``obliviate zoo train NAME`` and their weights are committed under
 ``obliviate/weights/NAME``. Retrain oracles (``zoo train shapes-t2i-v2 --exclude CONCEPT``) go to a
-folder of the user's; those for ``striped`` (v1, v2) and ``triangle`` (v2) ship under ``obliviate/weights/oracles/LANGUAGE``. An
+folder of the user's; those for ``striped`` (v1, v2), ``triangle`` and ``red`` (v2) ship under ``obliviate/weights/oracles/LANGUAGE``. An
 oracle is only a bar for a model trained by the same recipe, so oracles are matched to a model by
 the world language both were trained in.
 """
