@@ -27,12 +27,10 @@ SEQUENCES: dict[str, dict] = {
            "about": "one request per domain, each on a fresh copy of the base model"},
     "s3": {"model": DEFAULT_T2I, "fresh_store_per_request": False, "requests": [("striped",), ("triangle",), ("red",)],
            "about": "the s1 requests applied one after another"},
-    "s1-striped": {"model": DEFAULT_T2I, "fresh_store_per_request": True, "requests": [("striped",)],
-                   "about": "forget striped, the concept whose retrain oracle ships; for attacks beside the oracle"},
-    "s1-triangle": {"model": DEFAULT_T2I, "fresh_store_per_request": True, "requests": [("triangle",)],
-                    "about": "forget triangle, beside its retrain oracle; for attacks beside the oracle"},
-    "s1-red": {"model": DEFAULT_T2I, "fresh_store_per_request": True, "requests": [("red",)],
-               "about": "forget red, beside its retrain oracle; for attacks beside the oracle"},
+    # One concept on a fresh store, beside the retrain oracle that ships for it: attacks beside the oracle.
+    **{f"s1-{concept}": {"model": DEFAULT_T2I, "fresh_store_per_request": True, "requests": [(concept,)],
+                         "about": f"forget {concept}, beside its shipped retrain oracle; for attacks beside the oracle"}
+       for concept in ("striped", "triangle", "red")},
     "s10": {"model": DEFAULT_T2I, "fresh_store_per_request": False,
             "requests": [("striped",), ("triangle",), ("red",), ("dotted",), ("circle",), ("blue",), ("star",),
                          ("checkered",), ("yellow",), ("heart",)],
