@@ -256,3 +256,30 @@ def test_suplora_reads_its_rows_from_pairs_in_one_wording_unless_told_otherwise(
     assert calls[0] == "forget_pairs"
     with pytest.raises(ValueError, match="token_anchors must be"):
         run(tiny_t2i, "suplora", {"token_anchors": "plain"}, targets=("triangle",))
+
+
+def test_hold_rank_keeps_later_rows_out_of_earlier_targets_shifts_and_their_columns_fixed(tiny_t2i):
+    from obliviate.engine import Request
+    from obliviate.methods import UnlearningContext, get_method
+    from obliviate.methods.suplora import HELD
+    options = {**FAST, "learning_rate": 1e-2, "rank": 4, "hold_rank": 2}
+    weights = tiny_t2i.state_tensors()
+    state, forgotten, results = {}, (), []
+    for seed, target in enumerate(("triangle", "red", "square")):  # red opens another group; square warm-starts polygon
+        context = UnlearningContext(prompts=WorldPrompts(), base_weights=weights, state=state, forgotten=forgotten)
+        result = get_method("suplora").from_options(options).unlearn(tiny_t2i, Request((target,), "suplora", options, None, (), seed), context)
+        held_before = state.get(HELD)
+        if held_before is not None:  # the new rows read none of the earlier targets' held directions
+            new_rows = result.state[f"group.{result.stats['group']}/down"][-result.stats["new_directions"]:].double()
+            assert float((new_rows @ held_before).abs().max()) < 1e-5
+        held = result.state[HELD]
+        assert held.shape[1] == 2 * (seed + 1)
+        assert torch.allclose(held.T @ held, torch.eye(held.shape[1], dtype=torch.float64), atol=1e-8)
+        state, forgotten = result.state, forgotten + (target,)
+        results.append(result)
+    first, _, third = results
+    layer = next(k.split("/up/")[1] for k in first.state if "/up/" in k)
+    old = first.state[f"group.polygon/up/{layer}"]
+    assert third.stats["warm_start"] and torch.equal(third.state[f"group.polygon/up/{layer}"][:, :old.shape[1]], old)
+    with pytest.raises(ValueError, match="hold_rank"):
+        run(tiny_t2i, "suplora", {"hold_rank": -1}, targets=("triangle",))

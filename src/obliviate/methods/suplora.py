@@ -14,6 +14,12 @@ U_j learns, a supertype prompt's keys and values stay those of the model before 
 adapter (to float rounding). A later request in the same group warm-starts it: D_j grows by up
 to ``rank`` new rows, orthogonal to S_j and to its old rows, and U_j keeps its columns.
 
+Later requests can wear an earlier erasure down: any group's new rows may read the earlier
+target's token shift t - a. With ``hold_rank`` = k each request keeps the top k directions H of
+its targets' shifts, every later request's new rows are orthogonal to all of them and its group's
+earlier columns stay fixed, so D_new t = D_new a up to the part of the shift outside H: a later
+adapter moves an earlier target's keys and values as it moves its anchor's.
+
 U_j's new columns start at MACE's closed-form refinement restricted to D_j's rows (target token
 states' outputs moved to their aligned anchors', retained ones kept; ``closed_form_up``), then
 train with concept ablation's objective (target prompts reproduce the frozen model's anchor
@@ -40,6 +46,7 @@ from .base import Edit, MethodResult, register_method
 from .gradient import GradientMethod
 
 ADAPTER = "suplora"
+HELD = "held/shift"  # method state: the directions ``hold_rank`` keeps later requests' new rows out of
 PROTECT_PROMPTS = 64  # of the targets' siblings, and as many of other retained concepts
 
 
@@ -64,6 +71,10 @@ class SupLoRAConfig(GradientConfig):
         "help": "anchors of the token-level steps (rows, closed-form start) when the request names none: 'same-template' "
                 "puts a random other concept of the domain in the target's place; 'description' uses the training loss's "
                 "anchor, the plain description, whose other wording moves every token state"})
+    hold_rank: int = field(default=0, metadata={
+        "help": "each forgotten target's top directions of how its prompts' token states differ from their anchors'; "
+                "later requests' new rows stay out of them and their group's earlier columns stay fixed, so a later "
+                "adapter moves an earlier target's keys and values as it moves its anchor's (0: off)"})
     closed_form_init: bool = field(default=True, metadata={
         "help": "start the up-projection at MACE's closed-form refinement within the adapter's rows (else at zero)"})
 
@@ -75,8 +86,9 @@ class SupLoRAConfig(GradientConfig):
             raise ValueError(f"retain_weight must be >= 0, got {self.retain_weight}")
         if self.token_anchors not in ("same-template", "description"):
             raise ValueError(f"token_anchors must be 'same-template' or 'description', got {self.token_anchors!r}")
-        if self.protect_rank < 0 or self.target_rank < 0:
-            raise ValueError(f"protect_rank and target_rank must be >= 0, got {self.protect_rank} and {self.target_rank}")
+        if min(self.protect_rank, self.target_rank, self.hold_rank) < 0:
+            raise ValueError(f"protect_rank, target_rank and hold_rank must be >= 0, got {self.protect_rank}, "
+                             f"{self.target_rank} and {self.hold_rank}")
 
 
 def extend_down(down: torch.Tensor, protected: torch.Tensor, shift: torch.Tensor, rank: int) -> torch.Tensor:
@@ -234,6 +246,9 @@ class SupLoRA(GradientMethod):
                 pairs = context.prompts.random_anchor_pairs(targets, 64, rng)
             concept, anchor = aligned_token_states(model, [p.target for p in pairs], [p.anchor for p in pairs])
             avoid = [protected] + ([] if choice.avoid is None else [choice.avoid.double()])
+            held = context.state.get(HELD) if cfg.hold_rank else None
+            if held is not None:
+                avoid.append(held)
             if cfg.protect_rank:  # like gradproj: the new rows cannot read retained prompts' main directions
                 forgotten = context.forgotten + targets
                 kept = token_states(model, context.prompts.related_prompts(targets, forgotten, PROTECT_PROMPTS, rng)
@@ -241,11 +256,12 @@ class SupLoRA(GradientMethod):
                 avoid.append(protected_basis(kept, concept - anchor, cfg.protect_rank, cfg.target_rank))
             avoid = torch.cat(avoid, 1)
             down = extend_down(old_down, avoid, concept - anchor, cfg.rank)
-        if len(down) == len(old_down) and (len(down) == 0 or not choice.train_old_columns):
+        train_old_columns = choice.train_old_columns and held is None
+        if len(down) == len(old_down) and (len(down) == 0 or not train_old_columns):
             raise ValueError(f"Nothing to adapt for {request.label}: its prompts differ from their anchors only inside the "
                              f"directions group {choice.name!r} must not touch. Name another group (--set group=...) "
                              "or check the anchor.")
-        self._frozen_columns = 0 if choice.train_old_columns else len(old_down)
+        self._frozen_columns = 0 if train_old_columns else len(old_down)
         self._initial_up = {}
         if cfg.closed_form_init:
             with torch.no_grad():
@@ -287,6 +303,10 @@ class SupLoRA(GradientMethod):
                 up = up + change
             state[f"{key}/up/{layer}"] = up
         state.update(self.group_state(key, context.state, concept))
+        if cfg.hold_rank:
+            own = torch.linalg.svd((concept - anchor).double(), full_matrices=False).Vh[:cfg.hold_rank].T
+            earlier = context.state.get(HELD, torch.zeros(own.shape[0], 0, dtype=torch.float64))
+            state[HELD] = orthonormal_basis(torch.cat([earlier, own], 1), earlier.shape[1] + own.shape[1], rtol=1e-9)
         stats = {**result.stats, **choice.stats, "group": choice.name, "group_rank": rank, "new_directions": rank - len(old_down),
                  "protected_dimensions": protected.shape[1], "warm_start": bool(len(old_down))}
         return MethodResult(Edit(factors=factors), state, stats)
