@@ -93,7 +93,8 @@ LEGENDS = {
            "FD: Fréchet distance of judge features to renders. relearn AUC: the relearning attack's mean share of images "
            "showing each target forgotten so far over its fine-tuning checkpoints (AUC gap: minus the retrain oracle's, "
            "the oracle without everything forgotten so far if one ships, else each target's own). "
-           "NLL: bits/dim of renders of the forgotten targets (gap: minus the retrain oracle's) and of retained ones, through the probability-flow ODE. "
+           "NLL: bits/dim of renders of the forgotten targets (gap: minus the retrain oracle's) and of retained ones, "
+           "through the probability-flow ODE. "
            "Passes: UNet forward / backward calls.",
     "classifier": "UA: 1 - accuracy on all training data forgotten so far (UA test: on forgotten classes' test images). "
                   "RA/TA: accuracy on retained training data / test images of known classes. MIA: share of forget examples "
