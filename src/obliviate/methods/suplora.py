@@ -75,7 +75,7 @@ class SupLoRAConfig(GradientConfig):
         "help": "each forgotten target's top directions of how its prompts' token states differ from their anchors'; "
                 "later requests' new rows stay out of them and their group's earlier columns stay fixed, so a later "
                 "adapter moves an earlier target's keys and values as it moves its anchor's (0: off; 8 measured worse over s10 on "
-                "shapes-t2i: later concepts sharing a held direction, dotted after striped, yellow after red, lose it)"})
+                "shapes-t2i: dotted, blue and yellow no longer erase at their own request)"})
     closed_form_init: bool = field(default=True, metadata={
         "help": "start the up-projection at MACE's closed-form refinement within the adapter's rows (else at zero)"})
 
