@@ -81,7 +81,7 @@ def test_an_installed_retrain_oracle_is_found_by_its_concepts(tiny_model_dir, tm
     monkeypatch.setattr(zoo, "SHIPPED_ORACLES", tmp_path / "shipped")
     run = tmp_path / "run"
     shutil.copytree(tiny_model_dir, run / "model")
-    (run / "train_state.json").write_text(json.dumps({"step": 4, "seconds": 60.0, "device": "cpu",
+    (run / "train_state.json").write_text(json.dumps({"step": 4, "seconds": 60.0, "device": "cuda", "hardware": "NVIDIA H200",
                                                       "recipe": {"batch_size": 2, "exclude": ["striped"]}}))
     metrics = {"ua": 1.0, "ira": 0.9, "cra": 0.95, "fd": 12.0,
                "eval_config": {"forget_prompts": 8, "images_per_prompt": 4, "retain_prompts": 40}}
@@ -95,7 +95,9 @@ def test_an_installed_retrain_oracle_is_found_by_its_concepts(tiny_model_dir, tm
     shutil.copytree(installed, user_oracles / installed.name)
     assert zoo.find_oracle(["striped"], "v2", user_oracles) is None
     assert zoo.find_oracle(["striped"], "v1", user_oracles) == user_oracles / installed.name / "model"
-    assert "| retrain oracle | 1.000 |" in (installed / "MODEL_CARD.md").read_text()
+    card_text = (installed / "MODEL_CARD.md").read_text()
+    # the card names the machine that trained the run, not the one installing it
+    assert "| retrain oracle | 1.000 |" in card_text and "| hardware | NVIDIA H200 |" in card_text
     assert T2IModel.load(zoo.find_oracle(["striped"], "v1")).state_tensors().keys() == T2IModel.load(tiny_model_dir).state_tensors().keys()
 
 

@@ -4,23 +4,16 @@ how good it is."""
 from __future__ import annotations
 
 import json
-import platform
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
+from .environment import hardware
 from .models.zoo import ZOO
 from .world import DEFAULT_ONTOLOGY, SPLITS, language
 
 if TYPE_CHECKING:
     from .evaluation.lexical import WordReadout
-
-
-def _hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    return f"{torch.get_num_threads()} CPU threads ({cpu}), torch {torch.__version__}"
 
 
 def install_t2i(name: str, run: Path, quality: dict, comparison: dict | None = None) -> Path:
@@ -59,7 +52,7 @@ language `{lang.name}`: {len(lang.templates)} templates, {synonyms:.1f} training
 | learning rate | {recipe['learning_rate']} (AdamW, warm-up {recipe['warmup_steps']}, cosine to 10%), EMA {recipe['ema_decay']} |
 | prompt dropout | {recipe['prompt_dropout']} (for classifier-free guidance, scale {recipe['guidance_scale']}) |
 | wall time | {state['seconds'] / 60:.1f} min on {state['device']} (as measured; other load on the machine counts) |
-| hardware | {_hardware()} |
+| hardware | {state.get('hardware') or hardware()} |
 | seed | {recipe['seed']} |
 
 Reproduce: `obliviate zoo train {name} --out runs/{name}` then
@@ -126,7 +119,7 @@ attacks (`obliviate attack` runs the same attack on it).
 |---|---|
 | training steps | {state['step']} x batch {state['recipe']['batch_size']} |
 | wall time | {state['seconds'] / 60:.1f} min on {state['device']} (as measured; other load on the machine counts) |
-| hardware | {_hardware()} |
+| hardware | {state.get('hardware') or hardware()} |
 
 Reproduce: `obliviate zoo train {name} --exclude {' --exclude '.join(excluded)}` then
 `obliviate zoo install {name} --run {run}` (this file is written by the latter).
@@ -160,7 +153,7 @@ head per domain; its {config['feature_dim']}-d penultimate features feed the Fr√
 | | |
 |---|---|
 | training | {recipe['steps']} steps x batch {recipe['batch_size']} of fresh renders, AdamW one-cycle lr {recipe['learning_rate']}, noise augmentation {recipe['augment_noise']} |
-| wall time | {config['seconds'] / 60:.1f} min on {config['device']} ({_hardware()}) |
+| wall time | {config['seconds'] / 60:.1f} min on {config['device']} ({hardware()}) |
 | seed | {recipe['seed']} |
 | held-out render accuracy (4096 renders) | shape {acc['shape']:.4f}, colour {acc['colour']:.4f}, texture {acc['texture']:.4f} |
 
@@ -200,7 +193,7 @@ Recipe (also stored in `obliviate.json`; the retrain oracle reruns it without th
 |---|---|
 {recipe}
 
-Trained on {_hardware()}.
+Trained on {hardware()}.
 """
     (target / "MODEL_CARD.md").write_text(card)
     return target

