@@ -114,3 +114,21 @@ def test_status_shows_an_adapter_requests_group_and_lw2g_decision(tmp_path, tiny
     result = runner.invoke(app, ["apply", str(store)])
     assert result.exit_code != 0 and "not a supertype" in result.output + str(result.exception)
     assert json.loads(invoke("status", store, "--json").output)["applied"] == [1, 2]
+
+
+def test_progress_without_a_terminal_is_a_timed_log_line_with_what_is_left():
+    import io
+
+    from obliviate.progress import ProgressLines
+    now, log = [0.0], io.StringIO()
+    advance = ProgressLines("request 1", 100, every=60, stream=log, clock=lambda: now[0])
+    for _ in range(10):
+        now[0] += 5
+        advance(1, loss=0.5)
+    assert log.getvalue() == ""  # 50 s in: nothing yet
+    now[0] += 10
+    advance(1, loss=0.25)
+    assert log.getvalue() == "request 1: 11/100 after 60 s, about 485 s left (loss 0.25)\n"
+    now[0] += 30
+    advance(1)
+    assert log.getvalue().count("\n") == 1  # at most one line a minute

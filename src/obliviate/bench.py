@@ -20,6 +20,7 @@ from .config import parse_spec
 from .engine import RegularizerSpec, Request, Store
 from .executors import Executor, SerialExecutor
 from .models.zoo import DEFAULT_T2I
+from .progress import RequestProgress
 
 # Each sequence is a list of requests (a request is a tuple of targets) and the model it runs on.
 SEQUENCES: dict[str, dict] = {
@@ -223,7 +224,9 @@ def _run_cell(method, regularizer, sequence, spec, work, model, options, eval_op
                     if not state.pending:  # else the stop came while this step's request was applied
                         store.add_request(list(targets), parse_spec(method)[0], options,
                                           regularizers=split_regularizer_spec(regularizer))
-                    outcome = store.apply(evaluator=evaluator if measured else None)[0]
+                    with RequestProgress(echo=echo) as progress:
+                        outcome = store.apply(evaluator=evaluator if measured else None, on_start=progress.start,
+                                              progress=progress.advance)[0]
                 else:  # applied before a stop, its row not yet written
                     outcome = store.outcome(state.applied[position - 1])
             except ValueError as error:  # a method's own limit (ErasePro's constraint count): the cell ends here
