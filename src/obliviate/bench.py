@@ -224,9 +224,9 @@ def _run_cell(method, regularizer, sequence, spec, work, model, options, eval_op
                     if not state.pending:  # else the stop came while this step's request was applied
                         store.add_request(list(targets), parse_spec(method)[0], options,
                                           regularizers=split_regularizer_spec(regularizer))
-                    with RequestProgress(echo=echo) as progress:
-                        outcome = store.apply(evaluator=evaluator if measured else None, on_start=progress.start,
-                                              progress=progress.advance)[0]
+                    with RequestProgress(echo=echo) as bar:
+                        outcome = store.apply(evaluator=evaluator if measured else None, on_start=bar.start,
+                                              progress=bar.advance)[0]
                 else:  # applied before a stop, its row not yet written
                     outcome = store.outcome(state.applied[position - 1])
             except ValueError as error:  # a method's own limit (ErasePro's constraint count): the cell ends here
