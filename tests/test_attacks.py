@@ -177,3 +177,18 @@ def test_paraphrase_templates_must_carry_an_attribute(tmp_path):
             get_attack("paraphrase").from_options({"templates_file": str(tmp_path / "t.txt")})
     with pytest.raises(ValueError, match="Extra words name one concept"):
         get_attack("paraphrase").from_options({"words": "x"}).wordings("striped triangle", WorldPrompts())
+
+
+def test_a_lora_attacker_starts_from_its_seed_whatever_the_process_drew_before(tiny_t2i):
+    from obliviate.evaluation.attacks.finetune import attacker_copy
+    from obliviate.evaluation.attacks.relearn import RelearnConfig
+
+    def adapter(global_seed, seed):
+        torch.manual_seed(global_seed)
+        attacked, params = attacker_copy(tiny_t2i, RelearnConfig(lora_rank=2), seed)
+        return {name: p.detach().clone() for name, p in params.items()}
+
+    first, second, other = adapter(1, 0), adapter(2, 0), adapter(1, 5)
+    assert first and first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)  # the seed does choose the start

@@ -11,6 +11,7 @@ from typing import Callable, Literal
 
 import torch
 
+from ...seeding import seeded
 from ...training import OPTIMIZERS, TRAINABLE_PRESETS, select_parameters
 from .base import ProbeSettings, curve_auc, render_rows
 
@@ -52,15 +53,17 @@ def attack_images(settings: FineTuneSettings, prompts, labels, texts: list[str],
     return load_t2i(settings.data).sample(texts, steps=settings.sampling_steps, seed=seed, solver="dpm")
 
 
-def attacker_copy(model, settings: FineTuneSettings):
-    """A copy of ``model`` whose UNet the attacker may change, and the parameters it trains."""
+def attacker_copy(model, settings: FineTuneSettings, seed: int = 0):
+    """A copy of ``model`` whose UNet the attacker may change, and the parameters it trains. A
+    LoRA starts from ``seed``, not from whatever the process drew before."""
     attacked = copy.copy(model)
     attacked.unet = copy.deepcopy(model.unet).requires_grad_(False)
     if settings.lora_rank:
         from peft import LoraConfig, inject_adapter_in_model
         targets = ["to_q", "to_k", "to_v", "to_out.0"]
-        inject_adapter_in_model(LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_rank, target_modules=targets),
-                                attacked.unet)
+        with seeded(seed):  # peft draws the down-projections from torch's global generator
+            inject_adapter_in_model(LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_rank, target_modules=targets),
+                                    attacked.unet)
         pattern = r"lora_"
     else:
         pattern = TRAINABLE_PRESETS.get(settings.trainable, settings.trainable)
@@ -74,7 +77,7 @@ def fine_tune_curve(model, images: torch.Tensor, texts: list[str], settings: Fin
                     measure: Callable[[object], float], seed: int) -> tuple[tuple[int, float], ...]:
     """Fine-tune a copy of ``model`` on (images, texts) with the denoising loss and return
     ``(steps, measure(copy))`` at every checkpoint. ``model`` itself never changes."""
-    attacked, params = attacker_copy(model, settings)
+    attacked, params = attacker_copy(model, settings, seed)
     optimizer = OPTIMIZERS[settings.optimizer](list(params.values()), lr=settings.learning_rate)
     generator = torch.Generator().manual_seed(seed)
     clean_all = attacked.to_latents(images)
