@@ -137,6 +137,7 @@ def train_t2i(recipe: T2IRecipe, out: str | Path, device: str | torch.device | N
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    machine = hardware(device)
     encoder = MiniLMEncoder.from_package()
     model = T2IModel(UNet2DConditionModel(**recipe.unet), embedded_scheduler(), encoder,
                      guidance_scale=recipe.guidance_scale, language=recipe.language).to(device)
@@ -191,7 +192,7 @@ def train_t2i(recipe: T2IRecipe, out: str | Path, device: str | torch.device | N
                 tmp = state_file.with_suffix(".tmp")
                 tmp.write_text(json.dumps({"step": done, "seconds": seconds, "loss": float(loss.detach()),
                                            "optimizer_steps": done, "device": str(device),
-                                           "hardware": hardware(device),
+                                           "hardware": machine,
                                            "recipe": asdict(recipe)}, indent=2))
                 tmp.replace(state_file)
     model.unet.load_state_dict(ema)
