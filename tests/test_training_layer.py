@@ -19,7 +19,8 @@ from obliviate.engine import RegularizerSpec, Request, Store
 from obliviate.methods import UnlearningContext, get_method
 from obliviate.methods import gradient as gradient_loop
 from obliviate.regularizers import check_composition
-from obliviate.training import ParameterConstraint, UpdateProjector, combine_constraints, orthonormal_basis
+from obliviate.training import (ParameterConstraint, UpdateProjector, adapter_constraints, adapter_factors,
+                                combine_constraints, gradient_directions, orthonormal_basis)
 from obliviate.world import DEFAULT_ONTOLOGY, WorldPrompts
 
 FAST = {"steps": 3, "forget_images": 2, "sampling_steps": 2, "batch_size": 2, "learning_rate": 1e-2}
@@ -96,6 +97,9 @@ def _assert_constraints_hold(edit, declared):
     for constraints in declared:
         for name, c in constraints.items():
             delta = edit.deltas.get(f"unet.{name}")
+            if f"unet.{name}" in edit.factors:
+                up, down = edit.factors[f"unet.{name}"]
+                delta = up @ down
             if delta is None:
                 continue
             if c.mask is not None:
@@ -147,6 +151,63 @@ def test_salun_mask_and_gradproj_compose_exactly(minilm, declared_constraints):
     sources = {c.source for d in declared_constraints for c in d.values()}
     assert sources == {"salun", "gradproj"}
     assert _assert_constraints_hold(result.edit, declared_constraints) > 0
+
+
+# --------------------------------------------------------------------------- lora_rank: an adapter is one more constraint
+@settings(max_examples=40, deadline=None)
+@given(out=st.integers(1, 6), dim=st.integers(3, 9), batches=st.integers(1, 3), rank=st.integers(1, 4),
+       protected_rank=st.integers(0, 2), seed=st.integers(0, 10_000))
+def test_an_adapter_keeps_updates_rank_r_in_its_gradients_directions_and_inside_the_other_constraints(
+        out, dim, batches, rank, protected_rank, seed):
+    gen = torch.Generator().manual_seed(seed)
+    shape = torch.Size((out, dim))
+    others = [{"w": ParameterConstraint("other", protected=orthonormal_basis(torch.randn(dim, protected_rank, generator=gen),
+                                                                            protected_rank))}] if protected_rank else []
+    projectors = combine_constraints({"w": shape}, others)
+    gradients = [{"w": torch.randn(shape, generator=gen), "bias": torch.randn(out, generator=gen)} for _ in range(batches)]
+    downs = gradient_directions(gradients, projectors, rank)
+    assert set(downs) == {"w"}  # a vector gets no adapter
+    down = downs["w"]
+    assert len(down) <= rank and torch.allclose(down @ down.T, torch.eye(len(down), dtype=torch.float64), atol=1e-9)
+    adapter = combine_constraints({"w": shape}, others + [adapter_constraints(downs)])["w"]
+    update = adapter(torch.randn(shape, generator=gen, dtype=torch.float64).float()).double()
+    assert torch.allclose(update, update @ down.T @ down, atol=1e-5)  # every row in span(down): rank <= r
+    for c in others:
+        assert (update @ c["w"].protected).abs().max() < 1e-5  # and the other constraint still holds
+    up, stored = adapter_factors(update, down)
+    assert torch.allclose(up @ stored, update, atol=1e-5)
+    stacked = torch.cat([(projectors["w"](g["w"]) if "w" in projectors else g["w"]).double() for g in gradients])
+    if torch.linalg.matrix_rank(stacked) <= rank:  # room for all of them: the gradients pass unchanged
+        assert torch.allclose(adapter(stacked.float()).double(), stacked, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["gradproj", "fgoriu", "merge", "l2sp"])
+def test_lora_rank_stores_a_rank_r_adapter_that_keeps_each_regularizers_invariant(minilm, name, declared_constraints):
+    from conftest import make_tiny_t2i
+    model = make_tiny_t2i(minilm)
+    options = {**FAST, "trainable": "xattn-kv"}
+    dense = get_method("esd").from_options(options).unlearn(model, Request(("striped",), "esd", options, None, (), 0),
+                                                            UnlearningContext(prompts=WorldPrompts(), base_weights=model.state_tensors()))
+    declared_constraints.clear()
+    options = {**options, "lora_rank": 2}
+    result = get_method("esd").from_options(options).unlearn(
+        model, Request(("striped",), "esd", options, None, (RegularizerSpec(name, REGULARIZER_OPTIONS[name]),), 0),
+        UnlearningContext(prompts=WorldPrompts(), base_weights=model.state_tensors()))
+    assert not result.edit.deltas and result.edit.factors.keys() == dense.edit.deltas.keys()
+    assert all(len(down) <= 2 and torch.count_nonzero(up) for up, down in result.edit.factors.values())
+    assert result.stats["adapter_rank"] == 2 and result.edit.nbytes < dense.edit.nbytes
+    _assert_constraints_hold(result.edit, declared_constraints)
+
+
+def test_lora_rank_refuses_a_masked_update_and_an_adapter_method(minilm):
+    from conftest import make_tiny_t2i
+    options = {**FAST, "trainable": "xattn-kv", "mask_ratio": 0.1, "lora_rank": 2}
+    with pytest.raises(ValueError, match="masks it, and a masked update is not low-rank"):
+        get_method("salun").from_options(options).unlearn(
+            make_tiny_t2i(minilm), Request(("striped",), "salun", options, None, (), 0),
+            UnlearningContext(prompts=WorldPrompts(), base_weights=make_tiny_t2i(minilm).state_tensors()))
+    with pytest.raises(ValueError, match="lora_rank must stay 0"):
+        get_method("suplora").from_options({"lora_rank": 4})
 
 
 def test_compositions_the_contract_cannot_combine_are_refused_at_request_add(tmp_path, tiny_model_dir):

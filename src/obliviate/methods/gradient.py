@@ -10,7 +10,9 @@ One optimizer step, in order: the loss plus every penalty; backward; the gradien
 the intersection of all constraints (the method's, the regularizers' and, for one stage, the
 stage's mask); the optimizer step; the request's accumulated update projected onto the
 intersection of the request's constraints. After the last step a regularizer that rewrites the
-edit (merging) runs, and the request's constraints are applied to its result.
+edit (merging) runs, and the request's constraints are applied to its result. With ``lora_rank``
+the update of each trained weight is a low-rank adapter: one more constraint, chosen inside the
+others before the first step, and the edit stores its factors (``obliviate.training.adapter``).
 """
 
 from __future__ import annotations
@@ -25,9 +27,13 @@ import torch
 from accelerate import Accelerator
 
 from ..regularizers import Regularizer, check_composition, get_regularizer
-from ..training import (ParameterConstraint, PassCounter, TrainingSession, UpdateProjector,
-                        combine_constraints, match_names, select_parameters)
+from ..training import (ParameterConstraint, PassCounter, TrainingSession, UpdateProjector, accumulate_gradients,
+                        adapter_constraints, adapter_factors, combine_constraints, gradient_directions, match_names,
+                        select_parameters)
 from .base import Edit, MethodResult, UnlearningContext, UnlearningMethod
+
+
+ADAPTER_BATCHES = 4  # batches whose gradients choose a lora_rank adapter's down-projection
 
 
 class GradientMethod(UnlearningMethod):
@@ -110,6 +116,13 @@ class GradientMethod(UnlearningMethod):
             shapes = {n: p.shape for n, p in params.items()}
             declared = [self.constraints(session)] + [reg.constraints(session) for reg in regularizers]
             projectors = combine_constraints(shapes, declared)
+            downs = {}
+            if config.lora_rank:  # the adapter is one more constraint, inside all the others
+                gradients = [accumulate_gradients(params, lambda: self.loss(session), 1, on_backward=counter.count_backward)
+                             for _ in range(ADAPTER_BATCHES)]
+                downs = gradient_directions(gradients, projectors, config.lora_rank)
+                declared.append(adapter_constraints(downs))
+                projectors = combine_constraints(shapes, declared)
             losses = self._train(session, accelerator, regularizers, projectors, declared, before)
         finally:
             counter.close()
@@ -126,6 +139,11 @@ class GradientMethod(UnlearningMethod):
             with torch.no_grad():
                 for n, p in params.items():
                     p.copy_(before[n])
+        factors = {}
+        for n, down in downs.items():
+            delta = deltas.pop(n)
+            if torch.count_nonzero(delta):
+                factors[f"unet.{n}"] = adapter_factors(delta, down)
         deltas = {f"unet.{n}": d for n, d in deltas.items() if torch.count_nonzero(d)}
         regularizer_states = {reg.name: reg.state() for reg in regularizers if reg.state()}
         stats = {"unet_forward_passes": counter.forward, "unet_backward_passes": counter.backward,
@@ -133,7 +151,9 @@ class GradientMethod(UnlearningMethod):
                  "first_loss": losses[0] if losses else None,
                  "trained_parameters": sum(p.numel() for p in params.values()),
                  "constrained_parameters": sum(params[n].numel() for n, pr in projectors.items() if not pr.is_identity)}
-        return MethodResult(Edit(deltas=deltas), {}, stats, regularizer_states)
+        if downs:
+            stats["adapter_rank"] = max(len(d) for d in downs.values())
+        return MethodResult(Edit(deltas=deltas, factors=factors), {}, stats, regularizer_states)
 
     def _train(self, session: TrainingSession, accelerator: Accelerator, regularizers: list[Regularizer],
                projectors: dict[str, UpdateProjector], declared: list[dict[str, ParameterConstraint]],

@@ -83,6 +83,9 @@ class SupLoRAConfig(GradientConfig):
         super().__post_init__()
         if self.rank <= 0:
             raise ValueError(f"rank must be positive, got {self.rank}")
+        if self.lora_rank:
+            raise ValueError(f"{type(self).__name__} trains its own adapter (its size is `rank`); lora_rank must stay 0, "
+                             f"got {self.lora_rank}")
         if self.retain_weight < 0:
             raise ValueError(f"retain_weight must be >= 0, got {self.retain_weight}")
         if self.token_anchors not in ("same-template", "description"):

@@ -6,10 +6,12 @@
 - ``subspace``: orthonormal bases and the text token states they are built from;
 - ``simulation``: simulated fine-tuning on a scratch copy and the gradients defences take through it
   (and the optimizers an attacker, simulated or real, may use);
+- ``adapter``: per-request low-rank adapters, trained as one more constraint of the contract;
 - ``contract``: how constraints from a method and its regularizers combine into one projector
   per parameter.
 """
 
+from .adapter import adapter_constraints, adapter_factors, gradient_directions
 from .contract import ParameterConstraint, UpdateProjector, combine_constraints
 from .gradients import accumulate_gradients
 from .masks import fisher_ratio_mask, top_fraction_mask
@@ -20,6 +22,6 @@ from .simulation import (OPTIMIZERS, FineTuneDistribution, ScratchModule, first_
 from .subspace import aligned_token_states, orthonormal_basis, protected_basis, token_states
 
 __all__ = ["OPTIMIZERS", "TRAINABLE_PRESETS", "Batch", "FineTuneDistribution", "GradientConfig", "ParameterConstraint", "PassCounter",
-           "ScratchModule", "TrainingSession", "UpdateProjector", "accumulate_gradients", "aligned_token_states",
-           "combine_constraints", "first_order_meta_gradient", "fisher_ratio_mask", "linear_surrogate",
+           "ScratchModule", "TrainingSession", "UpdateProjector", "accumulate_gradients", "adapter_constraints", "adapter_factors", "aligned_token_states",
+           "combine_constraints", "first_order_meta_gradient", "fisher_ratio_mask", "gradient_directions", "linear_surrogate",
            "match_names", "moreau_hypergradient", "orthonormal_basis", "protected_basis", "select_parameters", "token_states", "top_fraction_mask"]

@@ -39,11 +39,16 @@ class GradientConfig:
     sampling_steps: int = field(default=10, metadata={"help": "DDIM steps used to draw those images"})
     antithetic_timesteps: bool = field(default=False, metadata={
         "help": "draw half of each batch's timesteps and pair every t with T-1-t (lower-variance loss estimates)"})
+    lora_rank: int = field(default=0, metadata={
+        "help": "store each trained weight's update as a rank-r adapter (up @ down, down frozen to the top r directions "
+                "of the request's first gradients; training.adapter); 0: a dense update"})
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "forget_images", "sampling_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0 (0: a dense update), got {self.lora_rank}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
         try:

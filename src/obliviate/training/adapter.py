@@ -1,0 +1,68 @@
+"""Per-request low-rank adapters, as one more constraint of the contract.
+
+A rank-r adapter on a weight W (out x in) is an update D = U A whose down-projection A (r x in,
+orthonormal rows) is fixed and whose up-projection U trains: LoRA with a frozen down-projection
+(LoRA-FA). Every row of D then lies in span(A), which is the contract's protected-input
+constraint with the orthogonal complement of A's rows as the protected basis (D A_perp = 0). So
+the loop trains the dense weight under that constraint, intersected with every other one, and
+stores the finished update as its factors (D A^T, A): an adapter any gradient method and any
+regularizer that constrains inputs (gradproj, fgoriu) can train.
+
+A is where the request's own gradients point (LoRA-GA's start): the top r right singular
+directions of the first gradients of the method's loss on a few batches, stacked, each projected
+onto the other constraints first, so A already lies inside what they allow and the intersection
+keeps all r directions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .contract import ParameterConstraint, UpdateProjector
+
+SOURCE = "lora_rank"
+
+
+def gradient_directions(gradients: list[dict[str, torch.Tensor]], projectors: dict[str, UpdateProjector],
+                        rank: int) -> dict[str, torch.Tensor]:
+    """A (r x in, float64 orthonormal rows, r <= ``rank``) for every 2-D parameter of
+    ``gradients`` (one dict per batch): the top right singular directions of its gradients,
+    each projected by its projector when it has one. Directions below 1e-8 of the largest
+    singular value are dropped (a parameter the loss does not reach gets no rows)."""
+    if rank <= 0:
+        raise ValueError(f"rank must be positive, got {rank}")
+    downs = {}
+    for name in gradients[0]:
+        if gradients[0][name].dim() != 2:
+            continue
+        projector = projectors.get(name)
+        if projector is not None and projector.mask is not None:
+            raise ValueError(f"lora_rank cannot train {name!r}: {', '.join(projector.sources)} masks it, and a masked "
+                             "update is not low-rank. Drop lora_rank or the masking method/regularizer.")
+        # projected in float64: rows off the other bases to rounding, so joining those with the
+        # adapter's complement adds no spurious direction that would eat the adapter's rows (no
+        # mask here, so the projector acts row by row on the stacked rows)
+        stacked = torch.cat([g[name].detach().double().cpu() for g in gradients])
+        if projector is not None:
+            stacked = projector(stacked)
+        _, s, vh = torch.linalg.svd(stacked, full_matrices=False)
+        keep = min(rank, int((s > 1e-8 * s[0]).sum())) if len(s) and s[0] > 0 else 0
+        downs[name] = vh[:keep]
+    return downs
+
+
+def adapter_constraints(downs: dict[str, torch.Tensor]) -> dict[str, ParameterConstraint]:
+    """Each parameter's update confined to the rows of its down-projection: the protected basis
+    is the orthogonal complement of those rows."""
+    constraints = {}
+    for name, down in downs.items():
+        complement = torch.linalg.svd(down, full_matrices=True).Vh[len(down):].T if len(down) else \
+            torch.eye(down.shape[1], dtype=torch.float64)
+        constraints[name] = ParameterConstraint(SOURCE, protected=complement)
+    return constraints
+
+
+def adapter_factors(delta: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up, down) with up @ down = ``delta`` for an update whose rows lie in span(down)."""
+    down = down.to(delta.device)
+    return (delta.double() @ down.T).to(delta.dtype).contiguous(), down.to(delta.dtype).contiguous()
