@@ -323,6 +323,30 @@ def test_gradproj_leaves_the_targets_own_directions_free(tiny_t2i, target_rank):
         assert overlap > 0.1  # the retained prompts' states reach into the target's directions
 
 
+def test_gradproj_forgotten_share_protects_prompts_of_concepts_forgotten_earlier(tiny_t2i, monkeypatch):
+    """Earlier targets' prompts join the protected ones (their erased keys and values stay) only
+    when asked, and never name the request's own target."""
+    from obliviate.regularizers import get_regularizer, projection
+    seen = []
+    original = projection.protected_prompts
+    monkeypatch.setattr(projection, "protected_prompts", lambda *args: seen.append(original(*args)) or seen[-1])
+    for share in (0.0, 0.5):
+        options = {"rank": 16, "prompts": 16, "forgotten_share": share}
+        request = Request(("triangle",), "esd", {}, None, (RegularizerSpec("gradproj", options),), 0)
+        context = UnlearningContext(prompts=WorldPrompts(), base_weights=tiny_t2i.state_tensors(), forgotten=("striped",))
+        get_method("esd").from_options({**FAST, "steps": 1}).unlearn(tiny_t2i, request, context)
+
+    def naming(prompts, concept):
+        words = WorldPrompts().concept_words((concept,))
+        return sum(bool(re.search(r"\b(" + "|".join(map(re.escape, words)) + r")\b", p)) for p in prompts)
+    without, with_share = seen  # 8 siblings' prompts first (they may show striped as another attribute), then the rest
+    assert len(without) == len(with_share) == 16
+    assert naming(without[8:], "striped") == 0 and naming(with_share[8:], "striped") == 8
+    assert naming(with_share[8:], "triangle") == 0
+    with pytest.raises(ValueError, match="at most 1"):
+        get_regularizer("gradproj").from_options({"sibling_share": 0.6, "forgotten_share": 0.5})
+
+
 def test_selft_moves_only_the_selected_fraction(tiny_t2i):
     request = Request(("striped",), "esd", {}, None, (RegularizerSpec("selft", {"fraction": 0.05}),), 0)
     result = get_method("esd").from_options({**FAST, "steps": 3}).unlearn(tiny_t2i, request, context_for(tiny_t2i))

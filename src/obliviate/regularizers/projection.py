@@ -33,6 +33,9 @@ class ProjectionConfig:
     rank: int = field(default=48, metadata={"help": "dimension of the protected subspace"})
     prompts: int = field(default=128, metadata={"help": "prompts of protected concepts"})
     sibling_share: float = field(default=0.5, metadata={"help": "share of prompts about the target's siblings"})
+    forgotten_share: float = field(default=0.0, metadata={
+        "help": "share of prompts naming concepts earlier requests forgot: their keys and values, already erased, stay "
+                "as they are (0: a later request may move them, and revive an earlier concept)"})
     target_rank: int = field(default=8, metadata={
         "help": "directions of the target (its token states minus its anchors') kept out of the protected subspace; "
                 "0 protects them too (the tables made on shapes-t2i, v1)"})
@@ -40,16 +43,23 @@ class ProjectionConfig:
     def __post_init__(self):
         if self.rank <= 0 or self.prompts <= 0 or self.target_rank < 0:
             raise ValueError("rank and prompts must be positive and target_rank >= 0")
-        if not 0 <= self.sibling_share <= 1:
-            raise ValueError(f"sibling_share must lie in [0, 1], got {self.sibling_share}")
+        for name in ("sibling_share", "forgotten_share"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        if self.sibling_share + self.forgotten_share > 1:
+            raise ValueError(f"sibling_share + forgotten_share must be at most 1, got {self.sibling_share + self.forgotten_share}")
 
 
-def protected_prompts(session, n: int, sibling_share: float) -> list[str]:
+def protected_prompts(session, n: int, sibling_share: float, forgotten_share: float = 0.0) -> list[str]:
     """Prompts of retained concepts, about ``sibling_share`` of them naming a sibling of a target
-    (when the prompt source knows siblings)."""
+    (when the prompt source knows siblings), and ``forgotten_share`` of them naming a concept an
+    earlier request forgot (when there is one)."""
     forgotten = session.context.forgotten + session.targets
     related = session.prompts.related_prompts(session.targets, forgotten, int(round(n * sibling_share)), session.rng)
-    return related + session.retain_prompts(n - len(related))
+    earlier, count = session.context.forgotten, int(round(n * forgotten_share))
+    erased = [p.target for p in session.prompts.forget_pairs(earlier, None, count, session.rng, avoid=session.targets)] \
+        if earlier and count else []
+    return related + erased + session.retain_prompts(n - len(related) - len(erased))
 
 
 class SubspaceProtection(Regularizer):
@@ -77,7 +87,7 @@ class GradientProjection(SubspaceProtection):
 
     def setup(self, session) -> None:
         cfg = self.config
-        states = token_states(session.model, protected_prompts(session, cfg.prompts, cfg.sibling_share))
+        states = token_states(session.model, protected_prompts(session, cfg.prompts, cfg.sibling_share, cfg.forgotten_share))
         own_shift = None
         if cfg.target_rank:
             concept, anchor = aligned_token_states(session.model, session.forget_prompts[:cfg.prompts],
