@@ -22,6 +22,7 @@ from .simulation import (OPTIMIZERS, FineTuneDistribution, ScratchModule, first_
 from .subspace import aligned_token_states, orthonormal_basis, protected_basis, token_states
 
 __all__ = ["OPTIMIZERS", "TRAINABLE_PRESETS", "Batch", "FineTuneDistribution", "GradientConfig", "ParameterConstraint", "PassCounter",
-           "ScratchModule", "TrainingSession", "UpdateProjector", "accumulate_gradients", "adapter_constraints", "adapter_factors", "aligned_token_states",
-           "combine_constraints", "first_order_meta_gradient", "fisher_ratio_mask", "gradient_directions", "linear_surrogate",
-           "match_names", "moreau_hypergradient", "orthonormal_basis", "protected_basis", "select_parameters", "token_states", "top_fraction_mask"]
+           "ScratchModule", "TrainingSession", "UpdateProjector", "accumulate_gradients", "adapter_constraints",
+           "adapter_factors", "aligned_token_states", "combine_constraints", "first_order_meta_gradient", "fisher_ratio_mask",
+           "gradient_directions", "linear_surrogate", "match_names", "moreau_hypergradient", "orthonormal_basis", "protected_basis",
+           "select_parameters", "token_states", "top_fraction_mask"]
