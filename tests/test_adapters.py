@@ -283,3 +283,17 @@ def test_hold_rank_keeps_later_rows_out_of_earlier_targets_shifts_and_their_colu
     assert third.stats["warm_start"] and torch.equal(third.state[f"group.polygon/up/{layer}"][:, :old.shape[1]], old)
     with pytest.raises(ValueError, match="hold_rank"):
         run(tiny_t2i, "suplora", {"hold_rank": -1}, targets=("triangle",))
+
+
+def test_a_lora_rank_request_replays_exactly_and_exports_as_a_lora_of_its_rank_without_loss(tmp_path, tiny_model_dir):
+    from obliviate.engine import Store
+    store = Store.init(tmp_path / "s", tiny_model_dir)
+    store.add_request(["striped"], "esd", {**{k: str(v) for k, v in FAST.items()}, "trainable": "xattn-kv", "lora_rank": "2"})
+    store.apply()
+    assert store.verify() == []
+    base, served = store.replay(0), store.load_model().state_tensors()
+    changed = [k for k in served if not torch.equal(served[k], base[k])]
+    assert changed and all(".attn2.to_k." in k or ".attn2.to_v." in k for k in changed)
+    assert all(int(torch.linalg.matrix_rank(served[k] - base[k], rtol=1e-5)) <= 2 for k in changed)
+    exported = store.export_lora(tmp_path / "lora", rank=2)
+    assert exported["max_relative_error"] < 1e-5 and exported["tensors"] == len(changed)
