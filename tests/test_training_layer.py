@@ -71,11 +71,12 @@ def test_a_constraint_on_a_parameter_that_does_not_train_is_refused():
 
 
 # --------------------------------------------------------------------------- every pair of regularizers
-def _run(model, method, regularizer_names, order=1):
+def _run(model, method, regularizer_names, order=1, options=None):
+    options = {**FAST, **(options or {})}
     specs = tuple(RegularizerSpec(n, REGULARIZER_OPTIONS[n]) for n in regularizer_names)[::order]
-    request = Request(("striped",), method, FAST, None, specs, 0)
+    request = Request(("striped",), method, options, None, specs, 0)
     context = UnlearningContext(prompts=WorldPrompts(), base_weights=model.state_tensors())
-    return get_method(method).from_options(FAST).unlearn(model, request, context)
+    return get_method(method).from_options(options).unlearn(model, request, context)
 
 
 @pytest.fixture
@@ -185,14 +186,9 @@ def test_an_adapter_keeps_updates_rank_r_in_its_gradients_directions_and_inside_
 def test_lora_rank_stores_a_rank_r_adapter_that_keeps_each_regularizers_invariant(minilm, name, declared_constraints):
     from conftest import make_tiny_t2i
     model = make_tiny_t2i(minilm)
-    options = {**FAST, "trainable": "xattn-kv"}
-    dense = get_method("esd").from_options(options).unlearn(model, Request(("striped",), "esd", options, None, (), 0),
-                                                            UnlearningContext(prompts=WorldPrompts(), base_weights=model.state_tensors()))
+    dense = _run(model, "esd", (), options={"trainable": "xattn-kv"})
     declared_constraints.clear()
-    options = {**options, "lora_rank": 2}
-    result = get_method("esd").from_options(options).unlearn(
-        model, Request(("striped",), "esd", options, None, (RegularizerSpec(name, REGULARIZER_OPTIONS[name]),), 0),
-        UnlearningContext(prompts=WorldPrompts(), base_weights=model.state_tensors()))
+    result = _run(model, "esd", (name,), options={"trainable": "xattn-kv", "lora_rank": 2})
     assert not result.edit.deltas and result.edit.factors.keys() == dense.edit.deltas.keys()
     assert all(len(down) <= 2 and torch.count_nonzero(up) for up, down in result.edit.factors.values())
     assert result.stats["adapter_rank"] == 2 and result.edit.nbytes < dense.edit.nbytes
@@ -201,11 +197,8 @@ def test_lora_rank_stores_a_rank_r_adapter_that_keeps_each_regularizers_invarian
 
 def test_lora_rank_refuses_a_masked_update_and_an_adapter_method(minilm):
     from conftest import make_tiny_t2i
-    options = {**FAST, "trainable": "xattn-kv", "mask_ratio": 0.1, "lora_rank": 2}
     with pytest.raises(ValueError, match="masks it, and a masked update is not low-rank"):
-        get_method("salun").from_options(options).unlearn(
-            make_tiny_t2i(minilm), Request(("striped",), "salun", options, None, (), 0),
-            UnlearningContext(prompts=WorldPrompts(), base_weights=make_tiny_t2i(minilm).state_tensors()))
+        _run(make_tiny_t2i(minilm), "salun", (), options={"trainable": "xattn-kv", "mask_ratio": 0.1, "lora_rank": 2})
     with pytest.raises(ValueError, match="lora_rank must stay 0"):
         get_method("suplora").from_options({"lora_rank": 4})
 
