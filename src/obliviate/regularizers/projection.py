@@ -56,9 +56,10 @@ def protected_prompts(session, n: int, sibling_share: float, forgotten_share: fl
     earlier request forgot (when there is one)."""
     forgotten = session.context.forgotten + session.targets
     related = session.prompts.related_prompts(session.targets, forgotten, int(round(n * sibling_share)), session.rng)
-    earlier, count = session.context.forgotten, int(round(n * forgotten_share))
-    erased = [p.target for p in session.prompts.forget_pairs(earlier, None, count, session.rng, avoid=session.targets)] \
-        if earlier and count else []
+    erased, count = [], int(round(n * forgotten_share))
+    if session.context.forgotten and count:
+        pairs = session.prompts.forget_pairs(session.context.forgotten, None, count, session.rng, avoid=session.targets)
+        erased = [p.target for p in pairs]
     return related + erased + session.retain_prompts(n - len(related) - len(erased))
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from .contract import ParameterConstraint, UpdateProjector
+from .subspace import orthonormal_basis
 
 SOURCE = "lora_rank"
 
@@ -45,9 +46,7 @@ def gradient_directions(gradients: list[dict[str, torch.Tensor]], projectors: di
         stacked = torch.cat([g[name].detach().double().cpu() for g in gradients])
         if projector is not None:
             stacked = projector(stacked)
-        _, s, vh = torch.linalg.svd(stacked, full_matrices=False)
-        keep = min(rank, int((s > 1e-8 * s[0]).sum())) if len(s) and s[0] > 0 else 0
-        downs[name] = vh[:keep]
+        downs[name] = orthonormal_basis(stacked.T, rank, rtol=1e-8).T
     return downs
 
 
@@ -56,8 +55,8 @@ def adapter_constraints(downs: dict[str, torch.Tensor]) -> dict[str, ParameterCo
     is the orthogonal complement of those rows."""
     constraints = {}
     for name, down in downs.items():
-        complement = torch.linalg.svd(down, full_matrices=True).Vh[len(down):].T if len(down) else \
-            torch.eye(down.shape[1], dtype=torch.float64)
+        # the full SVD's last in - r right singular vectors: exact, also for r = 0 (the identity) and r = in (none)
+        complement = torch.linalg.svd(down, full_matrices=True).Vh[len(down):].T
         constraints[name] = ParameterConstraint(SOURCE, protected=complement)
     return constraints
 
