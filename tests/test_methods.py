@@ -347,6 +347,43 @@ def test_gradproj_forgotten_share_protects_prompts_of_concepts_forgotten_earlier
         get_regularizer("gradproj").from_options({"sibling_share": 0.6, "forgotten_share": 0.5})
 
 
+def test_rehearse_adds_the_method_loss_on_earlier_concepts_only(tiny_t2i, monkeypatch):
+    """Every step runs the method's loss on the request's prompts and, when an earlier request
+    forgot something, on prompts of those earlier concepts (never the request's own target); with
+    nothing forgotten before, or at weight 0, the edit is the plain method's, bit for bit."""
+    from obliviate.methods.esd import ESD
+    calls = []
+    original = ESD.loss
+    monkeypatch.setattr(ESD, "loss", lambda self, session: calls.append(list(session.forget_prompts)) or original(self, session))
+    words = {c: WorldPrompts().concept_words((c,)) for c in ("striped", "dotted", "triangle")}
+
+    def names(prompt, concept):
+        return bool(re.search(r"\b(" + "|".join(map(re.escape, words[concept])) + r")\b", prompt))
+
+    def edit(forgotten, *specs):
+        calls.clear()
+        request = Request(("triangle",), "esd", {}, None, specs, 0)
+        context = UnlearningContext(prompts=WorldPrompts(), base_weights=tiny_t2i.state_tensors(), forgotten=forgotten)
+        return get_method("esd").from_options(FAST).unlearn(tiny_t2i, request, context).edit.deltas
+
+    plain = edit(("striped", "dotted"))
+    assert len(calls) == FAST["steps"]
+    rehearsed = edit(("striped", "dotted"), RegularizerSpec("rehearse", {"prompts": 8}))
+    request_calls, earlier_calls = calls[0::2], calls[1::2]
+    assert len(calls) == 2 * FAST["steps"]
+    assert all(any(names(p, "triangle") for p in c) for c in request_calls)
+    for prompts in earlier_calls:
+        assert len(prompts) == 8 and not any(names(p, "triangle") for p in prompts)
+        assert all(names(p, "striped") or names(p, "dotted") for p in prompts)
+    assert any(not torch.equal(plain[n], rehearsed[n]) for n in plain)
+    for forgotten, options in (((), {}), (("striped",), {"weight": 0})):
+        alone, unused = edit(forgotten), edit(forgotten, RegularizerSpec("rehearse", options))
+        assert alone.keys() == unused.keys() and all(torch.equal(alone[n], unused[n]) for n in alone)
+    from obliviate.regularizers import get_regularizer
+    with pytest.raises(ValueError, match="prompts must be positive"):
+        get_regularizer("rehearse").from_options({"prompts": 0})
+
+
 def test_selft_moves_only_the_selected_fraction(tiny_t2i):
     request = Request(("striped",), "esd", {}, None, (RegularizerSpec("selft", {"fraction": 0.05}),), 0)
     result = get_method("esd").from_options({**FAST, "steps": 3}).unlearn(tiny_t2i, request, context_for(tiny_t2i))

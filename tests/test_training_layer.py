@@ -29,7 +29,7 @@ REGULARIZER_OPTIONS = {"gradproj": {"rank": 8, "prompts": 8}, "fgoriu": {"remain
                        "selft": {"fraction": 0.2, "batches": 1}, "ewc": {"batches": 1}, "merge": {"strategy": "uniform"},
                        "l1sp": {"weight": 10.0}, "l2sp": {"weight": 10.0},
                        "meta": {"learning_rates": (1e-3,), "steps": (1,)}, "resalign": {"prox_steps": 1, "iterations": 1},
-                       "adversarial": {"inner_steps": 1}}
+                       "adversarial": {"inner_steps": 1}, "rehearse": {"prompts": 2}}
 
 
 # --------------------------------------------------------------------------- the projector
@@ -75,7 +75,8 @@ def _run(model, method, regularizer_names, order=1, options=None):
     options = {**FAST, **(options or {})}
     specs = tuple(RegularizerSpec(n, REGULARIZER_OPTIONS[n]) for n in regularizer_names)[::order]
     request = Request(("striped",), method, options, None, specs, 0)
-    context = UnlearningContext(prompts=WorldPrompts(), base_weights=model.state_tensors())
+    # an earlier request forgot dotted: rehearse has a concept to keep erased
+    context = UnlearningContext(prompts=WorldPrompts(), base_weights=model.state_tensors(), forgotten=("dotted",))
     return get_method(method).from_options(options).unlearn(model, request, context)
 
 

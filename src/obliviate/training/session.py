@@ -173,6 +173,17 @@ class TrainingSession:
         finally:
             self.model = trained
 
+    @contextmanager
+    def forgetting(self, prompts: list[str], anchors: list[str], latents: torch.Tensor) -> Iterator[None]:
+        """Run losses on other forget prompts, anchors and x_0 latents (concepts earlier requests
+        forgot) in place of the request's, with the session's model, teacher and random streams."""
+        saved = self.forget_prompts, self.anchor_prompts, self.forget_latents
+        self.forget_prompts, self.anchor_prompts, self.forget_latents = prompts, anchors, latents
+        try:
+            yield
+        finally:
+            self.forget_prompts, self.anchor_prompts, self.forget_latents = saved
+
     def noisy(self, clean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x_t, t, noise) for clean latents at random timesteps."""
         noise = torch.randn(clean.shape, generator=self.generator).to(clean)
