@@ -196,10 +196,32 @@ def test_lora_rank_stores_a_rank_r_adapter_that_keeps_each_regularizers_invarian
     _assert_constraints_hold(result.edit, declared_constraints)
 
 
+@pytest.mark.parametrize("name", ["gradproj", "fgoriu", "merge", "l2sp"])
+def test_lora_fit_svd_stores_the_best_rank_r_approximation_of_the_dense_update(minilm, name, declared_constraints):
+    """Eckart-Young: the stored U A is the dense update's truncated SVD (the same training, so
+    the same dense update), and every declared protected subspace still holds."""
+    from conftest import make_tiny_t2i
+    model = make_tiny_t2i(minilm)
+    dense = _run(model, "esd", (name,), options={"trainable": "xattn-kv"}).edit.deltas
+    declared_constraints.clear()
+    result = _run(model, "esd", (name,), options={"trainable": "xattn-kv", "lora_rank": 2, "lora_fit": "svd"})
+    assert not result.edit.deltas and result.edit.factors.keys() == dense.keys()
+    kept = []
+    for key, (up, down) in result.edit.factors.items():
+        u, s, vh = torch.linalg.svd(dense[key].double(), full_matrices=False)
+        best = (u[:, :2] * s[:2]) @ vh[:2]
+        assert len(down) <= 2 and torch.allclose((up @ down).double(), best, atol=1e-6 * float(s[0]) + 1e-9)
+        kept.append(float(s[:2].pow(2).sum() / s.pow(2).sum()))
+    assert result.stats["adapter_energy_kept"] == pytest.approx(min(kept), rel=1e-4)
+    _assert_constraints_hold(result.edit, declared_constraints)
+
+
 def test_lora_rank_refuses_a_masked_update_and_an_adapter_method(minilm):
     from conftest import make_tiny_t2i
-    with pytest.raises(ValueError, match="masks it, and a masked update is not low-rank"):
-        _run(make_tiny_t2i(minilm), "salun", (), options={"trainable": "xattn-kv", "mask_ratio": 0.1, "lora_rank": 2})
+    for fit in ("trained", "svd"):
+        with pytest.raises(ValueError, match="masks it, and a masked update is not low-rank"):
+            _run(make_tiny_t2i(minilm), "salun", (), options={"trainable": "xattn-kv", "mask_ratio": 0.1, "lora_rank": 2,
+                                                              "lora_fit": fit})
     with pytest.raises(ValueError, match="lora_rank must stay 0"):
         get_method("suplora").from_options({"lora_rank": 4})
 

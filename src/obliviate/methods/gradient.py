@@ -12,7 +12,8 @@ stage's mask); the optimizer step; the request's accumulated update projected on
 intersection of the request's constraints. After the last step a regularizer that rewrites the
 edit (merging) runs, and the request's constraints are applied to its result. With ``lora_rank``
 the update of each trained weight is a low-rank adapter: one more constraint, chosen inside the
-others before the first step, and the edit stores its factors (``obliviate.training.adapter``).
+others before the first step, or (``lora_fit=svd``) the best rank-r approximation of the dense
+update, taken after the last; the edit stores its factors (``obliviate.training.adapter``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from accelerate import Accelerator
 from ..regularizers import Regularizer, check_composition, get_regularizer
 from ..training import (ParameterConstraint, PassCounter, TrainingSession, UpdateProjector, accumulate_gradients,
                         adapter_constraints, adapter_factors, combine_constraints, gradient_directions, match_names,
-                        select_parameters)
+                        refuse_masks, select_parameters, update_directions)
 from .base import Edit, MethodResult, UnlearningContext, UnlearningMethod
 
 
@@ -117,7 +118,9 @@ class GradientMethod(UnlearningMethod):
             declared = [self.constraints(session)] + [reg.constraints(session) for reg in regularizers]
             projectors = combine_constraints(shapes, declared)
             downs = {}
-            if config.lora_rank:  # the adapter is one more constraint, inside all the others
+            if config.lora_rank and config.lora_fit == "svd":
+                refuse_masks(projectors)
+            elif config.lora_rank:  # the adapter is one more constraint, inside all the others
                 gradients = [accumulate_gradients(params, lambda: self.loss(session), 1, on_backward=counter.count_backward)
                              for _ in range(ADAPTER_BATCHES)]
                 downs = gradient_directions(gradients, projectors, config.lora_rank)
@@ -139,11 +142,15 @@ class GradientMethod(UnlearningMethod):
             with torch.no_grad():
                 for n, p in params.items():
                     p.copy_(before[n])
-        factors = {}
+        if config.lora_rank and config.lora_fit == "svd":  # the best rank-r approximation of what trained
+            downs = update_directions(deltas, config.lora_rank)
+        factors, kept = {}, []
         for n, down in downs.items():
             delta = deltas.pop(n)
             if torch.count_nonzero(delta):
-                factors[f"unet.{n}"] = adapter_factors(delta, down)
+                up, down = adapter_factors(delta, down)
+                factors[f"unet.{n}"] = (up, down)
+                kept.append(float(up.double().pow(2).sum() / delta.double().pow(2).sum()))
         deltas = {f"unet.{n}": d for n, d in deltas.items() if torch.count_nonzero(d)}
         regularizer_states = {reg.name: reg.state() for reg in regularizers if reg.state()}
         stats = {"unet_forward_passes": counter.forward, "unet_backward_passes": counter.backward,
@@ -151,8 +158,9 @@ class GradientMethod(UnlearningMethod):
                  "first_loss": losses[0] if losses else None,
                  "trained_parameters": sum(p.numel() for p in params.values()),
                  "constrained_parameters": sum(params[n].numel() for n, pr in projectors.items() if not pr.is_identity)}
-        if downs:
-            stats["adapter_rank"] = max(len(d) for d in downs.values())
+        if kept:
+            stats["adapter_rank"] = max(len(d) for _, d in factors.values())
+            stats["adapter_energy_kept"] = min(kept)  # share of the trained update the adapter holds, worst layer
         return MethodResult(Edit(deltas=deltas, factors=factors), {}, stats, regularizer_states)
 
     def _train(self, session: TrainingSession, accelerator: Accelerator, regularizers: list[Regularizer],

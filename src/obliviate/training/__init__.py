@@ -11,7 +11,7 @@
   per parameter.
 """
 
-from .adapter import adapter_constraints, adapter_factors, gradient_directions
+from .adapter import adapter_constraints, adapter_factors, gradient_directions, refuse_masks, update_directions
 from .contract import ParameterConstraint, UpdateProjector, combine_constraints
 from .gradients import accumulate_gradients
 from .masks import fisher_ratio_mask, top_fraction_mask
@@ -25,4 +25,4 @@ __all__ = ["OPTIMIZERS", "TRAINABLE_PRESETS", "Batch", "FineTuneDistribution", "
            "ScratchModule", "TrainingSession", "UpdateProjector", "accumulate_gradients", "adapter_constraints",
            "adapter_factors", "aligned_token_states", "combine_constraints", "first_order_meta_gradient", "fisher_ratio_mask",
            "gradient_directions", "linear_surrogate", "match_names", "moreau_hypergradient", "orthonormal_basis", "protected_basis",
-           "select_parameters", "token_states", "top_fraction_mask"]
+           "refuse_masks", "select_parameters", "token_states", "top_fraction_mask", "update_directions"]

@@ -12,6 +12,11 @@ A is where the request's own gradients point (LoRA-GA's start): the top r right 
 directions of the first gradients of the method's loss on a few batches, stacked, each projected
 onto the other constraints first, so A already lies inside what they allow and the intersection
 keeps all r directions.
+
+The other fit (``lora_fit=svd``) trains the weights densely under the other constraints and keeps
+the finished update's best rank-r approximation, D_r = D V_r^T V_r with V_r its top r right
+singular vectors. Its rows lie in D's row space, so every protected-input constraint D Q = 0
+still holds exactly; a mask would not, and is refused as for the trained fit.
 """
 
 from __future__ import annotations
@@ -32,14 +37,12 @@ def gradient_directions(gradients: list[dict[str, torch.Tensor]], projectors: di
     singular value are dropped (a parameter the loss does not reach gets no rows)."""
     if rank <= 0:
         raise ValueError(f"rank must be positive, got {rank}")
+    refuse_masks(projectors)
     downs = {}
     for name in gradients[0]:
         if gradients[0][name].dim() != 2:
             continue
         projector = projectors.get(name)
-        if projector is not None and projector.mask is not None:
-            raise ValueError(f"lora_rank cannot train {name!r}: {', '.join(projector.sources)} masks it, and a masked "
-                             "update is not low-rank. Drop lora_rank or the masking method/regularizer.")
         # projected in float64: rows off the other bases to rounding, so joining those with the
         # adapter's complement adds no spurious direction that would eat the adapter's rows (no
         # mask here, so the projector acts row by row on the stacked rows)
@@ -48,6 +51,21 @@ def gradient_directions(gradients: list[dict[str, torch.Tensor]], projectors: di
             stacked = projector(stacked)
         downs[name] = orthonormal_basis(stacked.T, rank, rtol=1e-8).T
     return downs
+
+
+def update_directions(deltas: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """The top ``rank`` right singular directions (float64 rows) of every 2-D update: the
+    down-projection of its best rank-r approximation (``lora_fit=svd``)."""
+    return {name: orthonormal_basis(delta.double().T, rank, rtol=1e-8).T
+            for name, delta in deltas.items() if delta.dim() == 2 and torch.count_nonzero(delta)}
+
+
+def refuse_masks(projectors: dict[str, UpdateProjector]) -> None:
+    """A clear error when a mask constrains a weight matrix (its update would not be low-rank)."""
+    for name, projector in projectors.items():
+        if projector.mask is not None and projector.mask.dim() == 2:
+            raise ValueError(f"lora_rank cannot train {name!r}: {', '.join(projector.sources)} masks it, and a masked "
+                             "update is not low-rank. Drop lora_rank or the masking method/regularizer.")
 
 
 def adapter_constraints(downs: dict[str, torch.Tensor]) -> dict[str, ParameterConstraint]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -42,6 +42,9 @@ class GradientConfig:
     lora_rank: int = field(default=0, metadata={
         "help": "store each trained weight's update as a rank-r adapter (up @ down, down frozen to the top r directions "
                 "of the request's first gradients; training.adapter); 0: a dense update"})
+    lora_fit: Literal["trained", "svd"] = field(default="trained", metadata={
+        "help": "how a lora_rank adapter is found: 'trained' (down frozen, up trained) or 'svd' (the weights train "
+                "densely under the same constraints, and the edit keeps the update's top-r singular directions)"})
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "forget_images", "sampling_steps"):
@@ -49,6 +52,8 @@ class GradientConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0 (0: a dense update), got {self.lora_rank}")
+        if self.lora_fit not in ("trained", "svd"):
+            raise ValueError(f"lora_fit must be 'trained' or 'svd', got {self.lora_fit!r}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
         try:
