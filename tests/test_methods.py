@@ -368,7 +368,7 @@ def test_rehearse_adds_the_method_loss_on_earlier_concepts_only(tiny_t2i, monkey
 
     plain = edit(("striped", "dotted"))
     assert len(calls) == FAST["steps"]
-    rehearsed = edit(("striped", "dotted"), RegularizerSpec("rehearse", {"prompts": 8}))
+    rehearsed = edit(("striped", "dotted"), RegularizerSpec("rehearse", {"prompts": 8, "objective": "method"}))
     request_calls, earlier_calls = calls[0::2], calls[1::2]
     assert len(calls) == 2 * FAST["steps"]
     assert all(any(names(p, "triangle") for p in c) for c in request_calls)
@@ -382,6 +382,24 @@ def test_rehearse_adds_the_method_loss_on_earlier_concepts_only(tiny_t2i, monkey
     from obliviate.regularizers import get_regularizer
     with pytest.raises(ValueError, match="prompts must be positive"):
         get_regularizer("rehearse").from_options({"prompts": 0})
+
+
+def test_rehearse_keep_holds_earlier_concepts_predictions_at_their_start(tiny_t2i, monkeypatch):
+    """``objective=keep``: the penalty is zero before the first step (the start model's own
+    predictions, recorded at setup, on prompts of the earlier concepts only) and grows once the
+    weights move."""
+    from obliviate.regularizers.rehearsal import Rehearsal
+    seen = []
+    original = Rehearsal.penalty
+    monkeypatch.setattr(Rehearsal, "penalty", lambda self, session: seen.append((original(self, session), self.prompts)) or seen[-1][0])
+    request = Request(("triangle",), "esd", {}, None, (RegularizerSpec("rehearse", {"prompts": 4, "weight": 2.0}),), 0)
+    context = UnlearningContext(prompts=WorldPrompts(), base_weights=tiny_t2i.state_tensors(), forgotten=("striped",))
+    get_method("esd").from_options({**FAST, "steps": 3, "learning_rate": 1e-2}).unlearn(tiny_t2i, request, context)
+    (first, prompts), *later = seen
+    assert len(prompts) == 4 * 4 and all("triangle" not in p for p in prompts)
+    assert all(any(w in p for w in WorldPrompts().concept_words(("striped",))) for p in prompts)
+    assert first.item() == pytest.approx(0.0, abs=1e-10)
+    assert all(value.item() > 1e-8 for value, _ in later)
 
 
 def test_selft_moves_only_the_selected_fraction(tiny_t2i):

@@ -1,42 +1,53 @@
-"""Rehearsal of earlier erasures: the running method's own loss, applied to concepts that
-earlier requests forgot, added to this request's loss,
+"""Rehearsal of earlier erasures: a loss on prompts of concepts that earlier requests forgot,
+added to the request's own, so that training for a new request does not move their predictions
+back (in the s10 sequence, later shape requests revive circle). Two objectives:
 
-    L = L_method(this request's targets) + weight * L_method(earlier targets),
+- ``keep`` (default): the model's predictions on those prompts stay what they were at the start
+  of the request, ``weight * || eps_theta(x_t, c_old) - eps_start(x_t, c_old) ||^2`` on noisy
+  images fixed at setup, where the start model's predictions are recorded once;
+- ``method``: the running method's own loss on them, each paired with its plain description as
+  the anchor (earlier requests' own anchors are not kept), so the erasure is trained again.
 
-so that training for a new request keeps the concepts before it erased instead of moving their
-keys and values back (in the s10 sequence, later shape requests revive circle). The earlier
-concepts' prompts come from the prompt source's training templates, each paired with its plain
-description as the anchor (earlier requests' own anchors are not kept); their x_0 images are
-drawn once per request by the frozen model, which already has them erased. Nothing is kept
-between requests: the store's ``forgotten`` list is the only input.
+The earlier concepts' prompts come from the prompt source's training templates, never naming
+the request's own targets; their x_0 images are drawn by the model at the start of the request,
+which already has them erased. Nothing is kept between requests: the store's ``forgotten`` list
+is the only input.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
+import torch
 
 from .base import Regularizer, register_regularizer
+
+NOISE_DRAWS = 4  # noisy versions of each image whose start-model predictions ``keep`` records
 
 
 @dataclass
 class RehearsalConfig:
-    weight: float = field(default=1.0, metadata={"help": "weight of the method's loss on earlier-forgotten concepts"})
+    weight: float = field(default=1.0, metadata={"help": "weight of the loss on earlier-forgotten concepts"})
     prompts: int = field(default=16, metadata={
-        "help": "prompts (and frozen-model images) of earlier-forgotten concepts, the concepts drawn at random"})
+        "help": "prompts (and start-model images) of earlier-forgotten concepts, the concepts drawn at random"})
+    objective: Literal["keep", "method"] = field(default="keep", metadata={
+        "help": "'keep': their predictions stay as at the start of the request; 'method': the method's own loss on them"})
 
     def __post_init__(self):
         if self.weight < 0:
             raise ValueError(f"weight must be >= 0, got {self.weight}")
         if self.prompts <= 0:
             raise ValueError(f"prompts must be positive, got {self.prompts}")
+        if self.objective not in ("keep", "method"):
+            raise ValueError(f"objective must be 'keep' or 'method', got {self.objective!r}")
 
 
 @register_regularizer
 class Rehearsal(Regularizer):
     name = "rehearse"
-    description = "the method's own loss on concepts earlier requests forgot, so a new request does not revive them"
+    description = "keep the predictions (or the method's loss) on concepts earlier requests forgot, so a new request does not revive them"
     config_class = RehearsalConfig
 
     def setup(self, session) -> None:
@@ -50,11 +61,23 @@ class Rehearsal(Regularizer):
             self.pairs += session.prompts.forget_pairs((earlier[concept],), None, int(count), session.rng,
                                                        avoid=session.targets)
         self.latents = session.draw_latents([p.target for p in self.pairs])
+        if self.config.objective == "keep":
+            self.prompts = [p.target for p in self.pairs] * NOISE_DRAWS
+            self.noisy, self.t, _ = session.noisy(self.latents.repeat(NOISE_DRAWS, 1, 1, 1))
+            with torch.no_grad():  # the model has not trained yet: these are the start model's predictions
+                self.kept = torch.cat([session.model.predict(self.noisy[i:i + len(self.pairs)], self.t[i:i + len(self.pairs)],
+                                                             session.encode(self.prompts[i:i + len(self.pairs)]))
+                                       for i in range(0, len(self.prompts), len(self.pairs))])
 
     def penalty(self, session):
         if not self.pairs:
             return None
-        with session.forgetting([p.target for p in self.pairs], [p.anchor for p in self.pairs], self.latents):
-            loss = self.config.weight * session.objective(session)
+        if self.config.objective == "method":
+            with session.forgetting([p.target for p in self.pairs], [p.anchor for p in self.pairs], self.latents):
+                loss = session.objective(session)
+        else:
+            index = session.rng.integers(0, len(self.prompts), session.config.batch_size)[session.own_rows(session.config.batch_size)]
+            prediction = session.model.predict(self.noisy[index], self.t[index], session.encode([self.prompts[i] for i in index]))
+            loss = (prediction - self.kept[index]).pow(2).mean()
         session.counter.count_backward()  # the loop's one backward call also runs back through this loss's UNet pass
-        return loss
+        return self.config.weight * loss

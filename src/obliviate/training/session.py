@@ -213,9 +213,13 @@ class TrainingSession:
         clean = latents[index]
         noisy, t, noise = self.noisy(clean)
         batch = Batch([prompts[i] for i in index], clean, noisy, t, noise, [anchors[i] for i in index] if anchors else [])
+        return batch.rows(self.own_rows(len(index)))
+
+    def own_rows(self, n: int) -> slice:
+        """This process's contiguous share of a batch of ``n`` rows (all of them when alone)."""
         rank, processes = self.shard
-        size = len(index) // processes
-        return batch if processes == 1 else batch.rows(slice(rank * size, (rank + 1) * size))
+        size = n // processes
+        return slice(rank * size, (rank + 1) * size)
 
     def forget_batch(self) -> Batch:
         """A random batch of forget prompts (with their anchors) on the cached forget images."""
