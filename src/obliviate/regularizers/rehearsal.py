@@ -6,7 +6,8 @@ back (in the s10 sequence, later shape requests revive circle). Two objectives:
   of the request, ``weight * || eps_theta(x_t, c_old) - eps_start(x_t, c_old) ||^2`` on noisy
   images fixed at setup, where the start model's predictions are recorded once;
 - ``method``: the running method's own loss on them, each paired with its plain description as
-  the anchor (earlier requests' own anchors are not kept), so the erasure is trained again.
+  the anchor (the empty prompt for free text; earlier requests' own anchors are not kept), so the
+  erasure is trained again.
 
 The earlier concepts' prompts come from the prompt source's training templates, never naming
 the request's own targets; their x_0 images are drawn by the model at the start of the request,
@@ -47,7 +48,8 @@ class RehearsalConfig:
 @register_regularizer
 class Rehearsal(Regularizer):
     name = "rehearse"
-    description = "keep the predictions (or the method's loss) on concepts earlier requests forgot, so a new request does not revive them"
+    description = ("keep the predictions (or the method's loss) on concepts earlier requests forgot, so a new request "
+                   "does not revive them")
     config_class = RehearsalConfig
 
     def setup(self, session) -> None:
@@ -62,12 +64,12 @@ class Rehearsal(Regularizer):
                                                        avoid=session.targets)
         self.latents = session.draw_latents([p.target for p in self.pairs])
         if self.config.objective == "keep":
+            n = len(self.pairs)
             self.prompts = [p.target for p in self.pairs] * NOISE_DRAWS
             self.noisy, self.t, _ = session.noisy(self.latents.repeat(NOISE_DRAWS, 1, 1, 1))
+            chunks = zip(self.noisy.split(n), self.t.split(n), (self.prompts[i:i + n] for i in range(0, n * NOISE_DRAWS, n)))
             with torch.no_grad():  # the model has not trained yet: these are the start model's predictions
-                self.kept = torch.cat([session.model.predict(self.noisy[i:i + len(self.pairs)], self.t[i:i + len(self.pairs)],
-                                                             session.encode(self.prompts[i:i + len(self.pairs)]))
-                                       for i in range(0, len(self.prompts), len(self.pairs))])
+                self.kept = torch.cat([session.model.predict(x, t, session.encode(p)) for x, t, p in chunks])
 
     def penalty(self, session):
         if not self.pairs:
@@ -76,8 +78,10 @@ class Rehearsal(Regularizer):
             with session.forgetting([p.target for p in self.pairs], [p.anchor for p in self.pairs], self.latents):
                 loss = session.objective(session)
         else:
-            index = session.rng.integers(0, len(self.prompts), session.config.batch_size)[session.own_rows(session.config.batch_size)]
-            prediction = session.model.predict(self.noisy[index], self.t[index], session.encode([self.prompts[i] for i in index]))
+            size = session.config.batch_size
+            index = session.rng.integers(0, len(self.prompts), size)[session.own_rows(size)]
+            encoding = session.encode([self.prompts[i] for i in index])
+            prediction = session.model.predict(self.noisy[index], self.t[index], encoding)
             loss = (prediction - self.kept[index]).pow(2).mean()
         session.counter.count_backward()  # the loop's one backward call also runs back through this loss's UNet pass
         return self.config.weight * loss
