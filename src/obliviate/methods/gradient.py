@@ -117,10 +117,10 @@ class GradientMethod(UnlearningMethod):
             shapes = {n: p.shape for n, p in params.items()}
             declared = [self.constraints(session)] + [reg.constraints(session) for reg in regularizers]
             projectors = combine_constraints(shapes, declared)
-            downs = {}
-            if config.lora_rank and config.lora_fit == "svd":
+            downs, fit = {}, config.lora_fit if config.lora_rank else None
+            if fit == "svd":
                 refuse_masks(projectors)
-            elif config.lora_rank:  # the adapter is one more constraint, inside all the others
+            elif fit == "trained":  # the adapter is one more constraint, inside all the others
                 gradients = [accumulate_gradients(params, lambda: self.loss(session), 1, on_backward=counter.count_backward)
                              for _ in range(ADAPTER_BATCHES)]
                 downs = gradient_directions(gradients, projectors, config.lora_rank)
@@ -142,7 +142,7 @@ class GradientMethod(UnlearningMethod):
             with torch.no_grad():
                 for n, p in params.items():
                     p.copy_(before[n])
-        if config.lora_rank and config.lora_fit == "svd":  # the best rank-r approximation of what trained
+        if fit == "svd":  # the best rank-r approximation of what trained
             downs = update_directions(deltas, config.lora_rank)
         factors, kept = {}, []
         for n, down in downs.items():

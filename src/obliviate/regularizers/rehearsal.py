@@ -62,11 +62,13 @@ class Rehearsal(Regularizer):
         for concept, count in zip(concepts, counts):
             self.pairs += session.prompts.forget_pairs((earlier[concept],), None, int(count), session.rng,
                                                        avoid=session.targets)
-        self.latents = session.draw_latents([p.target for p in self.pairs])
-        if self.config.objective == "keep":
+        latents = session.draw_latents([p.target for p in self.pairs])
+        if self.config.objective == "method":
+            self.latents = latents
+        else:
             n = len(self.pairs)
             self.prompts = [p.target for p in self.pairs] * NOISE_DRAWS
-            self.noisy, self.t, _ = session.noisy(self.latents.repeat(NOISE_DRAWS, 1, 1, 1))
+            self.noisy, self.t, _ = session.noisy(latents.repeat(NOISE_DRAWS, 1, 1, 1))
             chunks = zip(self.noisy.split(n), self.t.split(n), (self.prompts[i:i + n] for i in range(0, n * NOISE_DRAWS, n)))
             with torch.no_grad():  # the model has not trained yet: these are the start model's predictions
                 self.kept = torch.cat([session.model.predict(x, t, session.encode(p)) for x, t, p in chunks])
