@@ -63,6 +63,21 @@ def test_projector_is_the_orthogonal_projection_onto_the_intersection(out, dim, 
     assert torch.allclose(projector(forward), forward, atol=1e-5)  # idempotent
 
 
+def test_float32_bases_that_share_directions_leave_the_rest_free():
+    """Two declarers' float32 bases share a direction only to rounding; the intersection must
+    count it once and leave every other direction free (not protect all of them)."""
+    gen = torch.Generator().manual_seed(0)
+    dim = 64
+    full = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64)).Q
+    mixed = full[:, :16] @ torch.linalg.qr(torch.randn(16, 16, generator=gen, dtype=torch.float64)).Q
+    inner, outer = mixed.float(), full[:, :dim - 4].float()  # span(outer) holds span(inner); 4 directions stay free
+    projector = UpdateProjector(torch.Size((3, dim)), [ParameterConstraint("a", protected=inner),
+                                                       ParameterConstraint("b", protected=outer)])
+    free = full[:, dim - 4:]
+    g = torch.randn(3, dim, generator=gen)
+    assert torch.allclose(projector(g).double(), g.double() @ free @ free.T, atol=1e-5)
+
+
 def test_a_constraint_on_a_parameter_that_does_not_train_is_refused():
     with pytest.raises(ValueError, match="does not train"):
         combine_constraints({"a": torch.Size((2, 2))}, [{"b": ParameterConstraint("x", mask=torch.ones(2, 2))}])

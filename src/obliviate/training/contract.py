@@ -65,7 +65,9 @@ class UpdateProjector:
                 raise ValueError(f"{self.sources}: protected inputs of dimension {[b.shape[0] for b in bases]} "
                                  f"for a parameter of shape {tuple(shape)}; only (out, in) weights take them.")
             joined = torch.cat([b.detach().double().cpu() for b in bases], 1)
-            self.basis = orthonormal_basis(joined, joined.shape[1], rtol=1e-10)
+            # bases may be declared in float32, where a direction two of them share differs by
+            # ~1e-7: a tighter cut counts it twice and protects a direction that should stay free
+            self.basis = orthonormal_basis(joined, joined.shape[1], rtol=1e-6)
             if self.mask is not None:
                 # G_i = U^T diag(m_i) U = V L V^T per row; W_i = V L^-1/2 makes diag(m_i) U W_i an
                 # orthonormal basis of the row's constrained directions, so G_i^+ = W_i W_i^T is
