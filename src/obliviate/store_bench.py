@@ -15,6 +15,7 @@ import torch
 
 from .engine import Store
 from .resources import PeakMemory
+from .seeding import seeded
 
 # Stable Diffusion v1.5's published component configs (the fields that set its size)
 SIZES = {
@@ -45,7 +46,6 @@ def build_random_sd(folder: Path, size: str, seed: int = 0) -> dict[str, torch.n
     if size not in SIZES:
         raise ValueError(f"Unknown size {size!r}; choose one of {', '.join(SIZES)}.")
     config = SIZES[size]
-    torch.manual_seed(seed)
     source = folder / "tokenizer-source"
     source.mkdir(parents=True, exist_ok=True)
     tokens = ["<|startoftext|>", "<|endoftext|>", *string.ascii_lowercase, *(c + "</w>" for c in string.ascii_lowercase)]
@@ -55,11 +55,12 @@ def build_random_sd(folder: Path, size: str, seed: int = 0) -> dict[str, torch.n
     CLIPTokenizer(str(source / "vocab.json"), str(source / "merges.txt"), model_max_length=max_length).save_pretrained(
         folder / "tokenizer")
     shutil.rmtree(source)
-    components = {
-        "unet": UNet2DConditionModel(**config["unet"]),
-        "vae": AutoencoderKL(**config["vae"]),
-        "text_encoder": CLIPTextModel(CLIPTextConfig(**config["text"], bos_token_id=0, eos_token_id=1, pad_token_id=1)),
-    }
+    with seeded(seed):
+        components = {
+            "unet": UNet2DConditionModel(**config["unet"]),
+            "vae": AutoencoderKL(**config["vae"]),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**config["text"], bos_token_id=0, eos_token_id=1, pad_token_id=1)),
+        }
     for name, module in components.items():
         module.save_pretrained(folder / name, safe_serialization=True)
     DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(folder / "scheduler")

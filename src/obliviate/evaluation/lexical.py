@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..seeding import seeded
 from ..world import DEFAULT_LANGUAGE, DEFAULT_ONTOLOGY, Language, Ontology
 from ..world.prompts import format_prompt, plural
 
@@ -82,8 +83,7 @@ def fit_readout(train: torch.Tensor, labels: torch.Tensor, test: torch.Tensor, c
     train, test = (train - mean) / scale, (test - mean) / scale
     probabilities = torch.zeros(len(test), classes)
     for restart in range(config.restarts):
-        with torch.random.fork_rng(), torch.enable_grad():  # seeded here, leaving the caller's RNG alone
-            torch.manual_seed(config.seed + restart)
+        with seeded(config.seed + restart), torch.enable_grad():
             probe = nn.Sequential(nn.Linear(train.shape[1], config.hidden), nn.GELU(), nn.Dropout(config.dropout),
                                   nn.Linear(config.hidden, classes))
             optimizer = torch.optim.AdamW(probe.parameters(), config.learning_rate, weight_decay=config.weight_decay)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..config import build_config, config_to_dict, parse_assignments
+from ..seeding import seeded
 from ..training import PassCounter
 from .base import Edit, MethodResult, UnlearningContext, UnlearningMethod, get_method, register_method
 
@@ -112,8 +113,7 @@ class Undo(UnlearningMethod):
         teacher.unet.requires_grad_(False).eval()
         student.unet = copy.deepcopy(teacher.unet)
         student.text_transforms = teacher.text_transforms
-        with torch.random.fork_rng(devices=[]):  # a seeded initialisation that leaves the caller's RNG alone
-            torch.manual_seed(request.seed)
+        with seeded(request.seed):
             fresh = type(student.unet).from_config(student.unet.config).to(student.device)
         with torch.no_grad():
             for weight, init in zip(student.unet.parameters(), fresh.parameters()):

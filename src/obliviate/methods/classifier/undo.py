@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
+from ...seeding import seeded
 from ...training import match_names
 from ..base import register_method
 from ..undo import build_teacher_method, check_teacher_options
@@ -53,8 +54,7 @@ def reinitialised(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     """A copy of ``module`` with every layer's ``reset_parameters`` run under ``seed``, leaving the
     caller's random state alone."""
     fresh = copy.deepcopy(module)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         for layer in fresh.modules():
             if layer is not fresh and hasattr(layer, "reset_parameters"):
                 layer.reset_parameters()
