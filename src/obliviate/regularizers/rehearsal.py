@@ -62,16 +62,17 @@ class Rehearsal(Regularizer):
         for concept, count in zip(concepts, counts):
             self.pairs += session.prompts.forget_pairs((earlier[concept],), None, int(count), session.rng,
                                                        avoid=session.targets)
-        latents = session.draw_latents([p.target for p in self.pairs])
+        targets = [p.target for p in self.pairs]
+        latents = session.draw_latents(targets)
         if self.config.objective == "method":
             self.latents = latents
         else:
-            n = len(self.pairs)
-            self.prompts = [p.target for p in self.pairs] * NOISE_DRAWS
+            self.prompts = targets * NOISE_DRAWS
             self.noisy, self.t, _ = session.noisy(latents.repeat(NOISE_DRAWS, 1, 1, 1))
-            chunks = zip(self.noisy.split(n), self.t.split(n), (self.prompts[i:i + n] for i in range(0, n * NOISE_DRAWS, n)))
+            encoding = session.encode(targets)  # every noise draw shows the same prompts
             with torch.no_grad():  # the model has not trained yet: these are the start model's predictions
-                self.kept = torch.cat([session.model.predict(x, t, session.encode(p)) for x, t, p in chunks])
+                self.kept = torch.cat([session.model.predict(x, t, encoding)
+                                       for x, t in zip(self.noisy.split(len(targets)), self.t.split(len(targets)))])
 
     def penalty(self, session):
         if not self.pairs:
