@@ -159,3 +159,18 @@ def test_forget_pairs_avoid_concepts_forgotten_earlier():
     # when nothing can avoid them, the pairs still come (the avoided concept is the only choice)
     every_colour = tuple(prompts.ontology.names("colour"))
     assert len(prompts.forget_pairs(("dotted",), None, 4, np.random.default_rng(0), avoid=every_colour)) == 4
+
+
+def test_anchor_of_a_several_target_request_drops_only_the_targets_the_prompt_shows():
+    """Targets striped and triangle: "a dotted red triangle" anchors to "a dotted red", not "a red"."""
+    prompts = WorldPrompts()
+    names = {d: prompts.ontology.names(d) for d in prompts.ontology.domains}
+
+    def names_it(text, concept):
+        return any(re.search(rf"\b{re.escape(w)}\b", text) for w in prompts.concept_words((concept,)))
+
+    for p in prompts.forget_pairs(("striped", "triangle"), None, 64, np.random.default_rng(0)):
+        shown = {d: names[d][i] for d, i in zip(prompts.ontology.domains, p.labels)}
+        assert shown["shape"] == "triangle" or shown["texture"] == "striped"
+        for concept in shown.values():
+            assert names_it(p.anchor, concept) == (concept not in ("striped", "triangle")), (p, concept)

@@ -134,10 +134,14 @@ class WorldPrompts:
                 group = include[int(rng.integers(len(include)))]
                 for d, allowed in group.items():
                     row[self.ontology.domains.index(d)] = int(rng.choice(sorted(allowed)))
-            if exclude and any(all(row[self.ontology.domains.index(d)] in a for d, a in g.items()) for g in exclude):
+            if exclude and any(self._matches(row, g) for g in exclude):
                 continue
             rows.append(row)
         return np.array(rows)
+
+    def _matches(self, row, group: dict[str, set[int]]) -> bool:
+        """Does the label row show the concept(s) of ``group``?"""
+        return all(row[self.ontology.domains.index(d)] in allowed for d, allowed in group.items())
 
     def words(self, row) -> dict[str, str]:
         """The concept names of a label row, by domain."""
@@ -168,16 +172,19 @@ class WorldPrompts:
                      avoid: tuple[str, ...] = ()) -> list[PromptPair]:
         """Training-template prompts showing a target in known words, each with its anchor prompt:
         the same template and words with the anchor in the target's place, or the plain
-        description without the targets' domains when there is no anchor. Prompts showing a
-        concept in ``avoid`` (e.g. one forgotten earlier) are left out when the world allows."""
-        target_domains = {d for g in self.target_groups(targets) for d in g}
+        description without the domains of the targets the row shows when there is no anchor
+        ("a dotted red triangle" keeps "dotted" when the targets are striped and triangle).
+        Prompts showing a concept in ``avoid`` (e.g. one forgotten earlier) are left out when the
+        world allows."""
+        groups = self.target_groups(targets)
         anchor_concept = self.ontology.get(anchor) if anchor else None
         pairs = []
         for row, template, words in self._forget_rows(targets, n, rng, avoid):
             if anchor_concept is not None:
                 anchor_prompt = format_prompt(template, **{**words, anchor_concept.domain: anchor_concept.name})
             else:
-                anchor_prompt = _describe({d: (None if d in target_domains else w) for d, w in words.items()})
+                shown = {d for g in groups if self._matches(row, g) for d in g}
+                anchor_prompt = _describe({d: (None if d in shown else w) for d, w in words.items()})
             pairs.append(PromptPair(format_prompt(template, **words), anchor_prompt, tuple(int(i) for i in row)))
         return pairs
 
