@@ -403,6 +403,28 @@ def test_rehearse_keep_holds_earlier_concepts_predictions_at_their_start(tiny_t2
     assert all(value.item() > 1e-8 for value, _ in later)
 
 
+def test_rehearse_keep_under_merge_keeps_the_weights_training_starts_from(tiny_t2i, monkeypatch):
+    """``merge`` (independent) trains each request from the pretrained weights: ``keep`` records
+    their predictions, so this request's task vector leaves the earlier concepts as the
+    pretrained model has them, not as the current (erased) model does."""
+    from obliviate.regularizers.rehearsal import Rehearsal
+    first = []
+    original = Rehearsal.penalty
+    monkeypatch.setattr(Rehearsal, "penalty", lambda self, session: first.append(original(self, session)) or first[-1])
+    pretrained = {k: v.clone() for k, v in tiny_t2i.state_tensors().items()}
+    with torch.no_grad():  # the current model: an earlier request moved its cross-attention
+        for name, p in tiny_t2i.unet.named_parameters():
+            if "attn2.to_v" in name:
+                p.add_(0.5 * torch.randn_like(p))
+    current = {k: v.clone() for k, v in tiny_t2i.state_tensors().items()}
+    request = Request(("triangle",), "esd", {}, None, (RegularizerSpec("rehearse", {"prompts": 4}),
+                                                       RegularizerSpec("merge", {"strategy": "uniform"})), 0)
+    context = UnlearningContext(prompts=WorldPrompts(), base_weights=pretrained, forgotten=("striped",))
+    get_method("esd").from_options({**FAST, "steps": 2}).unlearn(tiny_t2i, request, context)
+    assert first[0].item() == pytest.approx(0.0, abs=1e-10)
+    assert all(torch.equal(v, current[k]) for k, v in tiny_t2i.state_tensors().items())  # the model is put back
+
+
 def test_selft_moves_only_the_selected_fraction(tiny_t2i):
     request = Request(("striped",), "esd", {}, None, (RegularizerSpec("selft", {"fraction": 0.05}),), 0)
     result = get_method("esd").from_options({**FAST, "steps": 3}).unlearn(tiny_t2i, request, context_for(tiny_t2i))

@@ -10,9 +10,15 @@ back (in the s10 sequence, later shape requests revive circle). Two objectives:
   erasure is trained again.
 
 The earlier concepts' prompts come from the prompt source's training templates, never naming
-the request's own targets; their x_0 images are drawn by the model at the start of the request,
-which already has them erased. Nothing is kept between requests: the store's ``forgotten`` list
-is the only input.
+the request's own targets; their x_0 images are drawn by the model training starts from, which
+already has them erased. Nothing is kept between requests: the store's ``forgotten`` list is the
+only input.
+
+Beside a regularizer that names other start weights (``merge``'s independent mode trains each
+request from the pretrained model), "the start" is those weights: ``keep`` then holds this
+request's task vector off the earlier concepts (their predictions stay the pretrained model's,
+and the merge keeps their own task vectors' erasure), and ``method`` trains their erasure into
+this task vector again.
 """
 
 from __future__ import annotations
