@@ -391,7 +391,7 @@ def test_rehearse_keep_holds_earlier_concepts_predictions_at_their_start(tiny_t2
     from obliviate.regularizers.rehearsal import Rehearsal
     seen = []
     original = Rehearsal.penalty
-    monkeypatch.setattr(Rehearsal, "penalty", lambda self, session: seen.append((original(self, session), self.prompts)) or seen[-1][0])
+    monkeypatch.setattr(Rehearsal, "penalty", lambda self, session: seen.append((original(self, session), self.kept.prompts)) or seen[-1][0])
     request = Request(("triangle",), "esd", {}, None, (RegularizerSpec("rehearse", {"prompts": 4, "weight": 2.0}),), 0)
     context = UnlearningContext(prompts=WorldPrompts(), base_weights=tiny_t2i.state_tensors(), forgotten=("striped",))
     get_method("esd").from_options({**FAST, "steps": 3, "learning_rate": 1e-2}).unlearn(tiny_t2i, request, context)
@@ -423,6 +423,40 @@ def test_rehearse_keep_under_merge_keeps_the_weights_training_starts_from(tiny_t
     get_method("esd").from_options({**FAST, "steps": 2}).unlearn(tiny_t2i, request, context)
     assert first[0].item() == pytest.approx(0.0, abs=1e-10)
     assert all(torch.equal(v, current[k]) for k, v in tiny_t2i.state_tensors().items())  # the model is put back
+
+
+def test_preserve_holds_retained_predictions_at_their_start(tiny_t2i, monkeypatch):
+    """Its prompts show neither the target nor an earlier-forgotten concept; the penalty is zero
+    before the first step; and the edit moves the recorded retained predictions less than the
+    same request without it does."""
+    from obliviate.regularizers.preservation import Preservation
+    made, seen = [], []
+    setup, penalty = Preservation.setup, Preservation.penalty
+    monkeypatch.setattr(Preservation, "setup", lambda self, session: made.append(self) or setup(self, session))
+    monkeypatch.setattr(Preservation, "penalty", lambda self, session: seen.append(penalty(self, session)) or seen[-1])
+    start = {k: v.clone() for k, v in tiny_t2i.state_tensors().items()}
+    context = UnlearningContext(prompts=WorldPrompts(), base_weights=start, forgotten=("striped",))
+    # a small rate: at 1e-2 Adam's sign-like steps overshoot a penalty that is zero at the start
+    esd = get_method("esd").from_options({**FAST, "steps": 8, "learning_rate": 1e-3})
+
+    def edit(*regularizers):
+        return esd.unlearn(tiny_t2i, Request(("triangle",), "esd", {}, None, regularizers, 0), context).edit
+
+    preserved = edit(RegularizerSpec("preserve", {"prompts": 4, "weight": 10.0}))
+    plain = edit()
+    kept = made[0].kept
+    words = WorldPrompts().concept_words(("triangle", "striped"))
+    assert not any(re.search(rf"\b{re.escape(w)}\b", p) for p in kept.prompts for w in words)
+    assert seen[0].item() == pytest.approx(0.0, abs=1e-10) and seen[-1].item() > 1e-8
+
+    def drift(result):
+        tiny_t2i.load_state_tensors(result.apply(start))
+        with torch.no_grad():
+            moved = tiny_t2i.predict(kept.noisy, kept.t, tiny_t2i.encode(kept.prompts)) - kept.kept
+        tiny_t2i.load_state_tensors(start)
+        return moved.pow(2).mean().item()
+
+    assert drift(preserved) < 0.25 * drift(plain)
 
 
 def test_selft_moves_only_the_selected_fraction(tiny_t2i):

@@ -27,11 +27,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-import torch
 
 from .base import Regularizer, register_regularizer
-
-NOISE_DRAWS = 4  # noisy versions of each image whose start-model predictions ``keep`` records
+from .kept import KeptPredictions
 
 
 @dataclass
@@ -72,25 +70,15 @@ class Rehearsal(Regularizer):
         latents = session.draw_latents(targets)
         if self.config.objective == "method":
             self.latents = latents
-        else:
-            self.prompts = targets * NOISE_DRAWS
-            self.noisy, self.t, _ = session.noisy(latents.repeat(NOISE_DRAWS, 1, 1, 1))
-            encoding = session.encode(targets)  # every noise draw shows the same prompts
-            with torch.no_grad():  # the model has not trained yet: these are the start model's predictions
-                self.kept = torch.cat([session.model.predict(x, t, encoding)
-                                       for x, t in zip(self.noisy.split(len(targets)), self.t.split(len(targets)))])
+        else:  # the model has not trained yet: these are the start model's predictions
+            self.kept = KeptPredictions(session, targets, latents)
 
     def penalty(self, session):
         if not self.pairs:
             return None
-        if self.config.objective == "method":
-            with session.forgetting([p.target for p in self.pairs], [p.anchor for p in self.pairs], self.latents):
-                loss = session.objective(session)
-        else:
-            size = session.config.batch_size
-            index = session.rng.integers(0, len(self.prompts), size)[session.own_rows(size)]
-            encoding = session.encode([self.prompts[i] for i in index])
-            prediction = session.model.predict(self.noisy[index], self.t[index], encoding)
-            loss = (prediction - self.kept[index]).pow(2).mean()
+        if self.config.objective == "keep":
+            return self.config.weight * self.kept.distance(session)
+        with session.forgetting([p.target for p in self.pairs], [p.anchor for p in self.pairs], self.latents):
+            loss = session.objective(session)
         session.counter.count_backward()  # the loop's one backward call also runs back through this loss's UNet pass
         return self.config.weight * loss
