@@ -78,6 +78,23 @@ def test_float32_bases_that_share_directions_leave_the_rest_free():
     assert torch.allclose(projector(g).double(), g.double() @ free @ free.T, atol=1e-5)
 
 
+def test_orthonormal_basis_falls_back_when_torch_svd_does_not_converge(monkeypatch):
+    """torch's SVD failed on joined bases sharing many directions (s10, gradproj at rank 128);
+    the basis then comes from LAPACK's QR-iteration driver and spans the same top directions."""
+    gen = torch.Generator().manual_seed(0)
+    shared = torch.linalg.qr(torch.randn(32, 6, generator=gen, dtype=torch.float64)).Q
+    columns = torch.cat([shared, shared, torch.randn(32, 2, generator=gen, dtype=torch.float64) * 1e-3], 1)
+    expected = orthonormal_basis(columns, 7, rtol=1e-6)
+
+    def fails(*args, **kwargs):
+        raise torch.linalg.LinAlgError("failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "svd", fails)
+    basis = orthonormal_basis(columns, 7, rtol=1e-6)
+    assert basis.shape == expected.shape == (32, 7)
+    assert torch.allclose(basis @ basis.T, expected @ expected.T, atol=1e-10)
+
+
 def test_a_constraint_on_a_parameter_that_does_not_train_is_refused():
     with pytest.raises(ValueError, match="does not train"):
         combine_constraints({"a": torch.Size((2, 2))}, [{"b": ParameterConstraint("x", mask=torch.ones(2, 2))}])

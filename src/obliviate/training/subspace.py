@@ -3,6 +3,7 @@ aligned position by position with an anchor prompt) the bases are built from."""
 
 from __future__ import annotations
 
+import scipy.linalg
 import torch
 
 
@@ -12,7 +13,15 @@ def orthonormal_basis(columns: torch.Tensor, rank: int, rtol: float = 0.0) -> to
     largest are dropped, so k <= rank."""
     if rank < 0:
         raise ValueError(f"rank must be >= 0, got {rank}")
-    u, s, _ = torch.linalg.svd(columns.double(), full_matrices=False)
+    columns = columns.double()
+    try:
+        u, s, _ = torch.linalg.svd(columns, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        # torch's divide-and-conquer SVD can fail to converge on many repeated singular values
+        # (bases that share directions, joined); LAPACK's QR-iteration driver does not
+        u, s, _ = (torch.from_numpy(x) for x in
+                   scipy.linalg.svd(columns.cpu().numpy(), full_matrices=False, lapack_driver="gesvd"))
+        u, s = u.to(columns.device), s.to(columns.device)
     keep = min(rank, u.shape[1])
     if rtol and len(s):
         keep = min(keep, int((s > rtol * s[0]).sum()))
