@@ -19,9 +19,8 @@ def orthonormal_basis(columns: torch.Tensor, rank: int, rtol: float = 0.0) -> to
     except torch.linalg.LinAlgError:
         # torch's divide-and-conquer SVD can fail to converge on many repeated singular values
         # (bases that share directions, joined); LAPACK's QR-iteration driver does not
-        u, s, _ = (torch.from_numpy(x) for x in
+        u, s, _ = (torch.from_numpy(x).to(columns.device) for x in
                    scipy.linalg.svd(columns.cpu().numpy(), full_matrices=False, lapack_driver="gesvd"))
-        u, s = u.to(columns.device), s.to(columns.device)
     keep = min(rank, u.shape[1])
     if rtol and len(s):
         keep = min(keep, int((s > rtol * s[0]).sum()))
