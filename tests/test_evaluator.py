@@ -64,6 +64,9 @@ def test_ua_on_training_synonyms_catches_an_erasure_of_the_name_only(judge):
     assert metrics["ua"] >= 0.95 and metrics["ua_heldout_template"] >= 0.95
     assert metrics["ua_train_synonym"] <= 0.05 and metrics["ua_heldout_synonym"] <= 0.05
     assert metrics["ua_per_target"]["striped"]["train_synonym"] == metrics["ua_train_synonym"]
+    assert metrics["ua_images"] == CONFIG.forget_prompts * CONFIG.images_per_prompt
+    lower, upper = metrics["ua_interval_per_target"]["striped"]
+    assert lower <= metrics["ua"] <= upper and upper - lower < 0.5
 
 
 def test_a_model_that_never_learned_the_concept_has_ua_near_one(judge):

@@ -57,6 +57,7 @@ def test_a_model_that_still_draws_the_target_has_ua_zero_and_full_retention():
     metrics = evaluate(PaintingModel(), ("a cat",), reference=PaintingModel)
     assert set(T2I_METRIC_KEYS) <= set(metrics)
     assert metrics["ua"] == 0.0 and metrics["ua_per_target"] == {"a cat": {"prompts": 0.0}}
+    assert metrics["ua_interval_per_target"]["a cat"][0] == 0.0 < metrics["ua_interval_per_target"]["a cat"][1] < 1
     assert metrics["ira"] == 1.0 and metrics["retained_accuracy"] == {"a cow": 1.0, "a horse": 1.0}
     assert metrics["cra"] is None and metrics["fd"] == pytest.approx(0.0, abs=1e-6)
 

@@ -468,8 +468,11 @@ def eval_store(store: Path = typer.Argument(...), as_json: bool = typer.Option(F
              "nll_retained")
     rows = [[k, metrics[k], *([base_metrics.get(k)] if base else [])] for k in shown if metrics.get(k) is not None]
     _table("evaluation of the current model", ["metric", "value", *(["base model"] if base else [])], rows)
+    intervals = metrics.get("ua_interval_per_target") or {}
     for target, per_split in metrics.get("ua_per_target", {}).items():
-        typer.echo(f"UA {target}: " + ", ".join(f"{k} {v:.3f}" for k, v in per_split.items()))
+        interval = (f" (train: 95% interval {intervals[target][0]:.3f}-{intervals[target][1]:.3f} over "
+                    f"{metrics['ua_images']} images)" if target in intervals else "")
+        typer.echo(f"UA {target}: " + ", ".join(f"{k} {v:.3f}" for k, v in per_split.items()) + interval)
     for target, nll in metrics.get("nll", {}).items():
         oracle = f", retrain oracle {nll['oracle_bits_per_dim']:.3f}" if "oracle_bits_per_dim" in nll else ", no oracle"
         typer.echo(f"likelihood of {target} renders: {nll['bits_per_dim']:.3f} bits/dim{oracle}")

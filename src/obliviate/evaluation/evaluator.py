@@ -31,7 +31,8 @@ from .quality import balanced_combinations, generate_and_judge
 
 # What every text-to-image evaluator returns when something is forgotten (``eval --json``, ledger
 # rows, the report); a metric that a judge or model cannot measure is None
-T2I_METRIC_KEYS = ("forgotten", "eval_config", "ua", "ua_min", "ua_per_target", "ira", "cra", "fd", "retained_accuracy")
+T2I_METRIC_KEYS = ("forgotten", "eval_config", "ua", "ua_min", "ua_per_target", "ua_images", "ua_interval_per_target",
+                   "ira", "cra", "fd", "retained_accuracy")
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,8 @@ class Evaluator(CachedEvaluator):
         out: dict = {"forgotten": list(groups), "eval_config": asdict(cfg)}
 
         ua: dict[str, dict[str, float]] = {}
+        ua_interval: dict[str, list[float]] = {}
+        ua_images = 0
         for target, group in groups.items():
             labels = self.prompts.sample_labels(cfg.forget_prompts, rng, include=[group])
             ua[target] = {}
@@ -151,6 +154,9 @@ class Evaluator(CachedEvaluator):
                 shows = _shows_target(predicted, group, onto)
                 metric.update(shows.long(), torch.ones_like(shows, dtype=torch.long))
                 ua[target][split] = round(metric.compute(), 4)
+                if split == "train":  # the split ``ua`` and ``ua_min`` are read from
+                    ua_interval[target] = [round(end, 4) for end in metric.interval()]
+                    ua_images = metric.total
 
         retained = self._retained_labels(list(groups.values()), cfg.retain_prompts)
         images, rows, predicted, features = generate_and_judge(model, self.judge, retained, "train", cfg.images_per_prompt,
@@ -178,6 +184,9 @@ class Evaluator(CachedEvaluator):
                 out[f"ua_{split}"] = round(float(np.mean([v[split] for v in ua.values()])), 4)
             out["ua_min"] = round(float(min(v["train"] for v in ua.values())), 4)
             out["ua_per_target"] = ua
+            # 95% intervals: a 32-image UA of 0.94 may be anything from 0.79 to 0.99, so a bar is read from them
+            out["ua_images"] = ua_images
+            out["ua_interval_per_target"] = ua_interval
             out["ira"] = round(float(np.mean(ira)), 4)
             out["cra"] = round(float(np.nanmean(cra)), 4) if not np.all(np.isnan(cra)) else None
         else:

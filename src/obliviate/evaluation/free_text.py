@@ -104,18 +104,21 @@ class FreeTextEvaluator(CachedEvaluator):
         contrastive = isinstance(self.judge, ContrastiveJudge)
 
         ua, forgotten_score = {}, CLIPScore()
+        ua_interval, ua_images = {}, 0
         for target in forgotten:
             images, _, prompts = self._draw(model, [(target, p) for p in _prompts(target, cfg.forget_prompts, rng)])
             seen = self.judge.scores(images, concepts).argmax(-1)
             metric = UnlearningAccuracy()
             metric.update(seen, torch.full_like(seen, concepts.index(target)))
             ua[target] = {"prompts": round(metric.compute(), 4)}
+            ua_interval[target], ua_images = [round(end, 4) for end in metric.interval()], metric.total
             if contrastive:
                 forgotten_score.update(self.judge.image_embeddings(images), self.judge.text_embeddings(prompts))
         if ua:
             out["ua"] = round(float(np.mean([v["prompts"] for v in ua.values()])), 4)
             out["ua_min"] = round(float(min(v["prompts"] for v in ua.values())), 4)
             out["ua_per_target"] = ua
+            out.update(ua_images=ua_images, ua_interval_per_target=ua_interval)  # 95%, as the world evaluator's
 
         kept = [c for c in self.retain if c not in forgotten]
         out.update(ira=None, cra=None, fd=None, retained_accuracy={})

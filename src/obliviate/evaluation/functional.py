@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from scipy.special import betaincinv
 
 
 def accuracy(predicted: torch.Tensor, target: torch.Tensor) -> float:
@@ -16,6 +17,21 @@ def accuracy(predicted: torch.Tensor, target: torch.Tensor) -> float:
 def unlearning_accuracy(predicted: torch.Tensor, forgotten: torch.Tensor) -> float:
     """UA: share of images made for a forgotten concept that the judge does *not* see as it."""
     return 1.0 - accuracy(predicted, forgotten)
+
+
+def binomial_interval(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Clopper-Pearson interval of a share ``successes / trials``: the exact two-sided binomial
+    interval, from Beta quantiles, lower = B^-1(a/2; k, n-k+1), upper = B^-1(1-a/2; k+1, n-k),
+    with a = 1 - confidence (0 and 1 at the ends). It never undercovers, so a bar that the lower end
+    clears holds at that confidence."""
+    if trials <= 0 or not 0 <= successes <= trials:
+        raise ValueError(f"need 0 <= successes <= trials and trials > 0, got {successes} of {trials}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    alpha = 1 - confidence
+    lower = float(betaincinv(successes, trials - successes + 1, alpha / 2)) if successes else 0.0
+    upper = float(betaincinv(successes + 1, trials - successes, 1 - alpha / 2)) if successes < trials else 1.0
+    return lower, upper
 
 
 def _sqrtm_psd(matrix: torch.Tensor) -> torch.Tensor:

@@ -41,12 +41,22 @@ class Accuracy(Metric):
     def compute(self) -> float:
         return self.correct / self.total if self.total else float("nan")
 
+    def _successes(self) -> int:
+        return self.correct
+
+    def interval(self, confidence: float = 0.95) -> tuple[float, float]:
+        """Exact binomial interval of ``compute()`` over the ``total`` images seen so far."""
+        return F.binomial_interval(self._successes(), self.total, confidence)
+
 
 class UnlearningAccuracy(Accuracy):
     """UA: share of images for a forgotten concept that the judge does not classify as it."""
 
     def compute(self) -> float:
         return 1.0 - super().compute() if self.total else float("nan")
+
+    def _successes(self) -> int:
+        return self.total - self.correct
 
 
 class FrechetDistance(Metric):
