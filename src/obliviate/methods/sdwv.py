@@ -131,6 +131,6 @@ class SDWV(UnlearningMethod):
                 correction.grad.copy_(correction.grad @ keep_retained)
             optimizer.step()
             if context.progress:
-                context.progress(1, loss=round(float(loss), 5))
+                context.progress(1, loss=round(float(loss.detach()), 5))
         stats["final_loss"] = float(loss.detach())
 
