@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from obliviate.engine import Store
+from obliviate.methods.closed_form import kv_layers
 from obliviate.models.zoo import load_judge
 from obliviate.training.subspace import token_states
 
@@ -25,7 +26,7 @@ def main(store_path: str, images_per_prompt: int = 8) -> dict:
     prompts, forgotten = store.prompts(), store.forgotten()
     onto, judge = prompts.ontology, load_judge("shapes-judge").eval()
     edited, pretrained = model.state_tensors(), base.state_tensors()
-    layers = [k for k in edited if k.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))]
+    layers = kv_layers(edited)
 
     def kv_change(texts: list[str]) -> float:
         states = token_states(base, texts).float()
@@ -35,10 +36,11 @@ def main(store_path: str, images_per_prompt: int = 8) -> dict:
 
     out = {"retained_kv_change": kv_change(prompts.retain_prompts(forgotten, 64, np.random.default_rng(0)))}
     for supertype in sorted({prompts.supertype_of((c,)) for c in forgotten}):
-        texts = [t for t in prompts.supertype_prompts(supertype) for _ in range(images_per_prompt)]
+        names = prompts.supertype_prompts(supertype)
+        texts = [t for t in names for _ in range(images_per_prompt)]
         domain = onto.get(onto.supertypes[supertype][0]).domain
         drawn = [judge.predict(m.sample(texts, steps=20, seed=0, solver="dpm"))[domain] for m in (model, base)]
-        out[supertype] = {"kv_change": kv_change(sorted(set(texts))), "images": len(texts),
+        out[supertype] = {"kv_change": kv_change(names), "images": len(texts),
                           "agreement_with_base": round(float((drawn[0] == drawn[1]).float().mean()), 4)}
     return out
 
