@@ -347,6 +347,26 @@ def test_gradproj_forgotten_share_protects_prompts_of_concepts_forgotten_earlier
         get_regularizer("gradproj").from_options({"sibling_share": 0.6, "forgotten_share": 0.5})
 
 
+def test_gradproj_supertypes_keeps_supertype_prompts_exactly(tiny_t2i):
+    """With supertypes, prompts naming the supertype of the target (striped: pattern) or of a
+    concept forgotten earlier (red: warm) keep their keys and values; without it they move."""
+    from obliviate.regularizers.projection import KV_WEIGHT
+    from obliviate.training import token_states
+    prompts = WorldPrompts()
+    states = token_states(tiny_t2i, prompts.supertype_prompts("pattern") + prompts.supertype_prompts("warm")).float()
+
+    def change(supertypes):
+        spec = RegularizerSpec("gradproj", {"rank": 8, "prompts": 8, "target_rank": 0, "supertypes": supertypes})
+        request = Request(("striped",), "esd", {}, None, (spec,), 0)
+        context = UnlearningContext(prompts=prompts, base_weights=tiny_t2i.state_tensors(), forgotten=("red",))
+        deltas = get_method("esd").from_options({**FAST, "learning_rate": 1e-2}).unlearn(tiny_t2i, request, context).edit.deltas
+        kv = [d for k, d in deltas.items() if KV_WEIGHT.search(k)]
+        assert kv and max(d.abs().max() for d in kv) > 1e-6  # the erasure still moves them
+        return max(float((d @ states.T).abs().max() / d.abs().max()) for d in kv)
+    assert change(True) < 1e-5
+    assert change(False) > 1e-3
+
+
 def test_rehearse_adds_the_method_loss_on_earlier_concepts_only(tiny_t2i, monkeypatch):
     """Every step runs the method's loss on the request's prompts and, when an earlier request
     forgot something, on prompts of those earlier concepts (never the request's own target); with

@@ -13,6 +13,10 @@ singular directions F of how the targets' token states differ from their anchors
 U = basis[(I - F F^T) X]. Without it, when the retained prompts' states already span the target's
 (the v2 world language, with 6-10 words a concept, does), the protection leaves the method nothing
 to move: the best ESD recipe erased striped in 6% of images on shapes-t2i-v2 with target_rank=0.
+
+``supertypes`` adds every direction of the token states of prompts that name the supertype of a
+target or of a concept forgotten earlier ("a polygon", "a warm colour"), uncut, so those prompts
+keep their keys and values exactly, as SuPLoRA's frozen down-projection keeps its group's.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..training import ParameterConstraint, aligned_token_states, protected_basis, token_states
+from ..training import ParameterConstraint, aligned_token_states, orthonormal_basis, protected_basis, token_states
 from .base import Regularizer, register_regularizer
 
 KV_WEIGHT = re.compile(r"attn2\.(to_k|to_v)\.weight$")
@@ -39,6 +43,9 @@ class ProjectionConfig:
     target_rank: int = field(default=8, metadata={
         "help": "directions of the target (its token states minus its anchors') kept out of the protected subspace; "
                 "0 protects them too (the tables made on shapes-t2i, v1)"})
+    supertypes: bool = field(default=False, metadata={
+        "help": "also keep exactly the keys and values of prompts naming the supertype of a target or of a concept "
+                "forgotten earlier (\"a polygon\"): all their token-state directions join the protected subspace"})
 
     def __post_init__(self):
         if self.rank <= 0 or self.prompts <= 0 or self.target_rank < 0:
@@ -61,6 +68,16 @@ def protected_prompts(session, n: int, sibling_share: float, forgotten_share: fl
         pairs = session.prompts.forget_pairs(session.context.forgotten, None, count, session.rng, avoid=session.targets)
         erased = [p.target for p in pairs]
     return related + erased + session.retain_prompts(n - len(related) - len(erased))
+
+
+def supertype_prompts(session) -> list[str]:
+    """Prompts naming the supertype of each target and of each concept forgotten earlier."""
+    concepts = session.context.forgotten + session.targets
+    try:
+        supertypes = {part for c in concepts for part in session.prompts.supertype_of((c,)).split("+")}
+    except ValueError as err:
+        raise ValueError(f"gradproj:supertypes=true needs targets whose supertype is known (the embedded world's); {err}") from err
+    return [p for s in sorted(supertypes) for p in session.prompts.supertype_prompts(s)]
 
 
 class SubspaceProtection(Regularizer):
@@ -94,4 +111,9 @@ class GradientProjection(SubspaceProtection):
             concept, anchor = aligned_token_states(session.model, session.forget_prompts[:cfg.prompts],
                                                    session.anchor_prompts[:cfg.prompts])
             own_shift = concept - anchor
-        self.protect(session, protected_basis(states, own_shift, cfg.rank, cfg.target_rank))
+        protected = protected_basis(states, own_shift, cfg.rank, cfg.target_rank)
+        if cfg.supertypes:  # uncut: those prompts' outputs are kept exactly, not their main directions only
+            states = token_states(session.model, supertype_prompts(session)).T
+            kept = orthonormal_basis(states, states.shape[1], rtol=1e-6)
+            protected = orthonormal_basis(torch.cat([protected, kept], 1), len(protected), rtol=1e-6)
+        self.protect(session, protected)
