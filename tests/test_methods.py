@@ -600,3 +600,52 @@ def test_esd_anchor_guide_negates_only_the_target_direction(tiny_t2i, fixed_batc
     expected = 4.0 * (cond - anchor).pow(2).mean()  # eta = 2 against the anchor prediction
     result = run(tiny_t2i, "esd", {"guide": "anchor", "steps": 1})
     assert result.stats["first_loss"] == pytest.approx(float(expected), rel=1e-4)
+
+
+# --------------------------------------------------------------------------- safegen
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_safegen_target_denoises_the_noisy_image_into_the_substitute(tiny_t2i, prediction_type):
+    """Whatever x_t came from, the target's implied clean image is the substitute x'_0."""
+    import copy
+    from diffusers import DDPMScheduler
+    from obliviate.methods.safegen import substitute_target
+    model = copy.copy(tiny_t2i)
+    model.scheduler = DDPMScheduler.from_config(tiny_t2i.scheduler.config, prediction_type=prediction_type)
+    gen = torch.Generator().manual_seed(0)
+    original, substitute, noise = (torch.randn(4, 3, 8, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    t = torch.tensor([1, 100, 500, 999])
+    noisy = model.scheduler.add_noise(original, noise, t)
+    target = substitute_target(model, noisy, substitute, t)
+    abar = model.scheduler.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
+    if prediction_type == "epsilon":
+        implied = (noisy - (1 - abar).sqrt() * target) / abar.sqrt()
+    else:
+        implied = abar.sqrt() * noisy - (1 - abar).sqrt() * target
+    assert torch.allclose(implied, substitute, atol=1e-6)
+    # with the original as its own substitute the target is the plain denoising target
+    assert torch.allclose(substitute_target(model, noisy, original, t), model.training_target(original, noise, t), atol=1e-6)
+
+
+def test_safegen_pairs_share_noise_and_train_outside_cross_attention(tiny_t2i, monkeypatch):
+    """The anchors' images start from the targets' noise (with the target as its own anchor the
+    pairs are equal); the edit touches no cross-attention weight; rehearsing its loss on other
+    images is refused, not silently mispaired."""
+    from obliviate.methods.safegen import SafeGen
+    drawn = {}
+    original = SafeGen.draw_forget_latents
+
+    def draw(self, session):
+        session.anchor_prompts = list(session.forget_prompts)
+        out = original(self, session)
+        drawn["pairs"] = (self.originals, self.substitutes)
+        return out
+    monkeypatch.setattr(SafeGen, "draw_forget_latents", draw)
+    result = run(tiny_t2i, "safegen", {"learning_rate": 1e-3})
+    assert torch.equal(*drawn["pairs"])
+    assert result.edit.deltas and all("attn2." not in k for k in result.edit.deltas)
+    assert any(d.abs().max() > 0 for d in result.edit.deltas.values())
+    monkeypatch.undo()
+    request = Request(("triangle",), "safegen", {}, None, (RegularizerSpec("rehearse", {"objective": "method"}),), 0)
+    context = UnlearningContext(prompts=WorldPrompts(), base_weights=tiny_t2i.state_tensors(), forgotten=("striped",))
+    with pytest.raises(ValueError, match="has no pairs"):
+        get_method("safegen").from_options(FAST).unlearn(tiny_t2i, request, context)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .base import METHODS, Edit, MethodResult, UnlearningContext, UnlearningMethod, get_method, register_method
-from . import ablation, erasepro, esd, fdiv, ga, lw2g, salun, sdwv, sfron, suplora, uce, undo  # noqa: F401,E402  (register the built-in methods)
+from . import ablation, erasepro, esd, fdiv, ga, lw2g, safegen, salun, sdwv, sfron, suplora, uce, undo  # noqa: F401,E402  (register the built-in methods)
 from . import classifier  # noqa: F401,E402
 
 

@@ -67,6 +67,10 @@ class GradientMethod(UnlearningMethod):
         """Prompts whose images serve as x_0: the targets' by default (data-free, as in ESD)."""
         return session.forget_prompts
 
+    def draw_forget_latents(self, session: TrainingSession) -> torch.Tensor:
+        """The x_0 latents of the forget batches: images the frozen model draws for ``image_prompts``."""
+        return session.draw_latents(self.image_prompts(session)[:session.config.forget_images])
+
     def check_parameters(self, names) -> None:
         match_names(names, self.config.trainable_regex)
 
@@ -110,7 +114,7 @@ class GradientMethod(UnlearningMethod):
             pairs = session.prompts.forget_pairs(session.targets, request.anchor, max(64, config.forget_images), session.rng)
             session.forget_prompts = [p.target for p in pairs]
             session.anchor_prompts = [p.anchor for p in pairs]
-            session.forget_latents = session.draw_latents(self.image_prompts(session)[:config.forget_images])
+            session.forget_latents = self.draw_forget_latents(session)
             for reg in regularizers:
                 reg.setup(session)
             self.setup(session)

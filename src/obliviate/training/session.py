@@ -244,9 +244,11 @@ class TrainingSession:
         return self._batch(self.concept_latents, self.forget_prompts, self.anchor_prompts)
 
     @torch.no_grad()
-    def draw_latents(self, prompts: list[str]) -> torch.Tensor:
-        """x_0 latents the frozen model draws for ``prompts``."""
-        images = self.frozen.sample(prompts, steps=self.config.sampling_steps, seed=int(self.rng.integers(2**31)))
+    def draw_latents(self, prompts: list[str], seed: int | None = None) -> torch.Tensor:
+        """x_0 latents the frozen model draws for ``prompts`` (from ``seed``'s noise when given:
+        two prompt lists drawn from one seed start every row from the same noise)."""
+        seed = int(self.rng.integers(2**31)) if seed is None else seed
+        images = self.frozen.sample(prompts, steps=self.config.sampling_steps, seed=seed)
         return self.frozen.to_latents(images, generator=self.generator)
 
     def denoising_loss(self, batch: Batch) -> torch.Tensor:
