@@ -31,6 +31,7 @@ from ..regularizers import Regularizer, check_composition, get_regularizer
 from ..training import (ParameterConstraint, PassCounter, TrainingSession, UpdateProjector, accumulate_gradients,
                         adapter_constraints, adapter_factors, combine_constraints, gradient_directions, match_names,
                         refuse_masks, select_parameters, update_directions)
+from ..world import PromptPair
 from .base import Edit, MethodResult, UnlearningContext, UnlearningMethod
 
 
@@ -66,6 +67,11 @@ class GradientMethod(UnlearningMethod):
     def image_prompts(self, session: TrainingSession) -> list[str]:
         """Prompts whose images serve as x_0: the targets' by default (data-free, as in ESD)."""
         return session.forget_prompts
+
+    def forget_pairs(self, session: TrainingSession, n: int) -> list[PromptPair]:
+        """The forget prompts and their anchors: the request's anchor in the target's place, or
+        the prompt without the target."""
+        return session.prompts.forget_pairs(session.targets, session.request.anchor, n, session.rng)
 
     def draw_forget_latents(self, session: TrainingSession) -> torch.Tensor:
         """The x_0 latents of the forget batches: images the frozen model draws for ``image_prompts``."""
@@ -111,7 +117,7 @@ class GradientMethod(UnlearningMethod):
                                   np.random.default_rng(request.seed), torch.Generator().manual_seed(request.seed),
                                   counter, objective=self.loss)
         try:
-            pairs = session.prompts.forget_pairs(session.targets, request.anchor, max(64, config.forget_images), session.rng)
+            pairs = self.forget_pairs(session, max(64, config.forget_images))
             session.forget_prompts = [p.target for p in pairs]
             session.anchor_prompts = [p.anchor for p in pairs]
             session.forget_latents = self.draw_forget_latents(session)

@@ -4,7 +4,8 @@ whatever the prompt says, to turn a noisy image of the target into the same imag
 An erasure that reroutes the words leaves the denoiser able to draw the concept, and a soft
 prompt finds the way back. Here the pairs (x_0, x'_0) are images the frozen model draws for a
 forget prompt and for its anchor prompt from the same noise ("a red circle" / "a blue circle":
-one scene, the target swapped). x_t is noised from x_0 with noise eps, and the denoiser learns the
+one scene, the target swapped; without a request anchor, a random retained concept of the
+target's domain). x_t is noised from x_0 with noise eps, and the denoiser learns the
 output that leads to the clean x'_0 instead:
 
     eps' = (x_t - sqrt(abar_t) x'_0) / sqrt(1 - abar_t)
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..training import Batch, GradientConfig
+from ..world import PromptPair
 from .base import register_method
 from .gradient import GradientMethod
 
@@ -61,6 +63,13 @@ class SafeGen(GradientMethod):
     name = "safegen"
     description = "text-agnostic: the denoiser turns noisy images of the target into the anchor's, under any prompt (SafeGen)"
     config_class = SafeGenConfig
+
+    def forget_pairs(self, session, n: int) -> list[PromptPair]:
+        """Without an anchor, a random retained concept takes the target's place: a prompt that
+        only drops the target leaves the frozen model free to draw it anyway."""
+        if session.request.anchor:
+            return super().forget_pairs(session, n)
+        return session.prompts.random_anchor_pairs(session.targets, n, session.rng)
 
     def draw_forget_latents(self, session) -> torch.Tensor:
         """Images of the targets, and (kept for the loss) the anchors' images from the same noise."""
