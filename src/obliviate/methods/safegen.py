@@ -41,6 +41,7 @@ class SafeGenConfig(GradientConfig):
     trainable: str = field(default="non-xattn", metadata={"help": "parameters that train: a preset or a regex"})
     steps: int = field(default=200, metadata={"help": "optimizer steps"})
     learning_rate: float = field(default=1e-4, metadata={"help": "Adam learning rate"})
+    forget_images: int = field(default=64, metadata={"help": "image pairs the frozen model draws (target, anchor)"})
     retain_weight: float = field(default=1.0, metadata={
         "help": "weight of the denoising loss on retained prompts' images (0: none)", "range": (0.0, None)})
 
