@@ -252,3 +252,28 @@ def test_every_gradient_method_takes_all_three_defences_at_once(minilm, method):
     result = get_method(method).from_options(FAST).unlearn(
         model, request, UnlearningContext(prompts=WorldPrompts(), base_weights=model.state_tensors()))
     assert result.edit.deltas and all(torch.isfinite(d).all() for d in result.edit.deltas.values())
+
+
+def test_adversarial_method_objective_runs_the_methods_loss_on_the_attacked_prompts(tiny_t2i, monkeypatch):
+    """With objective=method the outer penalty is the method's own loss, every prompt it encodes
+    carrying the adversary's states after its first token; outside the penalty nothing is prefixed."""
+    from obliviate.methods.safegen import SafeGen
+    seen = []
+    original = SafeGen.loss
+
+    def loss(self, session):
+        encoded = session.encode(["a red circle"])
+        seen.append(None if session.prefix is None else (encoded.states.shape[1], session.prefix.clone(), encoded.states[0, 1].clone()))
+        return original(self, session)
+    monkeypatch.setattr(SafeGen, "loss", loss)
+    spec = RegularizerSpec("adversarial", {"inner_steps": 1, "objective": "method", "tokens": 2})
+    options = {**FAST, "steps": 1}
+    get_method("safegen").from_options(options).unlearn(
+        tiny_t2i, Request(("red",), "safegen", options, None, (spec,), 0),
+        UnlearningContext(prompts=WorldPrompts(), base_weights=tiny_t2i.state_tensors()))
+    plain = tiny_t2i.encode(["a red circle"]).states.shape[1]
+    assert seen[0] is None  # the method's step
+    length, prefix, first_after_bos = seen[1]  # the penalty
+    assert length == plain + 2 and torch.equal(first_after_bos, prefix[0])
+    with pytest.raises(ValueError, match="not one of 'anchor', 'method'"):
+        get_regularizer("adversarial").from_options({"objective": "keep"})

@@ -84,6 +84,8 @@ def _coerce(value: Any, annotation, name: str):
             return value
         return json.loads(value)
     except (ValueError, json.JSONDecodeError):
+        if origin is typing.Literal:
+            raise ValueError(f"Option {name}={value!r} is not one of {', '.join(map(repr, args))}.") from None
         raise ValueError(f"Option {name}={value!r} is not a valid {getattr(annotation, '__name__', annotation)}.") from None
 
 

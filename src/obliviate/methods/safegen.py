@@ -43,7 +43,7 @@ class SafeGenConfig(GradientConfig):
     learning_rate: float = field(default=1e-4, metadata={"help": "Adam learning rate"})
     forget_images: int = field(default=64, metadata={"help": "image pairs the frozen model draws (target, anchor)"})
     retain_weight: float = field(default=1.0, metadata={
-        "help": "weight of the denoising loss on retained prompts' images (0: none)", "range": (0.0, None)})
+        "help": "weight of the denoising loss on retained prompts' images (0: none)"})
 
     def __post_init__(self):
         if self.retain_weight < 0:

@@ -12,7 +12,10 @@ The outer step then adds
 
     weight * || f_theta(x_t, [delta; c], t) - sg f*(x_t, c_anchor, t) ||^2
 
-so the attacked prompt draws the anchor as well. The adversary lives in the token-state space the
+so the attacked prompt draws the anchor as well. With ``objective="method"`` the outer step is
+instead the method's own loss with delta placed in every prompt it encodes (a method whose target
+does not depend on the prompt, like ``safegen``'s, then erases the concept under the adversary's
+prompt too). The adversary lives in the token-state space the
 UNet reads, which holds everything a word-embedding attack can reach; the evaluation's prompt
 attack instead optimises the input word embeddings of 5 prefix tokens. x_t comes from the frozen
 model's images of the targets (``TrainingSession.concept_batch``), never the attacks' renders.
@@ -23,6 +26,7 @@ gradients; a retain term comes from a penalty such as ``l2sp``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -37,6 +41,9 @@ class AdversarialConfig:
     inner_steps: int = field(default=3, metadata={"help": "adversary updates per outer step"})
     inner_learning_rate: float = field(default=1e-2, metadata={"help": "the adversary's Adam learning rate"})
     every: int = field(default=1, metadata={"help": "attack and erase on every n-th optimizer step (cost)"})
+    objective: Literal["anchor", "method"] = field(default="anchor", metadata={
+        "help": "the outer loss on the attacked prompt: 'anchor' (draw the frozen model's anchor) or 'method' "
+                "(the method's own loss with the adversary's states in every prompt)"})
 
     def __post_init__(self):
         if self.weight < 0:
@@ -45,6 +52,8 @@ class AdversarialConfig:
             raise ValueError("tokens, inner_steps and every must be positive")
         if self.inner_learning_rate <= 0:
             raise ValueError(f"inner_learning_rate must be positive, got {self.inner_learning_rate}")
+        if self.objective not in ("anchor", "method"):
+            raise ValueError(f"objective must be 'anchor' or 'method', got {self.objective!r}")
 
 
 @register_regularizer
@@ -77,5 +86,8 @@ class AdversarialErasure(Regularizer):
             noisy, t = torch.cat([batch.noisy, batch.noisy]), torch.cat([batch.t, batch.t])
             revived, erased = session.frozen.predict(noisy, t, TextEncoding.cat([prompt, anchor])).chunk(2)
         self.attack(session, batch, prompt, revived)
+        if self.config.objective == "method":
+            with session.prefixed(self.prefix.detach()):
+                return self.config.weight * session.objective(session)
         attacked = prompt.with_prefix(self.prefix.detach())
         return self.config.weight * (session.model.predict(batch.noisy, batch.t, attacked) - erased).pow(2).mean()

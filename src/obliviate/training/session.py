@@ -151,6 +151,7 @@ class TrainingSession:
     retain_latents: torch.Tensor | None = None
     concept_latents: torch.Tensor | None = None
     shard: tuple[int, int] = (0, 1)
+    prefix: torch.Tensor | None = None  # soft states ``encode`` places after every prompt's first token
 
     @property
     def prompts(self) -> PromptSource:
@@ -166,7 +167,18 @@ class TrainingSession:
         return self.teacher or self.model
 
     def encode(self, prompts: list[str]) -> TextEncoding:
-        return self.model.encode(prompts)
+        encoding = self.model.encode(prompts)
+        return encoding if self.prefix is None else encoding.with_prefix(self.prefix)
+
+    @contextmanager
+    def prefixed(self, states: torch.Tensor) -> Iterator[None]:
+        """Run losses with ``states`` (k, D) placed after the first token of every prompt they
+        encode: a method's own loss on an adversary's soft prompt."""
+        saved, self.prefix = self.prefix, states
+        try:
+            yield
+        finally:
+            self.prefix = saved
 
     @contextmanager
     def using(self, model: T2IModel) -> Iterator[None]:
