@@ -41,7 +41,8 @@ class SafeGenConfig(GradientConfig):
     trainable: str = field(default="non-xattn", metadata={"help": "parameters that train: a preset or a regex"})
     steps: int = field(default=200, metadata={"help": "optimizer steps"})
     learning_rate: float = field(default=1e-4, metadata={"help": "Adam learning rate"})
-    forget_images: int = field(default=64, metadata={"help": "image pairs the frozen model draws (target, anchor)"})
+    forget_images: int = field(default=256, metadata={
+        "help": "image pairs the frozen model draws (target, anchor), and as many retained images"})
     retain_weight: float = field(default=1.0, metadata={
         "help": "weight of the denoising loss on retained prompts' images (0: none)"})
 
@@ -96,7 +97,8 @@ class SafeGen(GradientMethod):
 
     def loss(self, session) -> torch.Tensor:
         batch, substitutes = self.paired_batch(session)
-        choice = session.rng.integers(0, 3, len(batch.prompts))  # target prompt, anchor prompt, empty prompt
+        size = session.config.batch_size  # drawn for the whole batch, as every process does
+        choice = session.rng.integers(0, 3, size)[session.own_rows(size)]  # target prompt, anchor prompt, empty prompt
         conditions = [(p, a, "")[c] for p, a, c in zip(batch.prompts, batch.anchors, choice)]
         abar = session.model.scheduler.alphas_cumprod.to(batch.noisy)[batch.t].view(-1, *[1] * (batch.noisy.ndim - 1))
         target = substitute_target(session.model, batch.noisy, substitutes, batch.t)
