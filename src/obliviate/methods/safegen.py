@@ -52,10 +52,15 @@ class SafeGenConfig(GradientConfig):
         super().__post_init__()
 
 
+def alpha_bar(model, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """abar_t per row, shaped to broadcast over ``like``."""
+    return model.scheduler.alphas_cumprod.to(like)[t].view(-1, *[1] * (like.ndim - 1))
+
+
 def substitute_target(model, noisy: torch.Tensor, substitute: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The training target that denoises ``noisy`` (x_t at timesteps ``t``) into the clean
     ``substitute`` x'_0: the target for x'_0 with the noise eps' that x_t implies."""
-    abar = model.scheduler.alphas_cumprod.to(noisy)[t].view(-1, *[1] * (noisy.ndim - 1))
+    abar = alpha_bar(model, t, noisy)
     implied_noise = (noisy - abar.sqrt() * substitute) / (1 - abar).sqrt()
     return model.training_target(substitute, implied_noise, t)
 
@@ -100,10 +105,9 @@ class SafeGen(GradientMethod):
         size = session.config.batch_size  # drawn for the whole batch, as every process does
         choice = session.rng.integers(0, 3, size)[session.own_rows(size)]  # target prompt, anchor prompt, empty prompt
         conditions = [(p, a, "")[c] for p, a, c in zip(batch.prompts, batch.anchors, choice)]
-        abar = session.model.scheduler.alphas_cumprod.to(batch.noisy)[batch.t].view(-1, *[1] * (batch.noisy.ndim - 1))
         target = substitute_target(session.model, batch.noisy, substitutes, batch.t)
         prediction = session.model.predict(batch.noisy, batch.t, session.encode(conditions))
-        loss = ((1 - abar) * (prediction - target).pow(2)).mean()
+        loss = ((1 - alpha_bar(session.model, batch.t, batch.noisy)) * (prediction - target).pow(2)).mean()
         if self.config.retain_weight:
             loss = loss + self.config.retain_weight * session.denoising_loss(session.retain_batch())
         return loss

@@ -15,8 +15,9 @@ U = basis[(I - F F^T) X]. Without it, when the retained prompts' states already 
 to move: the best ESD recipe erased striped in 6% of images on shapes-t2i-v2 with target_rank=0.
 
 ``supertypes`` adds every direction of the token states of prompts that name the supertype of a
-target or of a concept forgotten earlier ("a polygon", "a warm colour"), uncut, so those prompts
-keep their keys and values exactly, as SuPLoRA's frozen down-projection keeps its group's.
+target or of a concept forgotten earlier ("a polygon", "a warm colour"), uncut, so from that
+request on those prompts keep their keys and values exactly, as SuPLoRA's frozen down-projection
+keeps its group's (a supertype first named by a later request was free to move until then).
 """
 
 from __future__ import annotations
