@@ -12,7 +12,7 @@ output that leads to the clean x'_0 instead:
     L_forget = (1 - abar_t) || f_theta(x_t, c, t) - y(x'_0, eps', t) ||^2
 
 with y the model's training target (eps' itself, or the velocity of x'_0 and eps'), and the
-condition c the target prompt, the anchor prompt or the empty prompt, a third of the rows each,
+condition c the target prompt, the anchor prompt or the empty prompt, drawn at random for each row,
 so neither the words nor their absence lead back to the concept. The weight 1 - abar_t keeps the
 rows near t = 0, whose target grows like 1/sqrt(1 - abar_t), from dominating: it is the error of
 the predicted x_0 weighted by abar_t. Retained prompts keep their plain denoising objective on
@@ -52,15 +52,10 @@ class SafeGenConfig(GradientConfig):
         super().__post_init__()
 
 
-def alpha_bar(model, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """abar_t per row, shaped to broadcast over ``like``."""
-    return model.scheduler.alphas_cumprod.to(like)[t].view(-1, *[1] * (like.ndim - 1))
-
-
 def substitute_target(model, noisy: torch.Tensor, substitute: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The training target that denoises ``noisy`` (x_t at timesteps ``t``) into the clean
     ``substitute`` x'_0: the target for x'_0 with the noise eps' that x_t implies."""
-    abar = alpha_bar(model, t, noisy)
+    abar = model.alpha_bar(t, noisy)
     implied_noise = (noisy - abar.sqrt() * substitute) / (1 - abar).sqrt()
     return model.training_target(substitute, implied_noise, t)
 
@@ -91,14 +86,7 @@ class SafeGen(GradientMethod):
             raise ValueError("safegen's loss pairs each forget image with its anchor's image from the same noise; "
                              "a regularizer that runs it on other images (rehearse:objective=method) has no pairs. "
                              "Use rehearse's default objective with safegen.")
-        size = session.config.batch_size
-        index = session.rng.integers(0, len(session.forget_latents), size)
-        clean = session.forget_latents[index]
-        noisy, t, noise = session.noisy(clean)
-        batch = Batch([session.forget_prompts[i] for i in index], clean, noisy, t, noise,
-                      [session.anchor_prompts[i] for i in index])
-        rows = session.own_rows(size)
-        return batch.rows(rows), self.substitutes[index][rows]
+        return session.paired_forget_batch(self.substitutes)
 
     def loss(self, session) -> torch.Tensor:
         batch, substitutes = self.paired_batch(session)
@@ -107,7 +95,7 @@ class SafeGen(GradientMethod):
         conditions = [(p, a, "")[c] for p, a, c in zip(batch.prompts, batch.anchors, choice)]
         target = substitute_target(session.model, batch.noisy, substitutes, batch.t)
         prediction = session.model.predict(batch.noisy, batch.t, session.encode(conditions))
-        loss = ((1 - alpha_bar(session.model, batch.t, batch.noisy)) * (prediction - target).pow(2)).mean()
+        loss = ((1 - session.model.alpha_bar(batch.t, batch.noisy)) * (prediction - target).pow(2)).mean()
         if self.config.retain_weight:
             loss = loss + self.config.retain_weight * session.denoising_loss(session.retain_batch())
         return loss

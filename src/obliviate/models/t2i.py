@@ -288,8 +288,12 @@ class T2IModel:
         output = self.predict(latents, timesteps, encoding)
         if self.scheduler.config.prediction_type == "epsilon":
             return output
-        abar = self.scheduler.alphas_cumprod.to(latents)[timesteps].view(-1, *[1] * (latents.ndim - 1))
+        abar = self.alpha_bar(timesteps, latents)
         return abar.sqrt() * output + (1 - abar).sqrt() * latents
+
+    def alpha_bar(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """abar_t of each row's timestep, in ``like``'s dtype and device, shaped to broadcast over it."""
+        return self.scheduler.alphas_cumprod.to(like)[timesteps].view(-1, *[1] * (like.ndim - 1))
 
     def sample_timesteps(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=generator).to(self.device)

@@ -221,11 +221,17 @@ class TrainingSession:
 
     def _batch(self, latents: torch.Tensor, prompts: list[str], anchors: list[str] | None = None) -> Batch:
         """``batch_size`` random rows of ``latents`` with their prompts (and anchors), noised."""
+        return self._indexed_batch(latents, prompts, anchors)[0]
+
+    def _indexed_batch(self, latents: torch.Tensor, prompts: list[str],
+                       anchors: list[str] | None = None) -> tuple[Batch, np.ndarray]:
+        """``_batch``, and the indices of this process's rows in ``latents``."""
         index = self.rng.integers(0, len(latents), self.config.batch_size)
         clean = latents[index]
         noisy, t, noise = self.noisy(clean)
         batch = Batch([prompts[i] for i in index], clean, noisy, t, noise, [anchors[i] for i in index] if anchors else [])
-        return batch.rows(self.own_rows(len(index)))
+        rows = self.own_rows(len(index))
+        return batch.rows(rows), index[rows]
 
     def own_rows(self, n: int) -> slice:
         """This process's contiguous share of a batch of ``n`` rows (all of them when alone)."""
@@ -236,6 +242,11 @@ class TrainingSession:
     def forget_batch(self) -> Batch:
         """A random batch of forget prompts (with their anchors) on the cached forget images."""
         return self._batch(self.forget_latents, self.forget_prompts, self.anchor_prompts)
+
+    def paired_forget_batch(self, paired: torch.Tensor) -> tuple[Batch, torch.Tensor]:
+        """``forget_batch``, and the rows of ``paired`` (index-aligned with the forget images) it drew."""
+        batch, index = self._indexed_batch(self.forget_latents, self.forget_prompts, self.anchor_prompts)
+        return batch, paired[index]
 
     @torch.no_grad()
     def retain_batch(self) -> Batch:
