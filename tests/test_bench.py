@@ -1,3 +1,5 @@
+import re
+
 from obliviate.bench import SEQUENCES, parse_method_options, run_bench
 from obliviate.models.judge import AttributeJudge
 from obliviate.world import DEFAULT_ONTOLOGY
@@ -162,6 +164,9 @@ def test_relearnability_sits_in_every_row_beside_the_oracles(tmp_path, tiny_mode
     for row in rows:
         assert 0 <= row["relearn_auc"] <= 1
         assert row["relearn_auc_gap"] == pytest.approx(row["relearn_auc"] - by_method["oracle"]["relearn_auc"], abs=1e-4)
+        # the curve behind the area, beside the oracle's: "striped 0:s0 1:s1 (oracle 0:o0 1:o1)"
+        curve, oracle_curve = re.fullmatch(r"striped (.*) \(oracle (.*)\)", row["relearn_curves"]).groups()
+        assert [p.split(":")[0] for p in curve.split()] == ["0", "1"] == [p.split(":")[0] for p in oracle_curve.split()]
     table = (out / "s1-striped.md").read_text()
     assert "| relearn AUC | AUC gap |" in table
     assert "UA held-out syn" not in table  # a column nothing measured is left out

@@ -246,6 +246,7 @@ def _run_cell(method, regularizer, sequence, spec, work, model, options, eval_op
                "backward_passes": cost.get("unet_backward_passes", cost.get("backward_passes")),
                "edit_bytes": cost.get("edit_bytes"), "model_hash": outcome_hash,
                "ua_per_target": _per_target(metrics.get("ua_per_target")),
+               "relearn_curves": _relearn_curves(metrics.get("relearn")),
                **{f"attack_{kind}": result["after"] for kind, result in attacked.items()},
                **{f"attack_{kind}_auc": result["auc"] for kind, result in attacked.items() if result["auc"] is not None},
                **({"attack_results": attacked} if attacked else {})}
@@ -297,6 +298,16 @@ def _per_target(ua: dict | None) -> str | None:
     return "; ".join(f"{target} {splits['train']:.3f}" for target, splits in ua.items()) if ua else None
 
 
+def _relearn_curves(relearn: dict | None) -> str | None:
+    """Each forgotten target's relearning curve beside its oracle's, as
+    "striped 0:0.00 5:0.06 10:0.75 (oracle 0:0.00 5:0.06 10:0.38)": the area says how much
+    comes back, the curve at which step it does."""
+    def points(curve):
+        return " ".join(f"{step}:{share:.2f}" for step, share in curve)
+    return "; ".join(f"{target} {points(e['curve'])}" + (f" (oracle {points(e['oracle_curve'])})" if "oracle_curve" in e else "")
+                     for target, e in relearn.items()) if relearn else None
+
+
 def _attack_success(attack, model, judge, prompts, targets) -> dict:
     """The attack on each target of a step (mean success), run on the model itself: the base
     row shows what an attack recovers from a model never made to forget, the oracle row what
@@ -323,7 +334,7 @@ def write_tables(out: Path, sequence: str) -> list[dict]:
     keys += _attack_keys(rows)
     with open(out / f"{sequence}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["sequence", "method", "regularizer", "step", "targets", *keys, *COST_COLUMNS,
-                                            "ua_per_target"],
+                                            "ua_per_target", "relearn_curves"],
                                 extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
