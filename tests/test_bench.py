@@ -56,6 +56,8 @@ def test_a_cell_composes_regularizers_with_options():
     assert split_regularizer_spec("") == ()
     assert _cell_name("s10", "esd", "gradproj") == "s10__esd__gradproj"  # finished cells keep their names
     assert _cell_name("s10", "esd", "gradproj+l2sp:weight=100") != _cell_name("s10", "esd", "gradproj+l2sp")
+    # a tuple option's "/" stays inside the one file name
+    assert _cell_name("s1", "safegen", "meta:steps=2/5") == "s1__safegen__meta@steps-2_5"
 
 
 def test_bench_rejects_unknown_sequence_and_bad_options(tmp_path):

@@ -113,7 +113,8 @@ ATTACK_LEGEND = ("Attack columns: share of images in which the judge sees the st
 
 
 def _file_safe(spec: str) -> str:
-    return spec.replace(':', '@').replace('=', '-').replace(',', '+')
+    """A spec as one file name: "meta:steps=2/5" -> "meta@steps-2_5" (a tuple's "/" must not make a folder)."""
+    return spec.replace(':', '@').replace('=', '-').replace(',', '+').replace('/', '_')
 
 
 def _cell_name(sequence: str, method: str, regularizer: str) -> str:
