@@ -37,6 +37,30 @@ def test_bench_writes_tables_and_resumes(tmp_path, tiny_model_dir):
     assert cells == {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
 
 
+class _StopBeforeTheWrite:
+    """Runs each cell, then stops the driver before it can write the cell's file (a kill there)."""
+
+    def run(self, function, calls):
+        for arguments in calls:
+            function(*arguments)
+            raise KeyboardInterrupt
+        yield from ()
+
+
+def test_a_stop_between_a_finished_cell_and_its_file_resumes_without_rerunning(tmp_path, tiny_model_dir):
+    options = parse_method_options(["uce.preserve=none"])
+    run = dict(sequence="s1-striped", out=tmp_path / "bench", work=tmp_path / "work", model=str(tiny_model_dir),
+               method_options=options, eval_options=TINY_EVAL, evaluate=False)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(["uce"], [], executor=_StopBeforeTheWrite(), echo=lambda _: None, **run)
+    assert not list((tmp_path / "bench" / "cells").glob("*.json"))
+    lines = []
+    rows = run_bench(["uce"], [], echo=lines.append, **run)
+    assert [r["method"] for r in rows] == ["uce"]
+    assert not any(line.startswith("applying") for line in lines)  # the rows came from the cell's progress
+    assert not list((tmp_path / "work").rglob("progress.json"))  # written, so a rerun of a deleted cell starts afresh
+
+
 def test_method_variants_are_separate_cells():
     from obliviate.bench import _cell_name
     from obliviate.config import parse_spec

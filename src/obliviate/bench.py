@@ -156,9 +156,10 @@ def run_bench(methods: list[str], regularizers: list[str], sequence: str, out: P
     (out / "cells").mkdir(parents=True, exist_ok=True)
     references = [("base", ""), ("oracle", "")] if evaluate else []
     cells = references + [(m, r) for m in methods for r in (regularizers or [""])]
-    calls, paths = [], []
+    calls, names = [], []
     for method, regularizer in cells:
-        path = out / "cells" / f"{_cell_name(sequence, method, regularizer)}.json"
+        cell = _cell_name(sequence, method, regularizer)
+        path = out / "cells" / f"{cell}.json"
         if path.is_file():
             echo(f"skip {path.name} (done)")
             continue
@@ -167,12 +168,14 @@ def run_bench(methods: list[str], regularizers: list[str], sequence: str, out: P
         options = {**(method_options or {}).get(name, {}), **own_options}
         calls.append((method, regularizer, sequence, spec, work, model, options, eval_options or {}, echo, oracles,
                       evaluate, attacks or {}))
-        paths.append(path)
+        names.append(cell)
     for i, rows in executor.run(_run_cell, calls):
         if rows:
-            tmp = paths[i].with_suffix(".tmp")
+            tmp = out / "cells" / f"{names[i]}.tmp"
             tmp.write_text(json.dumps({"rows": rows, "eval_options": eval_options or {}}, indent=2))
-            tmp.replace(paths[i])
+            tmp.replace(out / "cells" / f"{names[i]}.json")
+        # only now may the cell's progress go: a stop before the write resumes from it, not from scratch
+        _CellProgress.clear(work / names[i])
     return write_tables(out, sequence)
 
 
@@ -256,7 +259,6 @@ def _run_cell(method, regularizer, sequence, spec, work, model, options, eval_op
         echo(f"  step {step} {row['targets']}: " + " ".join(f"{h} {row[k]}" for h, k, _ in shown if row[k] is not None)
              + f" ({time.time() - start:.0f}s)")
         progress.record(step)
-    progress.finish()
     return rows
 
 
@@ -280,9 +282,10 @@ class _CellProgress:
         tmp.write_text(json.dumps({"identity": self.identity, "done": step, "rows": self.rows}))
         tmp.replace(self.path)
 
-    def finish(self) -> None:
-        """The cell's rows go to its JSON in the output folder; a rerun starts afresh."""
-        self.path.unlink(missing_ok=True)
+    @staticmethod
+    def clear(cell_dir: Path) -> None:
+        """Once the cell's rows are in its JSON in the output folder: a rerun starts afresh."""
+        (cell_dir / "progress.json").unlink(missing_ok=True)
 
 
 def _cell_store(folder: Path, model) -> Store:
