@@ -306,10 +306,16 @@ def _relearn_curves(relearn: dict | None) -> str | None:
     """Each forgotten target's relearning curve beside its oracle's, as
     "striped 0:0.00 5:0.06 10:0.75 (oracle 0:0.00 5:0.06 10:0.38)": the area says how much
     comes back, the curve at which step it does."""
+    if not relearn:
+        return None
+
     def points(curve):
         return " ".join(f"{step}:{share:.2f}" for step, share in curve)
-    return "; ".join(f"{target} {points(e['curve'])}" + (f" (oracle {points(e['oracle_curve'])})" if "oracle_curve" in e else "")
-                     for target, e in relearn.items()) if relearn else None
+    parts = []
+    for target, entry in relearn.items():
+        oracle = f" (oracle {points(entry['oracle_curve'])})" if "oracle_curve" in entry else ""
+        parts.append(f"{target} {points(entry['curve'])}{oracle}")
+    return "; ".join(parts)
 
 
 def _attack_success(attack, model, judge, prompts, targets) -> dict:
