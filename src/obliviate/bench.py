@@ -156,7 +156,7 @@ def run_bench(methods: list[str], regularizers: list[str], sequence: str, out: P
     (out / "cells").mkdir(parents=True, exist_ok=True)
     references = [("base", ""), ("oracle", "")] if evaluate else []
     cells = references + [(m, r) for m in methods for r in (regularizers or [""])]
-    calls, names = [], []
+    calls, files = [], []
     for method, regularizer in cells:
         cell = _cell_name(sequence, method, regularizer)
         path = out / "cells" / f"{cell}.json"
@@ -168,14 +168,15 @@ def run_bench(methods: list[str], regularizers: list[str], sequence: str, out: P
         options = {**(method_options or {}).get(name, {}), **own_options}
         calls.append((method, regularizer, sequence, spec, work, model, options, eval_options or {}, echo, oracles,
                       evaluate, attacks or {}))
-        names.append(cell)
+        files.append((cell, path))
     for i, rows in executor.run(_run_cell, calls):
+        cell, path = files[i]
         if rows:
-            tmp = out / "cells" / f"{names[i]}.tmp"
+            tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps({"rows": rows, "eval_options": eval_options or {}}, indent=2))
-            tmp.replace(out / "cells" / f"{names[i]}.json")
+            tmp.replace(path)
         # only now may the cell's progress go: a stop before the write resumes from it, not from scratch
-        _CellProgress.clear(work / names[i])
+        _CellProgress.clear(work / cell)
     return write_tables(out, sequence)
 
 
@@ -267,8 +268,10 @@ class _CellProgress:
     store, so a stopped cell resumes at the step after. Anything else in the folder (a cell run
     with other settings) is cleared first."""
 
+    FILE = "progress.json"
+
     def __init__(self, cell_dir: Path, identity: dict):
-        self.path, self.identity = cell_dir / "progress.json", json.loads(json.dumps(identity))
+        self.path, self.identity = cell_dir / self.FILE, json.loads(json.dumps(identity))
         saved = json.loads(self.path.read_text()) if self.path.is_file() else {}
         if saved.get("identity") == self.identity:
             self.rows, self.done = saved["rows"], saved["done"]
@@ -285,7 +288,7 @@ class _CellProgress:
     @staticmethod
     def clear(cell_dir: Path) -> None:
         """Once the cell's rows are in its JSON in the output folder: a rerun starts afresh."""
-        (cell_dir / "progress.json").unlink(missing_ok=True)
+        (cell_dir / _CellProgress.FILE).unlink(missing_ok=True)
 
 
 def _cell_store(folder: Path, model) -> Store:
