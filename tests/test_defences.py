@@ -1,6 +1,7 @@
-"""Defences against relearning and prompt attacks (meta, resalign, adversarial): each one's
-gradient against a brute-force or finite-difference reference, their data kept apart from the
-evaluation's, and their place in the composition contract."""
+"""Defences against relearning and prompt attacks (meta, resalign, adversarial with AEGIS's
+rectified retain term): each one's gradient against a brute-force or finite-difference
+reference, their data kept apart from the evaluation's, and their place in the composition
+contract."""
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ from obliviate.evaluation.attacks import get_attack
 from obliviate.methods import UnlearningContext, get_method
 from obliviate.methods import gradient as gradient_loop
 from obliviate.regularizers import get_regularizer
-from obliviate.training import ScratchModule, first_order_meta_gradient, linear_surrogate, moreau_hypergradient
+from obliviate.training import (ScratchModule, first_order_meta_gradient, linear_surrogate, moreau_hypergradient,
+                                rectified_retain_gradient)
 from obliviate.world import WorldPrompts
 
 FAST = {"steps": 2, "forget_images": 2, "sampling_steps": 2, "batch_size": 2, "learning_rate": 1e-2}
@@ -79,6 +81,31 @@ def test_linear_surrogate_is_zero_with_the_given_gradient():
     value.backward()
     assert float(value.detach()) == 0.0
     assert all(torch.equal(params[n].grad, grads[n]) for n in params)
+
+
+def _inner(a: dict, b: dict) -> float:
+    return sum(float((a[n].double() * b[n].double()).sum()) for n in a)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("omega", [0.0, 0.3, 1.0])
+def test_a_conflicting_retain_gradient_is_rescaled_so_the_step_stops_opposing_it(seed, omega):
+    g = torch.Generator().manual_seed(seed)
+    erase = {"w": torch.randn(3, 4, generator=g), "b": torch.randn(4, generator=g)}
+    retain = {n: torch.randn(t.shape, generator=g) for n, t in erase.items()}
+    if _inner(erase, retain) > 0:
+        retain = {n: -t for n, t in retain.items()}  # make them conflict
+    got = rectified_retain_gradient(erase, retain, omega)
+    step = {n: erase[n] + got[n] for n in erase}
+    # still along g_r, not against it, and the step's component on g_r is (1 - omega) of the erasure's
+    scale = _inner(got, retain) / _inner(retain, retain)
+    assert scale >= 0 and all(torch.allclose(got[n], scale * retain[n], atol=1e-6) for n in retain)
+    assert _inner(step, retain) == pytest.approx((1 - omega) * _inner(erase, retain), rel=1e-5, abs=1e-6)
+    # without a conflict it is left as it is
+    agreeing = {n: -t for n, t in retain.items()}
+    assert rectified_retain_gradient(erase, agreeing, omega) is agreeing
+    with pytest.raises(ValueError, match="omega"):
+        rectified_retain_gradient(erase, retain, 1.5)
 
 
 def test_scratch_copy_leaves_the_original_and_its_hooks_alone():
@@ -252,6 +279,49 @@ def test_every_gradient_method_takes_all_three_defences_at_once(minilm, method):
     result = get_method(method).from_options(FAST).unlearn(
         model, request, UnlearningContext(prompts=WorldPrompts(), base_weights=model.state_tensors()))
     assert result.edit.deltas and all(torch.isfinite(d).all() for d in result.edit.deltas.values())
+
+
+@pytest.mark.parametrize("rectify", [False, True])
+def test_the_adversarys_retain_term_is_added_to_each_step_and_rectified_on_conflict(minilm, monkeypatch, rectify):
+    """Inside a request, the loop hands the step's gradient to ``rectify``, which adds
+    retain_weight * (theta - theta_0) / n to it, scaled by AEGIS's rule where the two conflict,
+    omega ramped over the steps. theta_0 is set per step so that odd steps conflict and even ones
+    agree."""
+    from conftest import make_tiny_t2i
+    from obliviate.regularizers.adversarial import AdversarialErasure
+    model = make_tiny_t2i(minilm)
+    steps, weight = 4, 10.0
+    seen = []
+    original = AdversarialErasure.rectify
+
+    def spy(self, session):
+        before = {n: p.grad.clone() for n, p in session.params.items()}
+        sign = 1 if session.step % 2 else -1  # theta - theta_0 = -g (conflict) or +g
+        self.request_start = {n: p.detach() + sign * before[n] for n, p in session.params.items()}
+        original(self, session)
+        seen.append((session.step, before, {n: p.grad.clone() for n, p in session.params.items()}))
+    monkeypatch.setattr(AdversarialErasure, "rectify", spy)
+    options = {**FAST, "steps": steps}
+    spec = RegularizerSpec("adversarial", {**DEFENCES["adversarial"], "retain_weight": weight, "rectify": rectify})
+    request = Request(("striped",), "esd", options, None, (spec,), 0)
+    get_method("esd").from_options(options).unlearn(
+        model, request, UnlearningContext(prompts=WorldPrompts(), base_weights=model.state_tensors()))
+    assert [step for step, *_ in seen] == list(range(steps))
+    count = sum(t.numel() for t in seen[0][1].values())
+    for step, before, after in seen:
+        plain = {n: -weight / count * g if step % 2 else weight / count * g for n, g in before.items()}
+        if rectify and step % 2:
+            omega = (step + 1) / steps
+            assert _inner(after, plain) == pytest.approx((1 - omega) * _inner(before, plain), rel=1e-4)
+        else:
+            assert all(torch.allclose(after[n] - before[n], plain[n], rtol=1e-4, atol=1e-9) for n in after)
+
+
+def test_rectify_without_a_retain_term_is_refused():
+    with pytest.raises(ValueError, match="retain_weight > 0"):
+        get_regularizer("adversarial").from_options({"rectify": "true"})
+    with pytest.raises(ValueError, match="retain_weight"):
+        get_regularizer("adversarial").from_options({"retain_weight": "-1"})
 
 
 def test_adversarial_method_objective_runs_the_methods_loss_on_the_attacked_prompts(tiny_t2i, monkeypatch):

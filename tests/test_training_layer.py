@@ -276,6 +276,14 @@ def test_two_regularizers_that_rewrite_the_edit_are_refused(monkeypatch):
     check_composition(["merge", "gradproj", "selft"])
 
 
+def test_two_regularizers_that_rewrite_the_gradient_are_refused(monkeypatch):
+    from obliviate.regularizers.drift import L2SP
+    monkeypatch.setattr(L2SP, "rewrites_gradient", True)  # stands in for a second rectifier
+    with pytest.raises(ValueError, match="both rewrite each step's gradient"):
+        check_composition(["l2sp", "adversarial"])
+    check_composition(["adversarial", "merge", "gradproj"])
+
+
 # --------------------------------------------------------------------------- prompts from labels
 @pytest.mark.parametrize("target", ["red", "checkered", "striped", "polygon", "striped triangle"])
 def test_random_anchors_swap_whole_concepts_and_nothing_else(target):

@@ -6,14 +6,15 @@ teacher, the forget images, the optimizer (through accelerate, so one CPU or man
 same code), the regularizers under the composition contract (``obliviate.training.contract``),
 pass counting, progress.
 
-One optimizer step, in order: the loss plus every penalty; backward; the gradient projected onto
-the intersection of all constraints (the method's, the regularizers' and, for one stage, the
-stage's mask); the optimizer step; the request's accumulated update projected onto the
-intersection of the request's constraints. After the last step a regularizer that rewrites the
-edit (merging) runs, and the request's constraints are applied to its result. With ``lora_rank``
-the update of each trained weight is a low-rank adapter: one more constraint, chosen inside the
-others before the first step, or (``lora_fit=svd``) the best rank-r approximation of the dense
-update, taken after the last; the edit stores its factors (``obliviate.training.adapter``).
+One optimizer step, in order: the loss plus every penalty; backward; the gradient rectified by
+the one regularizer that may rewrite it, if any; the gradient projected onto the intersection of
+all constraints (the method's, the regularizers' and, for one stage, the stage's mask); the
+optimizer step; the request's accumulated update projected onto the intersection of the
+request's constraints. After the last step a regularizer that rewrites the edit (merging) runs,
+and the request's constraints are applied to its result. With ``lora_rank`` the update of each
+trained weight is a low-rank adapter: one more constraint, chosen inside the others before the
+first step, or (``lora_fit=svd``) the best rank-r approximation of the dense update, taken after
+the last; the edit stores its factors (``obliviate.training.adapter``).
 """
 
 from __future__ import annotations
@@ -182,6 +183,7 @@ class GradientMethod(UnlearningMethod):
             raise ValueError(f"batch_size {session.config.batch_size} does not split over {processes} processes; "
                              f"choose a multiple of {processes} (--set batch_size=...).")
         stage_projectors: dict[int, dict[str, UpdateProjector]] = {}
+        rectifiers = [reg for reg in regularizers if reg.rewrites_gradient]
         optimizer = torch.optim.Adam(list(params.values()), lr=session.config.learning_rate)
         model.unet, optimizer = accelerator.prepare(model.unet, optimizer)
         model.unet.train()
@@ -198,6 +200,8 @@ class GradientMethod(UnlearningMethod):
                     optimizer.zero_grad(set_to_none=True)
                     accelerator.backward(loss)
                     session.counter.count_backward()
+                    for reg in rectifiers:
+                        reg.rectify(session)
                     gradient_projectors = projectors
                     if stage_mask is not None:  # built once per distinct stage mask
                         if id(stage_mask) not in stage_projectors:

@@ -1,7 +1,8 @@
 """The training layer: what every gradient method and every regularizer share.
 
 - ``session``: the typed ``TrainingSession`` a request's run sees, its batches and losses;
-- ``gradients``: gradient accumulation over batches (saliency, Fisher estimates);
+- ``gradients``: gradient accumulation over batches (saliency, Fisher estimates) and AEGIS's rectification
+  of a retain gradient that conflicts with the rest of a step's;
 - ``masks``: top-fraction and Fisher-ratio parameter masks;
 - ``subspace``: orthonormal bases and the text token states they are built from;
 - ``simulation``: simulated fine-tuning on a scratch copy and the gradients defences take through it
@@ -13,7 +14,7 @@
 
 from .adapter import adapter_constraints, adapter_factors, gradient_directions, refuse_masks, update_directions
 from .contract import ParameterConstraint, UpdateProjector, combine_constraints
-from .gradients import accumulate_gradients
+from .gradients import accumulate_gradients, rectified_retain_gradient
 from .masks import fisher_ratio_mask, top_fraction_mask
 from .session import (TRAINABLE_PRESETS, Batch, GradientConfig, PassCounter, TrainingSession, match_names,
                       select_parameters)
@@ -25,4 +26,5 @@ __all__ = ["OPTIMIZERS", "TRAINABLE_PRESETS", "Batch", "FineTuneDistribution", "
            "ScratchModule", "TrainingSession", "UpdateProjector", "accumulate_gradients", "adapter_constraints",
            "adapter_factors", "aligned_token_states", "combine_constraints", "first_order_meta_gradient", "fisher_ratio_mask",
            "gradient_directions", "linear_surrogate", "match_names", "moreau_hypergradient", "orthonormal_basis", "protected_basis",
-           "refuse_masks", "select_parameters", "token_states", "top_fraction_mask", "update_directions"]
+           "rectified_retain_gradient", "refuse_masks", "select_parameters", "token_states", "top_fraction_mask",
+           "update_directions"]

@@ -1,4 +1,5 @@
-"""Gradient accumulation without a weight update: saliency scores and Fisher estimates."""
+"""Gradient accumulation without a weight update (saliency scores, Fisher estimates), and the
+rectification of a retain gradient that conflicts with the rest of a step's gradient."""
 
 from __future__ import annotations
 
@@ -29,3 +30,24 @@ def accumulate_gradients(params: dict[str, torch.nn.Parameter], loss: Callable[[
     for p in params.values():
         p.grad = None
     return totals
+
+
+def rectified_retain_gradient(erase: dict[str, torch.Tensor], retain: dict[str, torch.Tensor],
+                              omega: float) -> dict[str, torch.Tensor]:
+    """AEGIS's conflict-gated rectification of a retain gradient g_r beside the rest of the step's
+    gradient g_e (inner products over every parameter together):
+
+        g_r                                 if <g_e, g_r> >= 0
+        lambda g_r,  lambda = -omega <g_e, g_r> / |g_r|^2   otherwise
+
+    so that in a conflict the step's gradient g_e + lambda g_r has <., g_r> = (1 - omega) <g_e, g_r>:
+    at omega = 1 a descent step no longer moves against the retain term to first order, at
+    omega = 0 the retain term gives way to the erasure."""
+    if not 0 <= omega <= 1:
+        raise ValueError(f"omega must lie in [0, 1], got {omega}")
+    inner = sum(float((erase[n].double() * g.double()).sum()) for n, g in retain.items())
+    if inner >= 0:
+        return retain
+    norm = sum(float(g.double().pow(2).sum()) for g in retain.values())
+    scale = -omega * inner / norm
+    return {n: scale * g for n, g in retain.items()}
