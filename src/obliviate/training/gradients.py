@@ -37,7 +37,7 @@ def rectified_retain_gradient(erase: dict[str, torch.Tensor], retain: dict[str, 
     """AEGIS's conflict-gated rectification of a retain gradient g_r beside the rest of the step's
     gradient g_e (inner products over every parameter together):
 
-        g_r                                 if <g_e, g_r> >= 0
+        g_r                                                 if <g_e, g_r> >= 0
         lambda g_r,  lambda = -omega <g_e, g_r> / |g_r|^2   otherwise
 
     so that in a conflict the step's gradient g_e + lambda g_r has <., g_r> = (1 - omega) <g_e, g_r>:
