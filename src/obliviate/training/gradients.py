@@ -45,9 +45,11 @@ def rectified_retain_gradient(erase: dict[str, torch.Tensor], retain: dict[str, 
     omega = 0 the retain term gives way to the erasure."""
     if not 0 <= omega <= 1:
         raise ValueError(f"omega must lie in [0, 1], got {omega}")
-    inner = sum(float((erase[n].double() * g.double()).sum()) for n, g in retain.items())
+    # one device sync for the two sums over every parameter, not one per parameter (this runs every step)
+    inner, norm = map(float, torch.stack([
+        sum((erase[n].double() * g.double()).sum() for n, g in retain.items()),
+        sum(g.double().pow(2).sum() for g in retain.values())]))
     if inner >= 0:
         return retain
-    norm = sum(float(g.double().pow(2).sum()) for g in retain.values())
     scale = -omega * inner / norm
     return {n: scale * g for n, g in retain.items()}
