@@ -102,3 +102,42 @@ def test_ua_splits_choose_what_is_sampled():
     assert EvalConfig().splits == ("train", "train_synonym", "heldout_template", "heldout_synonym")
     with pytest.raises(ValueError, match="ua_splits names heldout"):
         EvalConfig(ua_splits="heldout")
+
+
+
+class SupertypeModel(RenderingModel):
+    """For a prompt naming only a supertype, draws the member ``draws`` gives it (the other
+    domains red, solid, square)."""
+
+    def __init__(self, draws: dict[str, str]):
+        super().__init__()
+        self.draws = draws
+
+    def state_tensors(self):
+        return {"draws": torch.tensor([DEFAULT_ONTOLOGY.index(m) for m in self.draws.values()])}
+
+    def sample(self, prompts, **kwargs):
+        def drawn(prompt):
+            named = [s for s in DEFAULT_ONTOLOGY.supertypes if f" {s}" in f" {prompt}"]
+            if not named:
+                return prompt
+            words = {"shape": "square", "colour": "red", "texture": "solid"}
+            member = self.draws[named[0]]
+            words[DEFAULT_ONTOLOGY.get(member).domain] = member
+            return f"a {words['colour']} {words['texture']} {words['shape']}"
+        return super().sample([drawn(p) for p in prompts], **kwargs)
+
+
+@pytest.mark.parametrize("member, accuracy, forgotten_share", [("circle", 1.0, 1.0), ("ellipse", 1.0, 0.0), ("square", 0.0, 0.0)])
+def test_supertype_prompts_are_judged_against_the_supertypes_members(judge, member, accuracy, forgotten_share):
+    config = EvalConfig(forget_prompts=1, retain_prompts=2, images_per_prompt=2, supertypes=True)
+    model = SupertypeModel({"round": member, "polygon": "triangle", "pattern": "striped"})
+    metrics = Evaluator(judge, config).evaluate(model, forgotten=("circle", "striped triangle"))
+    assert set(metrics["supertype"]) == {"round", "pattern", "polygon"}  # a combination names both its parents
+    assert metrics["supertype"]["round"] == {"accuracy": accuracy, "forgotten_share": forgotten_share, "images": 6 * 2}
+    # triangle and striped were forgotten only together, so neither counts as a forgotten member
+    for supertype in ("polygon", "pattern"):
+        assert metrics["supertype"][supertype]["accuracy"] == 1.0 and metrics["supertype"][supertype]["forgotten_share"] == 0.0
+    assert metrics["supertype_accuracy"] == pytest.approx((accuracy + 2) / 3, abs=1e-4)
+    without = Evaluator(judge, EvalConfig(forget_prompts=1, retain_prompts=2, images_per_prompt=1)).evaluate(model, forgotten=("circle",))
+    assert "supertype" not in without and "supertype_accuracy" not in without

@@ -347,16 +347,19 @@ def test_gradproj_forgotten_share_protects_prompts_of_concepts_forgotten_earlier
         get_regularizer("gradproj").from_options({"sibling_share": 0.6, "forgotten_share": 0.5})
 
 
-def test_gradproj_supertypes_keeps_supertype_prompts_exactly(tiny_t2i):
+@pytest.mark.parametrize("option", ["supertypes", "unconditional"])
+def test_gradproj_keeps_supertype_and_unconditional_prompts_exactly(tiny_t2i, option):
     """With supertypes, prompts naming the supertype of the target (striped: pattern) or of a
-    concept forgotten earlier (red: warm) keep their keys and values; without it they move."""
+    concept forgotten earlier (red: warm) keep their keys and values; with unconditional, the
+    empty prompt classifier-free guidance mixes into every image does; without, they move."""
     from obliviate.regularizers.projection import KV_WEIGHT
     from obliviate.training import token_states
     prompts = WorldPrompts()
-    states = token_states(tiny_t2i, prompts.supertype_prompts("pattern") + prompts.supertype_prompts("warm")).float()
+    kept = {"supertypes": prompts.supertype_prompts("pattern") + prompts.supertype_prompts("warm"), "unconditional": [""]}
+    states = token_states(tiny_t2i, kept[option]).float()
 
-    def change(supertypes):
-        spec = RegularizerSpec("gradproj", {"rank": 8, "prompts": 8, "target_rank": 0, "supertypes": supertypes})
+    def change(on):
+        spec = RegularizerSpec("gradproj", {"rank": 8, "prompts": 8, "target_rank": 0, option: on})
         request = Request(("striped",), "esd", {}, None, (spec,), 0)
         context = UnlearningContext(prompts=prompts, base_weights=tiny_t2i.state_tensors(), forgotten=("red",))
         deltas = get_method("esd").from_options({**FAST, "learning_rate": 1e-2}).unlearn(tiny_t2i, request, context).edit.deltas

@@ -81,7 +81,7 @@ def sequence_requests(sequence: str) -> list[tuple[str, ...]]:
 # Columns of each model family's tables: (header, row key, decimals).
 T2I_COLUMNS = [("UA", "ua", 3), ("UA min", "ua_min", 3), ("UA train syn", "ua_train_synonym", 3), ("UA held-out tmpl", "ua_heldout_template", 3),
                ("UA held-out syn", "ua_heldout_synonym", 3), ("IRA", "ira", 3), ("CRA", "cra", 3), ("FD", "fd", 2),
-               ("relearn AUC", "relearn_auc", 3), ("AUC gap", "relearn_auc_gap", 3),
+               ("supertype acc", "supertype_accuracy", 3), ("relearn AUC", "relearn_auc", 3), ("AUC gap", "relearn_auc_gap", 3),
                ("NLL forgotten", "nll_forgotten", 3), ("NLL gap", "nll_forgotten_gap", 3), ("NLL retained", "nll_retained", 3)]
 CLASSIFIER_COLUMNS = [("UA", "ua", 3), ("UA test", "ua_test", 3), ("RA", "ra", 3), ("TA", "ta", 3), ("MIA", "mia", 3),
                       ("gap", "gap", 2), ("relearn", "relearn_steps", 0), ("oracle relearn", "oracle_relearn_steps", 0),
@@ -91,7 +91,8 @@ COST_COLUMNS = ["seconds", "forward_passes", "backward_passes", "edit_bytes"]
 LEGENDS = {
     "t2i": "UA: share of images for forgotten prompts the judge does not see as the target (mean over targets so far; "
            "min = worst target). IRA/CRA: judge accuracy on retained prompts in / outside the targets' domains. "
-           "FD: Fréchet distance of judge features to renders. relearn AUC: the relearning attack's mean share of images "
+           "FD: Fréchet distance of judge features to renders. supertype acc: share of images for prompts naming a forgotten "
+           "concept's supertype (\"a round shape\") that show a member of it (evaluation option supertypes=true). relearn AUC: the relearning attack's mean share of images "
            "showing each target forgotten so far over its fine-tuning checkpoints (AUC gap: minus the retrain oracle's, "
            "the oracle without everything forgotten so far if one ships, else each target's own). "
            "NLL: bits/dim of renders of the forgotten targets (gap: minus the retrain oracle's) and of retained ones, "

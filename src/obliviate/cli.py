@@ -462,7 +462,7 @@ def eval_store(store: Path = typer.Argument(...), as_json: bool = typer.Option(F
     if as_json:
         _print_json({**metrics, "base": base_metrics} if base else metrics)
         return
-    shown = ("ua", "ua_train_synonym", "ua_heldout_template", "ua_heldout_synonym", "ira", "cra", "fd", "clip_score",
+    shown = ("ua", "ua_train_synonym", "ua_heldout_template", "ua_heldout_synonym", "ira", "cra", "fd", "supertype_accuracy", "clip_score",
              "clip_score_forgotten", "ua_test", "ra", "ta", "mia",
              "relearn_steps", "probe", "gap", "relearn_auc", "relearn_auc_gap", "nll_forgotten", "nll_forgotten_gap",
              "nll_retained")
@@ -473,6 +473,9 @@ def eval_store(store: Path = typer.Argument(...), as_json: bool = typer.Option(F
         interval = (f" (train: 95% interval {intervals[target][0]:.3f}-{intervals[target][1]:.3f} over "
                     f"{metrics['ua_images']} images)" if target in intervals else "")
         typer.echo(f"UA {target}: " + ", ".join(f"{k} {v:.3f}" for k, v in per_split.items()) + interval)
+    for supertype, judged in metrics.get("supertype", {}).items():
+        typer.echo(f"supertype {supertype}: {judged['accuracy']:.3f} of {judged['images']} images show a member, "
+                   f"{judged['forgotten_share']:.3f} a forgotten one")
     for target, nll in metrics.get("nll", {}).items():
         oracle = f", retrain oracle {nll['oracle_bits_per_dim']:.3f}" if "oracle_bits_per_dim" in nll else ", no oracle"
         typer.echo(f"likelihood of {target} renders: {nll['bits_per_dim']:.3f} bits/dim{oracle}")

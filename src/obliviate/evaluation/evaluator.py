@@ -51,6 +51,9 @@ class EvalConfig:
     likelihood_steps: int = field(default=0, metadata={
         "help": "ODE steps of the likelihood audit (bits/dim of renders, judge-free; 25-50); 0 = not measured"})
     likelihood_images: int = field(default=8, metadata={"help": "renders per forgotten target (and retained) it scores"})
+    supertypes: bool = field(default=False, metadata={
+        "help": "also judge the prompts naming each forgotten concept's supertype (\"a round shape\"): the share of "
+                "images showing a member of it, and the share showing a forgotten member"})
     seed: int = 0
 
     def __post_init__(self):
@@ -191,12 +194,39 @@ class Evaluator(CachedEvaluator):
             out["cra"] = round(float(np.nanmean(cra)), 4) if not np.all(np.isnan(cra)) else None
         else:
             out["ira"] = out["cra"] = round(float(np.mean(list(per_domain.values()))), 4)
+        if groups and cfg.supertypes:
+            out.update(self.supertype_accuracy(model, tuple(groups)))
         if groups and cfg.checkpoints:
             with torch.enable_grad():  # the attack fine-tunes a copy
                 out.update(self.relearnability(model, tuple(groups)))
         if groups and cfg.likelihood_steps:
             out.update(self.likelihood(model, groups, retained[:cfg.likelihood_images]))
         return out
+
+    def supertype_accuracy(self, model, forgotten: tuple[str, ...]) -> dict:
+        """Per supertype of a forgotten concept: of ``images_per_prompt`` images for each prompt
+        naming it, the share the judge places among its members (``accuracy``: SuPLoRA's
+        supertype retention) and among its forgotten members (``forgotten_share``: "a round
+        shape" still drawing the forgotten circle; a member counts as forgotten when a request
+        forgot it on its own, not as part of a combination)."""
+        cfg, onto = self.config, self.ontology
+        erased, device = set(forgotten), next(self.judge.parameters()).device
+        per_supertype = {}
+        for supertype in sorted({part for t in forgotten for part in self.prompts.supertype_of((t,)).split("+")}):
+            members = onto.supertypes[supertype]
+            domain = onto.get(members[0]).domain
+            prompts = [p for p in self.prompts.supertype_prompts(supertype) for _ in range(cfg.images_per_prompt)]
+            images = model.sample(prompts, steps=cfg.steps, seed=cfg.seed, solver=cfg.solver)
+            predicted = self.judge.heads[domain](self.judge.features(images.to(device))).argmax(-1).cpu()
+
+            def share(names) -> float:
+                return round(float(torch.isin(predicted, torch.tensor([onto.index(n) for n in names])).float().mean()), 4)
+            per_supertype[supertype] = {"accuracy": share(members), "forgotten_share": share([m for m in members if m in erased]),
+                                        "images": len(prompts)}
+        if not per_supertype:
+            return {}
+        return {"supertype": per_supertype,
+                "supertype_accuracy": round(float(np.mean([v["accuracy"] for v in per_supertype.values()])), 4)}
 
     def likelihood(self, model, groups: dict[str, dict], retained: np.ndarray) -> dict:
         """Bits per dimension of renders (``likelihood.bits_per_dim``): of each forgotten target

@@ -18,6 +18,11 @@ to move: the best ESD recipe erased striped in 6% of images on shapes-t2i-v2 wit
 target or of a concept forgotten earlier ("a polygon", "a warm colour"), uncut, so from that
 request on those prompts keep their keys and values exactly, as SuPLoRA's frozen down-projection
 keeps its group's (a supertype first named by a later request was free to move until then).
+
+``unconditional`` adds the empty prompt's token states the same way. Classifier-free guidance
+mixes the unconditional prediction into every image, so keys and values moved there move every
+image, retained ones included; on s10 the best adapter recipe moved them 14%, against 6% for
+retained prompts.
 """
 
 from __future__ import annotations
@@ -47,6 +52,9 @@ class ProjectionConfig:
     supertypes: bool = field(default=False, metadata={
         "help": "also keep exactly the keys and values of prompts naming the supertype of a target or of a concept "
                 "forgotten earlier (\"a polygon\"): all their token-state directions join the protected subspace"})
+    unconditional: bool = field(default=False, metadata={
+        "help": "also keep exactly the keys and values of the empty prompt, which classifier-free guidance mixes into "
+                "every image"})
 
     def __post_init__(self):
         if self.rank <= 0 or self.prompts <= 0 or self.target_rank < 0:
@@ -113,8 +121,9 @@ class GradientProjection(SubspaceProtection):
                                                    session.anchor_prompts[:cfg.prompts])
             own_shift = concept - anchor
         protected = protected_basis(states, own_shift, cfg.rank, cfg.target_rank)
-        if cfg.supertypes:  # uncut: those prompts' outputs are kept exactly, not their main directions only
-            states = token_states(session.model, supertype_prompts(session)).T
+        exact = (supertype_prompts(session) if cfg.supertypes else []) + ([""] if cfg.unconditional else [])
+        if exact:  # uncut: those prompts' outputs are kept exactly, not their main directions only
+            states = token_states(session.model, exact).T
             kept = orthonormal_basis(states, states.shape[1], rtol=1e-6)
             protected = orthonormal_basis(torch.cat([protected, kept], 1), len(protected), rtol=1e-6)
         self.protect(session, protected)
