@@ -104,7 +104,6 @@ def test_ua_splits_choose_what_is_sampled():
         EvalConfig(ua_splits="heldout")
 
 
-
 class SupertypeModel(RenderingModel):
     """For a prompt naming only a supertype, draws the member ``draws`` gives it (the other
     domains red, solid, square)."""
@@ -134,7 +133,7 @@ def test_supertype_prompts_are_judged_against_the_supertypes_members(judge, memb
     model = SupertypeModel({"round": member, "polygon": "triangle", "pattern": "striped"})
     metrics = Evaluator(judge, config).evaluate(model, forgotten=("circle", "striped triangle"))
     assert set(metrics["supertype"]) == {"round", "pattern", "polygon"}  # a combination names both its parents
-    assert metrics["supertype"]["round"] == {"accuracy": accuracy, "forgotten_share": forgotten_share, "images": 6 * 2}
+    assert metrics["supertype"]["round"] == {"accuracy": accuracy, "forgotten_share": forgotten_share, "images": 6 * 2}  # 6 prompts name it
     # triangle and striped were forgotten only together, so neither counts as a forgotten member
     for supertype in ("polygon", "pattern"):
         assert metrics["supertype"][supertype]["accuracy"] == 1.0 and metrics["supertype"][supertype]["forgotten_share"] == 0.0

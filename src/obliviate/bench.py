@@ -91,8 +91,9 @@ COST_COLUMNS = ["seconds", "forward_passes", "backward_passes", "edit_bytes"]
 LEGENDS = {
     "t2i": "UA: share of images for forgotten prompts the judge does not see as the target (mean over targets so far; "
            "min = worst target). IRA/CRA: judge accuracy on retained prompts in / outside the targets' domains. "
-           "FD: Fréchet distance of judge features to renders. supertype acc: share of images for prompts naming a forgotten "
-           "concept's supertype (\"a round shape\") that show a member of it (evaluation option supertypes=true). relearn AUC: the relearning attack's mean share of images "
+           "FD: Fréchet distance of judge features to renders. supertype acc: share of images for prompts naming a "
+           "forgotten concept's supertype (\"a round shape\") that show a member of it (evaluation option supertypes=true). "
+           "relearn AUC: the relearning attack's mean share of images "
            "showing each target forgotten so far over its fine-tuning checkpoints (AUC gap: minus the retrain oracle's, "
            "the oracle without everything forgotten so far if one ships, else each target's own). "
            "NLL: bits/dim of renders of the forgotten targets (gap: minus the retrain oracle's) and of retained ones, "
