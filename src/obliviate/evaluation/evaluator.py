@@ -210,21 +210,17 @@ class Evaluator(CachedEvaluator):
         shape" still drawing the forgotten circle; a member counts as forgotten when a request
         forgot it on its own, not as part of a combination)."""
         cfg, onto = self.config, self.ontology
-        erased, device = set(forgotten), next(self.judge.parameters()).device
         per_supertype = {}
-        for supertype in sorted({part for t in forgotten for part in self.prompts.supertype_of((t,)).split("+")}):
+        for supertype in self.prompts.supertype_of(forgotten).split("+"):
             members = onto.supertypes[supertype]
             domain = onto.get(members[0]).domain
             prompts = [p for p in self.prompts.supertype_prompts(supertype) for _ in range(cfg.images_per_prompt)]
-            images = model.sample(prompts, steps=cfg.steps, seed=cfg.seed, solver=cfg.solver)
-            predicted = self.judge.heads[domain](self.judge.features(images.to(device))).argmax(-1).cpu()
+            predicted = self.judge.predict(model.sample(prompts, steps=cfg.steps, seed=cfg.seed, solver=cfg.solver))[domain]
 
             def share(names) -> float:
                 return round(float(torch.isin(predicted, torch.tensor([onto.index(n) for n in names])).float().mean()), 4)
-            per_supertype[supertype] = {"accuracy": share(members), "forgotten_share": share([m for m in members if m in erased]),
+            per_supertype[supertype] = {"accuracy": share(members), "forgotten_share": share([m for m in members if m in forgotten]),
                                         "images": len(prompts)}
-        if not per_supertype:
-            return {}
         return {"supertype": per_supertype,
                 "supertype_accuracy": round(float(np.mean([v["accuracy"] for v in per_supertype.values()])), 4)}
 

@@ -81,12 +81,10 @@ def protected_prompts(session, n: int, sibling_share: float, forgotten_share: fl
 
 def supertype_prompts(session) -> list[str]:
     """Prompts naming the supertype of each target and of each concept forgotten earlier."""
-    concepts = session.context.forgotten + session.targets
     try:
-        supertypes = {part for c in concepts for part in session.prompts.supertype_of((c,)).split("+")}
+        return session.prompts.supertype_prompts(session.prompts.supertype_of(session.context.forgotten + session.targets))
     except ValueError as err:
         raise ValueError(f"gradproj:supertypes=true needs targets whose supertype is known (the embedded world's); {err}") from err
-    return [p for s in sorted(supertypes) for p in session.prompts.supertype_prompts(s)]
 
 
 class SubspaceProtection(Regularizer):
