@@ -450,6 +450,35 @@ def test_rehearse_keep_holds_earlier_concepts_predictions_at_their_start(tiny_t2
     assert all(value.item() > 1e-8 for value, _ in later)
 
 
+@pytest.mark.parametrize("images", ["start", "pretrained"])
+def test_rehearse_draws_earlier_concepts_with_the_model_it_is_told(tiny_t2i, monkeypatch, images):
+    """The images the earlier concepts are rehearsed on come from the model the request starts
+    from (which has them erased) or, with images=pretrained, from the pretrained weights (which
+    still draw them); either way the model is put back bit for bit."""
+    from obliviate.models.t2i import T2IModel
+    from obliviate.regularizers.rehearsal import Rehearsal
+    pretrained = tiny_t2i.state_tensors()
+    with torch.no_grad():  # the current model: an earlier request moved its cross-attention
+        for name, p in tiny_t2i.unet.named_parameters():
+            if "attn2.to_v" in name:
+                p.add_(0.5 * torch.randn_like(p))
+    current, drawn_by, in_setup = tiny_t2i.state_tensors(), [], []
+    sample = T2IModel.sample
+    monkeypatch.setattr(T2IModel, "sample", lambda self, *a, **k: drawn_by.append(self.state_tensors()) or sample(self, *a, **k))
+    setup = Rehearsal.setup
+    monkeypatch.setattr(Rehearsal, "setup", lambda self, session: in_setup.append(len(drawn_by)) or setup(self, session))
+    spec = RegularizerSpec("rehearse", {"prompts": 4, "objective": "method", "images": images})
+    context = UnlearningContext(prompts=WorldPrompts(), base_weights=pretrained, forgotten=("striped",))
+    get_method("esd").from_options({**FAST, "steps": 1}).unlearn(tiny_t2i, Request(("triangle",), "esd", {}, None, (spec,), 0), context)
+    weights = drawn_by[in_setup[0]]  # the first drawing inside the rehearsal's setup
+    expected = pretrained if images == "pretrained" else current
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)
+    assert all(torch.equal(v, current[k]) for k, v in tiny_t2i.state_tensors().items())
+    from obliviate.regularizers import get_regularizer
+    with pytest.raises(ValueError, match="not one of 'start', 'pretrained'"):
+        get_regularizer("rehearse").from_options({"images": "base"})
+
+
 def test_rehearse_keep_under_merge_keeps_the_weights_training_starts_from(tiny_t2i, monkeypatch):
     """``merge`` (independent) trains each request from the pretrained weights: ``keep`` records
     their predictions, so this request's task vector leaves the earlier concepts as the

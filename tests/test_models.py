@@ -39,6 +39,27 @@ def test_text_transform_changes_the_encoding(tiny_t2i):
     assert torch.count_nonzero(tiny_t2i.encode(["a red ring"]).states) == 0 and torch.count_nonzero(plain) > 0
 
 
+def test_swapped_draws_with_other_weights_and_puts_its_own_back_bit_for_bit(tiny_t2i):
+    pretrained = tiny_t2i.state_tensors()
+    with torch.no_grad():  # an earlier edit: moved cross-attention values and a text transform
+        for name, p in tiny_t2i.unet.named_parameters():
+            if "attn2.to_v" in name:
+                p.add_(0.5 * torch.randn_like(p))
+    tiny_t2i.text_transforms = [LinearTextTransform(torch.eye(384) * 0.5)]
+    edited, prompt = tiny_t2i.state_tensors(), ["a striped red triangle"]
+    drawn = tiny_t2i.sample(prompt, steps=2)
+    with tiny_t2i.swapped(pretrained) as model:
+        inside = model.state_tensors()
+        assert inside.keys() == pretrained.keys() and all(torch.equal(inside[k], pretrained[k]) for k in inside)
+        assert not torch.equal(model.sample(prompt, steps=2), drawn)
+    after = tiny_t2i.state_tensors()
+    assert after.keys() == edited.keys() and all(torch.equal(after[k], edited[k]) for k in after)
+    assert torch.equal(tiny_t2i.sample(prompt, steps=2), drawn)
+    with pytest.raises(KeyError, match="every UNet tensor"):
+        with tiny_t2i.swapped({k: v for k, v in pretrained.items() if "attn2.to_v" not in k}):
+            pass
+
+
 def test_load_rejects_a_folder_that_is_no_model(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither an obliviate model"):
         T2IModel.load(tmp_path)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import copy
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -228,6 +229,32 @@ class T2IModel:
                 raise ValueError(f"Tensor unet.{name} has shape {tuple(value.shape)}; the model's is {tuple(target.shape)}.")
             target.copy_(value)
         self.text_transforms = [LinearTextTransform(tensors[k].to(self.device)) for k in text]
+
+    @contextmanager
+    def swapped(self, tensors: Mapping[str, torch.Tensor]) -> Iterator["T2IModel"]:
+        """The model with ``tensors`` (a whole set, named as ``state_tensors`` names them: the
+        pretrained weights, say) in place of its own, put back bit for bit when the block ends.
+        Only the tensors that differ are copied aside. Weights the model shares with another (a
+        teacher shares the untrained ones) change there too until then: sample inside the block,
+        do not train."""
+        unet = self.unet.state_dict(keep_vars=True)
+        if set(unet) - {k[len("unet."):] for k in tensors if k.startswith("unet.")}:
+            raise KeyError("swapped needs every UNet tensor of the model (a whole set, as state_tensors names them).")
+        own, transforms = {}, self.text_transforms
+        with torch.no_grad():
+            for name, target in unet.items():
+                value = tensors[f"unet.{name}"].to(target)
+                if not torch.equal(value, target):
+                    own[name] = target.detach().clone()
+                    target.copy_(value)
+        self.text_transforms = [LinearTextTransform(tensors[k].to(self.device)) for k in sorted(tensors) if k.startswith(TEXT_PREFIX)]
+        try:
+            yield self
+        finally:
+            with torch.no_grad():
+                for name, value in own.items():
+                    unet[name].copy_(value)
+            self.text_transforms = transforms
 
     @torch.no_grad()
     def fold_text_transforms(self) -> None:

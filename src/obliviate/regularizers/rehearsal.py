@@ -10,9 +10,12 @@ back (in the s10 sequence, later shape requests revive circle). Two objectives:
   erasure is trained again.
 
 The earlier concepts' prompts come from the prompt source's training templates, never naming
-the request's own targets; their x_0 images are drawn by the model training starts from, which
-already has them erased. Nothing is kept between requests: the store's ``forgotten`` list is the
-only input.
+the request's own targets. Their x_0 images are drawn by the model training starts from, which
+already has them erased, or with ``images=pretrained`` by the pretrained weights, which still draw
+them: the loss then covers the noisy images a revival would pass through. On s10 (seed 1, the
+method objective) that held every earlier concept at 71 of 72 images or more, where the start
+model's images left striped and dotted at 60-68. Nothing is kept between requests: the store's
+``forgotten`` list (and its pretrained weights) is the only input.
 
 Beside a regularizer that names other start weights (``merge``'s independent mode trains each
 request from the pretrained model), "the start" is those weights: ``keep`` then holds this
@@ -39,6 +42,9 @@ class RehearsalConfig:
         "help": "prompts (and start-model images) of earlier-forgotten concepts, the concepts drawn at random"})
     objective: Literal["keep", "method"] = field(default="keep", metadata={
         "help": "'keep': their predictions stay as at the start of the request; 'method': the method's own loss on them"})
+    images: Literal["start", "pretrained"] = field(default="start", metadata={
+        "help": "which model draws their x_0 images: 'start' (the model this request starts from, which has them erased) "
+                "or 'pretrained' (which still draws them, so the loss sees the images a revival would produce)"})
 
     def __post_init__(self):
         if self.weight < 0:
@@ -67,7 +73,7 @@ class Rehearsal(Regularizer):
             self.pairs += session.prompts.forget_pairs((earlier[concept],), None, int(count), session.rng,
                                                        avoid=session.targets)
         targets = [p.target for p in self.pairs]
-        latents = session.draw_latents(targets)
+        latents = session.draw_latents(targets, pretrained=self.config.images == "pretrained")
         if self.config.objective == "method":
             self.latents = latents
         else:  # the model has not trained yet: these are the start model's predictions

@@ -4,7 +4,7 @@ losses, the options every gradient method shares, and the parameter selection.""
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Literal, Sequence
 
@@ -267,11 +267,14 @@ class TrainingSession:
         return self._batch(self.concept_latents, self.forget_prompts, self.anchor_prompts)
 
     @torch.no_grad()
-    def draw_latents(self, prompts: list[str], seed: int | None = None) -> torch.Tensor:
+    def draw_latents(self, prompts: list[str], seed: int | None = None, pretrained: bool = False) -> torch.Tensor:
         """x_0 latents the frozen model draws for ``prompts`` (from ``seed``'s noise when given:
-        two prompt lists drawn from one seed start every row from the same noise)."""
+        two prompt lists drawn from one seed start every row from the same noise); with
+        ``pretrained``, the model with the pretrained weights draws them, so concepts earlier
+        requests erased are still in the images."""
         seed = int(self.rng.integers(2**31)) if seed is None else seed
-        images = self.frozen.sample(prompts, steps=self.config.sampling_steps, seed=seed)
+        with self.frozen.swapped(self.context.base_weights) if pretrained else nullcontext(self.frozen) as model:
+            images = model.sample(prompts, steps=self.config.sampling_steps, seed=seed)
         return self.frozen.to_latents(images, generator=self.generator)
 
     def denoising_loss(self, batch: Batch) -> torch.Tensor:
