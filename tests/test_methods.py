@@ -370,30 +370,6 @@ def test_gradproj_keeps_supertype_and_unconditional_prompts_exactly(tiny_t2i, op
     assert change(False) > 1e-3
 
 
-def test_gradproj_forgotten_rank_keeps_earlier_concepts_own_directions(tiny_t2i, monkeypatch):
-    """With forgotten_rank k, the update leaves k directions of each concept forgotten earlier
-    (its token states minus its anchors') unchanged, and of no other; without it, it moves them."""
-    from obliviate.regularizers import projection
-    seen = []
-    original = projection.forgotten_directions
-    monkeypatch.setattr(projection, "forgotten_directions", lambda *args: seen.append(original(*args)) or seen[-1])
-
-    def update(rank):
-        options = {"rank": 8, "prompts": 8, "target_rank": 0, "forgotten_rank": rank}
-        request = Request(("striped",), "esd", {}, None, (RegularizerSpec("gradproj", options),), 0)
-        context = UnlearningContext(prompts=WorldPrompts(), base_weights=tiny_t2i.state_tensors(), forgotten=("red", "striped"))
-        deltas = get_method("esd").from_options({**FAST, "learning_rate": 1e-2}).unlearn(tiny_t2i, request, context).edit.deltas
-        return [d for k, d in deltas.items() if projection.KV_WEIGHT.search(k)]
-    kept = update(4)
-    (red,) = seen[0]  # striped is the request's own target, not an earlier one
-    assert red.shape[1] == 4
-    assert max(float((d @ red.float()).abs().max() / d.abs().max()) for d in kept) < 1e-5
-    assert max(float((d @ red.float()).abs().max() / d.abs().max()) for d in update(0)) > 1e-3
-    assert len(seen) == 1  # not computed when off
-    with pytest.raises(ValueError, match="forgotten_rank"):
-        projection.ProjectionConfig(forgotten_rank=-1)
-
-
 def test_rehearse_adds_the_method_loss_on_earlier_concepts_only(tiny_t2i, monkeypatch):
     """Every step runs the method's loss on the request's prompts and, when an earlier request
     forgot something, on prompts of those earlier concepts (never the request's own target); with

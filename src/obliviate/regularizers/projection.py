@@ -19,12 +19,6 @@ target or of a concept forgotten earlier ("a polygon", "a warm colour"), uncut, 
 request on those prompts keep their keys and values exactly, as SuPLoRA's frozen down-projection
 keeps its group's (a supertype first named by a later request was free to move until then).
 
-``forgotten_rank`` > 0 adds, uncut, the top directions of how each earlier-forgotten concept's
-token states differ from its anchors' (``target_rank``'s directions, for the concepts already
-erased): a later request cannot move their keys and values along them, so it cannot undo their
-erasure there. ``forgotten_share`` protects those concepts' prompts inside the shared rank, where
-576 of 768 retained prompts outvote them; this gives each concept its own directions.
-
 ``unconditional`` adds the empty prompt's token states the same way. Classifier-free guidance
 mixes the unconditional prediction into every image, so keys and values moved there move every
 image, retained ones included; on s10 the best adapter recipe moved them 14%, against 6% for
@@ -42,7 +36,6 @@ from ..training import ParameterConstraint, aligned_token_states, orthonormal_ba
 from .base import Regularizer, register_regularizer
 
 KV_WEIGHT = re.compile(r"attn2\.(to_k|to_v)\.weight$")
-FORGOTTEN_PROMPTS = 32  # prompts a forgotten concept's directions are drawn from
 
 
 @dataclass
@@ -59,16 +52,13 @@ class ProjectionConfig:
     supertypes: bool = field(default=False, metadata={
         "help": "also keep exactly the keys and values of prompts naming the supertype of a target or of a concept "
                 "forgotten earlier (\"a polygon\"): all their token-state directions join the protected subspace"})
-    forgotten_rank: int = field(default=0, metadata={
-        "help": "directions of each concept forgotten earlier (its token states minus its anchors') kept exactly, so "
-                "a later request cannot undo its erasure along them (0: none)"})
     unconditional: bool = field(default=False, metadata={
         "help": "also keep exactly the keys and values of the empty prompt, which classifier-free guidance mixes into "
                 "every image"})
 
     def __post_init__(self):
-        if self.rank <= 0 or self.prompts <= 0 or self.target_rank < 0 or self.forgotten_rank < 0:
-            raise ValueError("rank and prompts must be positive, target_rank and forgotten_rank >= 0")
+        if self.rank <= 0 or self.prompts <= 0 or self.target_rank < 0:
+            raise ValueError("rank and prompts must be positive and target_rank >= 0")
         for name in ("sibling_share", "forgotten_share"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
@@ -95,21 +85,6 @@ def supertype_prompts(session) -> list[str]:
         return session.prompts.supertype_prompts(session.prompts.supertype_of(session.context.forgotten + session.targets))
     except ValueError as err:
         raise ValueError(f"gradproj:supertypes=true needs targets whose supertype is known (the embedded world's); {err}") from err
-
-
-def own_directions(model, pairs, rank: int) -> torch.Tensor:
-    """(dim, k <= rank) orthonormal columns: the top directions of how the target prompts' token
-    states differ, position by position, from their anchors'."""
-    concept, anchor = aligned_token_states(model, [p.target for p in pairs], [p.anchor for p in pairs])
-    return orthonormal_basis((concept - anchor).T, rank, rtol=1e-8)
-
-
-def forgotten_directions(session, rank: int) -> list[torch.Tensor]:
-    """``own_directions`` of each concept an earlier request forgot, from its training prompts."""
-    earlier = [c for c in session.context.forgotten if c not in session.targets]
-    return [own_directions(session.model, session.prompts.forget_pairs((c,), None, FORGOTTEN_PROMPTS, session.rng,
-                                                                      avoid=session.targets), rank)
-            for c in earlier]
 
 
 class SubspaceProtection(Regularizer):
@@ -144,11 +119,9 @@ class GradientProjection(SubspaceProtection):
                                                    session.anchor_prompts[:cfg.prompts])
             own_shift = concept - anchor
         protected = protected_basis(states, own_shift, cfg.rank, cfg.target_rank)
-        kept = forgotten_directions(session, cfg.forgotten_rank) if cfg.forgotten_rank else []
         exact = (supertype_prompts(session) if cfg.supertypes else []) + ([""] if cfg.unconditional else [])
         if exact:  # uncut: those prompts' outputs are kept exactly, not their main directions only
             states = token_states(session.model, exact).T
-            kept.append(orthonormal_basis(states, states.shape[1], rtol=1e-6))
-        if kept:
-            protected = orthonormal_basis(torch.cat([protected, *kept], 1), len(protected), rtol=1e-6)
+            kept = orthonormal_basis(states, states.shape[1], rtol=1e-6)
+            protected = orthonormal_basis(torch.cat([protected, kept], 1), len(protected), rtol=1e-6)
         self.protect(session, protected)
