@@ -39,7 +39,7 @@ from .kept import KeptPredictions
 class RehearsalConfig:
     weight: float = field(default=1.0, metadata={"help": "weight of the loss on earlier-forgotten concepts"})
     prompts: int = field(default=16, metadata={
-        "help": "prompts (and start-model images) of earlier-forgotten concepts, the concepts drawn at random"})
+        "help": "prompts (and images) of earlier-forgotten concepts, the concepts drawn at random"})
     objective: Literal["keep", "method"] = field(default="keep", metadata={
         "help": "'keep': their predictions stay as at the start of the request; 'method': the method's own loss on them"})
     images: Literal["start", "pretrained"] = field(default="start", metadata={
