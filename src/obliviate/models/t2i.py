@@ -214,45 +214,46 @@ class T2IModel:
         return {k: v.detach().cpu().clone() for k, v in tensors.items() if pattern is None or pattern.search(k)}
 
     @torch.no_grad()
-    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor], keep_replaced: bool = False) -> dict[str, torch.Tensor]:
         """Copy ``tensors`` (named as ``state_tensors`` names them) into the model, one at a time,
-        so lazy ``tensors`` never stand in memory whole beside the model."""
+        so lazy ``tensors`` never stand in memory whole beside the model. With ``keep_replaced``,
+        returns copies of the UNet tensors that changed (by their UNet names), to put back later."""
         unet = self.unet.state_dict(keep_vars=True)
         text = sorted(k for k in tensors if k.startswith(TEXT_PREFIX))
         unknown = set(tensors) - set(text) - {f"unet.{k}" for k in unet}
         missing = [k for k in unet if f"unet.{k}" not in tensors]
         if unknown or missing:
-            raise KeyError(f"Tensors do not fit this text-to-image model: unknown {sorted(unknown)[:3]}, missing {missing[:3]}.")
+            raise KeyError(f"Tensors do not fit this text-to-image model (it needs every UNet tensor, named as "
+                           f"state_tensors names them): unknown {sorted(unknown)[:3]}, missing {missing[:3]}.")
+        replaced = {}
         for name, target in unet.items():
             value = tensors[f"unet.{name}"]
             if value.shape != target.shape:
                 raise ValueError(f"Tensor unet.{name} has shape {tuple(value.shape)}; the model's is {tuple(target.shape)}.")
+            if keep_replaced:
+                value = value.to(target)
+                if torch.equal(value, target):
+                    continue
+                replaced[name] = target.detach().clone()
             target.copy_(value)
         self.text_transforms = [LinearTextTransform(tensors[k].to(self.device)) for k in text]
+        return replaced
 
     @contextmanager
     def swapped(self, tensors: Mapping[str, torch.Tensor]) -> Iterator["T2IModel"]:
-        """The model with ``tensors`` (a whole set, named as ``state_tensors`` names them: the
+        """The model with ``tensors`` (a whole set, as ``load_state_tensors`` takes it: the
         pretrained weights, say) in place of its own, put back bit for bit when the block ends.
         Only the tensors that differ are copied aside. Weights the model shares with another (a
         teacher shares the untrained ones) change there too until then: sample inside the block,
         do not train."""
-        unet = self.unet.state_dict(keep_vars=True)
-        if set(unet) - {k[len("unet."):] for k in tensors if k.startswith("unet.")}:
-            raise KeyError("swapped needs every UNet tensor of the model (a whole set, as state_tensors names them).")
-        own, transforms = {}, self.text_transforms
-        with torch.no_grad():
-            for name, target in unet.items():
-                value = tensors[f"unet.{name}"].to(target)
-                if not torch.equal(value, target):
-                    own[name] = target.detach().clone()
-                    target.copy_(value)
-        self.text_transforms = [LinearTextTransform(tensors[k].to(self.device)) for k in sorted(tensors) if k.startswith(TEXT_PREFIX)]
+        transforms = self.text_transforms
+        replaced = self.load_state_tensors(tensors, keep_replaced=True)
         try:
             yield self
         finally:
+            unet = self.unet.state_dict(keep_vars=True)
             with torch.no_grad():
-                for name, value in own.items():
+                for name, value in replaced.items():
                     unet[name].copy_(value)
             self.text_transforms = transforms
 
