@@ -426,6 +426,21 @@ def test_rehearse_keep_holds_earlier_concepts_predictions_at_their_start(tiny_t2
     assert all(value.item() > 1e-8 for value, _ in later)
 
 
+@pytest.mark.parametrize("avoid_forgotten", [True, False])
+def test_forget_prompts_leave_out_concepts_forgotten_earlier(tiny_t2i, monkeypatch, avoid_forgotten):
+    """The teacher predicts an earlier-forgotten concept erased, and ESD's target mirrors how
+    that erasure differs between prompt and anchor: by default no forget prompt shows one."""
+    drawn = []
+    forget_pairs = GradientMethod.forget_pairs
+    monkeypatch.setattr(GradientMethod, "forget_pairs", lambda self, session, n: drawn.extend(forget_pairs(self, session, n)) or drawn)
+    context = UnlearningContext(prompts=WorldPrompts(), base_weights=tiny_t2i.state_tensors(), forgotten=("striped", "blue"))
+    method = get_method("esd").from_options({**FAST, "steps": 1, "avoid_forgotten": avoid_forgotten})
+    method.unlearn(tiny_t2i, Request(("triangle",), "esd", {}, None, (), 0), context)
+    onto = context.prompts.ontology
+    shows = [p.labels[2] == onto.index("striped") or p.labels[1] == onto.index("blue") for p in drawn]
+    assert len(drawn) == 64 and any(shows) is not avoid_forgotten
+
+
 @pytest.mark.parametrize("images", ["start", "pretrained"])
 def test_rehearse_draws_earlier_concepts_with_the_model_it_is_told(tiny_t2i, monkeypatch, images):
     """The images the earlier concepts are rehearsed on come from the model the request starts

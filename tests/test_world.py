@@ -161,6 +161,22 @@ def test_forget_pairs_avoid_concepts_forgotten_earlier():
     assert len(prompts.forget_pairs(("dotted",), None, 4, np.random.default_rng(0), avoid=every_colour)) == 4
 
 
+def test_random_anchors_avoid_concepts_forgotten_earlier_in_prompt_and_anchor():
+    """SalUn's and SafeGen's pairs: neither the row nor the concept put in the target's place
+    is one an earlier request forgot."""
+    import re
+    import numpy as np
+    from obliviate.world import WorldPrompts
+    prompts = WorldPrompts()
+    index = {d: {n: i for i, n in enumerate(prompts.ontology.names(d))} for d in prompts.ontology.domains}
+    striped = [w for c in prompts.target_concepts(("striped",)) for w in prompts.lang.words(c)]
+    for avoid, allowed in (((), True), (("striped", "red"), False)):
+        pairs = prompts.random_anchor_pairs(("dotted",), 200, np.random.default_rng(0), avoid=avoid)
+        shows_red = [p.labels[1] == index["colour"]["red"] for p in pairs]
+        striped_in_place = [any(re.search(rf"(?<![\w-]){re.escape(w)}(?![\w-])", p.anchor) for w in striped) for p in pairs]
+        assert any(shows_red) is allowed and any(striped_in_place) is allowed
+
+
 def test_anchor_of_a_several_target_request_drops_only_the_targets_the_prompt_shows():
     """Targets striped and triangle: "a dotted red triangle" anchors to "a dotted red", not "a red"."""
     prompts = WorldPrompts()

@@ -71,7 +71,7 @@ class SafeGen(GradientMethod):
         only drops the target leaves the frozen model free to draw it anyway."""
         if session.request.anchor:
             return super().forget_pairs(session, n)
-        return session.prompts.random_anchor_pairs(session.targets, n, session.rng)
+        return session.prompts.random_anchor_pairs(session.targets, n, session.rng, avoid=self.avoided(session))
 
     def draw_forget_latents(self, session) -> torch.Tensor:
         """Images of the targets, and (kept for the loss) the anchors' images from the same noise."""

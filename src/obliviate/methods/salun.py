@@ -44,7 +44,8 @@ class SalUn(GradientMethod):
 
     def setup(self, session) -> None:
         if session.request.anchor is None:
-            pairs = session.context.prompts.random_anchor_pairs(tuple(session.request.targets), len(session.forget_prompts), session.rng)
+            pairs = session.context.prompts.random_anchor_pairs(tuple(session.request.targets), len(session.forget_prompts),
+                                                                 session.rng, avoid=self.avoided(session))
             session.anchor_prompts = [p.anchor for p in pairs]
         gradients = session.accumulate(lambda: session.denoising_loss(session.forget_batch()), self.config.saliency_batches)
         self.mask = top_fraction_mask({n: g.abs() for n, g in gradients.items()}, self.config.mask_ratio)

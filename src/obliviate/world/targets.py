@@ -51,8 +51,10 @@ class PromptSource(TargetSource, Protocol):
                      avoid: tuple[str, ...] = ()) -> list[PromptPair]:
         """``n`` prompts showing a target, each with its anchor prompt."""
 
-    def random_anchor_pairs(self, targets: tuple[str, ...], n: int, rng: np.random.Generator) -> list[PromptPair]:
-        """Forget prompts whose anchor shows a random retained concept in the target's place."""
+    def random_anchor_pairs(self, targets: tuple[str, ...], n: int, rng: np.random.Generator,
+                            avoid: tuple[str, ...] = ()) -> list[PromptPair]:
+        """Forget prompts whose anchor shows a random retained concept in the target's place;
+        neither shows a concept in ``avoid`` when the world allows."""
 
     def retain_prompts(self, forgotten: tuple[str, ...], n: int, rng: np.random.Generator) -> list[str]:
         """Prompts showing none of ``forgotten``; empty when nothing is known to be retained."""
@@ -205,15 +207,18 @@ class WorldPrompts:
             flagged |= shows & ~(covered & self.concept_mask((term,))).any(1)
         return flagged
 
-    def random_anchor_pairs(self, targets: tuple[str, ...], n: int, rng: np.random.Generator) -> list[PromptPair]:
+    def random_anchor_pairs(self, targets: tuple[str, ...], n: int, rng: np.random.Generator,
+                            avoid: tuple[str, ...] = ()) -> list[PromptPair]:
         """Forget prompts whose anchor puts a random other concept of its domain in each target
-        concept's place, in the same template (the "random label" of SalUn for generation)."""
+        concept's place, in the same template (the "random label" of SalUn for generation).
+        Neither the prompts nor the concepts put in a target's place show one in ``avoid``."""
         targeted = {c.name for c in self.target_concepts(targets)}
+        excluded = targeted | {c.name for c in self.target_concepts(tuple(avoid))}
         pairs = []
-        for row, template, words in self._forget_rows(targets, n, rng):
+        for row, template, words in self._forget_rows(targets, n, rng, avoid):
             swapped = dict(words)
             for domain, name in self.words(row).items():
-                others = [c for c in self.ontology.names(domain) if c not in targeted]
+                others = [c for c in self.ontology.names(domain) if c not in excluded]
                 if name in targeted and others:
                     swapped[domain] = others[int(rng.integers(len(others)))]
             pairs.append(PromptPair(format_prompt(template, **words), format_prompt(template, **swapped),
@@ -292,7 +297,7 @@ class FreeTextPrompts:
     def shows_uncovered(self, labels, covered, terms) -> np.ndarray:
         return np.zeros(len(labels), dtype=bool)
 
-    def random_anchor_pairs(self, targets, n, rng) -> list[PromptPair]:
+    def random_anchor_pairs(self, targets, n, rng, avoid=()) -> list[PromptPair]:
         kept = [r for r in self.retain if r not in targets] or [""]
         return [PromptPair(p.target, kept[int(rng.integers(len(kept)))]) for p in self.forget_pairs(targets, None, n, rng)]
 
