@@ -429,7 +429,8 @@ def test_rehearse_keep_holds_earlier_concepts_predictions_at_their_start(tiny_t2
 @pytest.mark.parametrize("avoid_forgotten", [True, False])
 def test_forget_prompts_leave_out_concepts_forgotten_earlier(tiny_t2i, monkeypatch, avoid_forgotten):
     """The teacher predicts an earlier-forgotten concept erased, and ESD's target mirrors how
-    that erasure differs between prompt and anchor: by default no forget prompt shows one."""
+    that erasure differs between prompt and anchor: with avoid_forgotten no forget prompt shows
+    one; without it (the default) they may."""
     drawn = []
     forget_pairs = GradientMethod.forget_pairs
     monkeypatch.setattr(GradientMethod, "forget_pairs", lambda self, session, n: drawn.extend(forget_pairs(self, session, n)) or drawn)

@@ -76,11 +76,13 @@ class GradientMethod(UnlearningMethod):
                                             avoid=self.avoided(session))
 
     def avoided(self, session: TrainingSession) -> tuple[str, ...]:
-        """Concepts the forget prompts leave out: those earlier requests forgot (``avoid_forgotten``).
-        The teacher is the model the request starts from, which predicts them erased; ESD's target
-        ``f* - eta (f* - f*_anchor)`` mirrors any difference between its erasure under the prompt
-        and under the anchor. On s10, red's request trained on "a striped red triangle" brought
-        striped back on such prompts (0 to 9-14 of 16 images); leaving them out kept it at 0."""
+        """Concepts the forget prompts leave out: with ``avoid_forgotten``, those earlier requests
+        forgot. The teacher is the model the request starts from, which predicts them erased, and
+        ESD's target ``f* - eta (f* - f*_anchor)`` mirrors any difference between their erasure
+        under the prompt and under the anchor: on s10 (seed 2), red's request trained on "a striped
+        red triangle" brought striped back on such prompts (0 to 9-14 of 16 images), and without
+        them it stayed at 0. Off by default: the rows then cover fewer retained concepts, and the
+        dense s10 recipe loses 9 points of IRA with it (benchmarks/adapters/s10-final.md)."""
         return session.context.forgotten if self.config.avoid_forgotten else ()
 
     def draw_forget_latents(self, session: TrainingSession) -> torch.Tensor:

@@ -42,9 +42,9 @@ class GradientConfig:
     lora_rank: int = field(default=0, metadata={
         "help": "store each trained weight's update as a rank-r adapter (up @ down, down frozen to the top r directions "
                 "of the request's first gradients; training.adapter); 0: a dense update"})
-    avoid_forgotten: bool = field(default=True, metadata={
-        "help": "forget prompts leave out concepts earlier requests forgot (the teacher's predictions on those are the "
-                "erased ones, and a target built from them can draw the concept again); false: the prompts may show them"})
+    avoid_forgotten: bool = field(default=False, metadata={
+        "help": "forget prompts leave out concepts earlier requests forgot (the teacher predicts those erased, and a "
+                "target built from its predictions can draw them again); the rows then cover fewer retained concepts"})
     lora_fit: Literal["trained", "svd"] = field(default="trained", metadata={
         "help": "how a lora_rank adapter is found: 'trained' (down frozen, up trained) or 'svd' (the weights train "
                 "densely under the same constraints, and the edit keeps the update's top-r singular directions)"})
