@@ -433,7 +433,12 @@ def test_forget_prompts_leave_out_concepts_forgotten_earlier(tiny_t2i, monkeypat
     one; without it (the default) they may."""
     drawn = []
     forget_pairs = GradientMethod.forget_pairs
-    monkeypatch.setattr(GradientMethod, "forget_pairs", lambda self, session, n: drawn.extend(forget_pairs(self, session, n)) or drawn)
+
+    def recorded(self, session, n):
+        drawn.extend(forget_pairs(self, session, n))
+        return drawn
+
+    monkeypatch.setattr(GradientMethod, "forget_pairs", recorded)
     context = UnlearningContext(prompts=WorldPrompts(), base_weights=tiny_t2i.state_tensors(), forgotten=("striped", "blue"))
     method = get_method("esd").from_options({**FAST, "steps": 1, "avoid_forgotten": avoid_forgotten})
     method.unlearn(tiny_t2i, Request(("triangle",), "esd", {}, None, (), 0), context)

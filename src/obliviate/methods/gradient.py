@@ -77,12 +77,9 @@ class GradientMethod(UnlearningMethod):
 
     def avoided(self, session: TrainingSession) -> tuple[str, ...]:
         """Concepts the forget prompts leave out: with ``avoid_forgotten``, those earlier requests
-        forgot. The teacher is the model the request starts from, which predicts them erased, and
-        ESD's target ``f* - eta (f* - f*_anchor)`` mirrors any difference between their erasure
-        under the prompt and under the anchor: on s10 (seed 2), red's request trained on "a striped
-        red triangle" brought striped back on such prompts (0 to 9-14 of 16 images), and without
-        them it stayed at 0. Off by default: the rows then cover fewer retained concepts, and the
-        dense s10 recipe loses 9 points of IRA with it (benchmarks/adapters/s10-final.md)."""
+        forgot. The teacher predicts them erased, and ESD's target ``f* - eta (f* - f*_anchor)``
+        mirrors any difference between their erasure under prompt and anchor; why it is off by
+        default: benchmarks/adapters/s10-final.md, "Prompts that show a concept forgotten earlier"."""
         return session.context.forgotten if self.config.avoid_forgotten else ()
 
     def draw_forget_latents(self, session: TrainingSession) -> torch.Tensor:

@@ -213,7 +213,7 @@ class WorldPrompts:
         concept's place, in the same template (the "random label" of SalUn for generation).
         Neither the prompts nor the concepts put in a target's place show one in ``avoid``."""
         targeted = {c.name for c in self.target_concepts(targets)}
-        excluded = targeted | {c.name for c in self.target_concepts(tuple(avoid))}
+        excluded = targeted | {c.name for c in self.target_concepts(avoid)}
         pairs = []
         for row, template, words in self._forget_rows(targets, n, rng, avoid):
             swapped = dict(words)
