@@ -447,6 +447,23 @@ def test_forget_prompts_leave_out_concepts_forgotten_earlier(tiny_t2i, monkeypat
     assert len(drawn) == 64 and any(shows) is not avoid_forgotten
 
 
+@pytest.mark.parametrize("method", ["salun", "safegen"])
+def test_random_anchors_are_their_own_prompts_with_the_target_swapped(tiny_t2i, monkeypatch, method):
+    """Forget prompt i and anchor i come from one drawn pair: the same row and template, the
+    target swapped for a random retained concept (SalUn's anchors once came from a second draw)."""
+    drawn, trained = [], {}
+    original = WorldPrompts.random_anchor_pairs
+    monkeypatch.setattr(WorldPrompts, "random_anchor_pairs", lambda *a, **k: drawn.append(original(*a, **k)) or drawn[-1])
+    setup = get_method(method).setup
+
+    def recorded(self, session):
+        trained["pairs"] = list(zip(session.forget_prompts, session.anchor_prompts))
+        setup(self, session)
+    monkeypatch.setattr(get_method(method), "setup", recorded)
+    run(tiny_t2i, method, {"steps": 1})
+    assert len(drawn) == 1 and trained["pairs"] == [(p.target, p.anchor) for p in drawn[0]]
+
+
 @pytest.mark.parametrize("images", ["start", "pretrained"])
 def test_rehearse_draws_earlier_concepts_with_the_model_it_is_told(tiny_t2i, monkeypatch, images):
     """The images the earlier concepts are rehearsed on come from the model the request starts

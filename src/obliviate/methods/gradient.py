@@ -45,6 +45,9 @@ class GradientMethod(UnlearningMethod):
 
     uses_teacher: bool = True
     accepts_regularizers = True
+    # without an anchor, a random retained concept takes the target's place in the same prompt
+    # (SalUn's random label, SafeGen's substitute) rather than the prompt just dropping it
+    random_anchors: bool = False
 
     def setup(self, session: TrainingSession) -> None:
         """Called once before training (e.g. to compute masks or pick random targets)."""
@@ -71,7 +74,10 @@ class GradientMethod(UnlearningMethod):
 
     def forget_pairs(self, session: TrainingSession, n: int) -> list[PromptPair]:
         """The forget prompts and their anchors: the request's anchor in the target's place, or
-        the prompt without the target."""
+        else the prompt without the target (a random retained concept in its place, with
+        ``random_anchors``)."""
+        if self.random_anchors and not session.request.anchor:
+            return session.prompts.random_anchor_pairs(session.targets, n, session.rng, avoid=self.avoided(session))
         return session.prompts.forget_pairs(session.targets, session.request.anchor, n, session.rng,
                                             avoid=self.avoided(session))
 

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 import torch
 
 from ..training import Batch, GradientConfig
-from ..world import PromptPair
 from .base import register_method
 from .gradient import GradientMethod
 
@@ -65,13 +64,7 @@ class SafeGen(GradientMethod):
     name = "safegen"
     description = "text-agnostic: the denoiser turns noisy images of the target into the anchor's, under any prompt (SafeGen)"
     config_class = SafeGenConfig
-
-    def forget_pairs(self, session, n: int) -> list[PromptPair]:
-        """Without an anchor, a random retained concept takes the target's place: a prompt that
-        only drops the target leaves the frozen model free to draw it anyway."""
-        if session.request.anchor:
-            return super().forget_pairs(session, n)
-        return session.prompts.random_anchor_pairs(session.targets, n, session.rng, avoid=self.avoided(session))
+    random_anchors = True  # an anchor that only drops the target leaves the frozen model free to draw it anyway
 
     def draw_forget_latents(self, session) -> torch.Tensor:
         """Images of the targets, and (kept for the loss) the anchors' images from the same noise."""

@@ -4,8 +4,8 @@ largest forget-loss gradient magnitude, towards a random other concept, with a r
     mask = 1[ |grad_theta L_f| in the global top `mask_ratio` fraction ]
     L    = || f_theta(x_t, c_forget) - sg[f_theta(x_t, c_random)] ||^2 + retain_weight * L_DM(retained)
 
-L_f is the denoising loss on the forget images; the random target is a random other concept of
-the target's domain, or the request's anchor when it has one.
+L_f is the denoising loss on the forget images; c_random is the forget prompt with a random other
+concept of the target's domain in the target's place, or the request's anchor when it has one.
 """
 
 from __future__ import annotations
@@ -41,12 +41,9 @@ class SalUn(GradientMethod):
     name = "salun"
     description = "saliency-masked random-concept relabelling with a retain term (SalUn)"
     config_class = SalUnConfig
+    random_anchors = True
 
     def setup(self, session) -> None:
-        if session.request.anchor is None:
-            pairs = session.context.prompts.random_anchor_pairs(tuple(session.request.targets), len(session.forget_prompts),
-                                                                 session.rng, avoid=self.avoided(session))
-            session.anchor_prompts = [p.anchor for p in pairs]
         gradients = session.accumulate(lambda: session.denoising_loss(session.forget_batch()), self.config.saliency_batches)
         self.mask = top_fraction_mask({n: g.abs() for n, g in gradients.items()}, self.config.mask_ratio)
 
