@@ -297,3 +297,21 @@ def test_a_lora_rank_request_replays_exactly_and_exports_as_a_lora_of_its_rank_w
     assert all(int(torch.linalg.matrix_rank(served[k] - base[k], rtol=1e-5)) <= 2 for k in changed)
     exported = store.export_lora(tmp_path / "lora", rank=2)
     assert exported["max_relative_error"] < 1e-5 and exported["tensors"] == len(changed)
+
+
+@pytest.mark.parametrize("method", ["suplora", "lw2g"])
+def test_adapter_rows_and_hfc_pairs_leave_out_concepts_forgotten_earlier_when_asked(tiny_t2i, monkeypatch, method):
+    """With avoid_forgotten, every pair drawn for the request's own targets (suplora's rows,
+    lw2g's HFC gradient, the training loop) leaves out the concepts earlier requests forgot."""
+    from obliviate.engine import Request
+    from obliviate.methods import UnlearningContext, get_method
+    drawn = []
+    for kind in ("forget_pairs", "random_anchor_pairs"):
+        original = getattr(WorldPrompts, kind)
+        monkeypatch.setattr(WorldPrompts, kind, lambda self, targets, *a, _o=original, **k:
+                            drawn.append((tuple(targets), k.get("avoid", ()))) or _o(self, targets, *a, **k))
+    options = {**FAST, "rank": 4, "avoid_forgotten": True}
+    context = UnlearningContext(WorldPrompts(), tiny_t2i.state_tensors(), {}, forgotten=("striped", "blue"))
+    get_method(method).from_options(options).unlearn(tiny_t2i, Request(("triangle",), method, options, None, (), 0), context)
+    own = [avoid for targets, avoid in drawn if targets == ("triangle",)]
+    assert len(own) >= (3 if method == "lw2g" else 2) and all(set(avoid) == {"striped", "blue"} for avoid in own), drawn

@@ -77,16 +77,16 @@ class GradientMethod(UnlearningMethod):
         else the prompt without the target (a random retained concept in its place, with
         ``random_anchors``)."""
         if self.random_anchors and not session.request.anchor:
-            return session.prompts.random_anchor_pairs(session.targets, n, session.rng, avoid=self.avoided(session))
+            return session.prompts.random_anchor_pairs(session.targets, n, session.rng, avoid=self.avoided(session.context))
         return session.prompts.forget_pairs(session.targets, session.request.anchor, n, session.rng,
-                                            avoid=self.avoided(session))
+                                            avoid=self.avoided(session.context))
 
-    def avoided(self, session: TrainingSession) -> tuple[str, ...]:
+    def avoided(self, context: UnlearningContext) -> tuple[str, ...]:
         """Concepts the forget prompts leave out: with ``avoid_forgotten``, those earlier requests
         forgot. The teacher predicts them erased, and ESD's target ``f* - eta (f* - f*_anchor)``
         mirrors any difference between their erasure under prompt and anchor; why it is off by
         default: benchmarks/adapters/s10-final.md, "Prompts that show a concept forgotten earlier"."""
-        return session.context.forgotten if self.config.avoid_forgotten else ()
+        return context.forgotten if self.config.avoid_forgotten else ()
 
     def draw_forget_latents(self, session: TrainingSession) -> torch.Tensor:
         """The x_0 latents of the forget batches: images the frozen model draws for ``image_prompts``."""

@@ -87,7 +87,8 @@ class LW2G(SupLoRA):
         anchors) on images of the anchors the model draws, one per adapted layer."""
         cfg = self.config
         rng = np.random.default_rng([request.seed, 2])
-        pairs = context.prompts.forget_pairs(tuple(request.targets), request.anchor, cfg.gradient_images, rng)
+        pairs = context.prompts.forget_pairs(tuple(request.targets), request.anchor, cfg.gradient_images, rng,
+                                             avoid=self.avoided(context))
         generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
         weights = [model.unet.get_submodule(layer).weight for layer in layers]
         with torch.no_grad():

@@ -245,9 +245,9 @@ class SupLoRA(GradientMethod):
             # from that shift move every prompt's keys and values (red's closed-form start moved other
             # colours' by 25% against red's 60%; in one wording 10% against 40%).
             if request.anchor or cfg.token_anchors == "description":
-                pairs = context.prompts.forget_pairs(targets, request.anchor, 64, rng)
+                pairs = context.prompts.forget_pairs(targets, request.anchor, 64, rng, avoid=self.avoided(context))
             else:
-                pairs = context.prompts.random_anchor_pairs(targets, 64, rng)
+                pairs = context.prompts.random_anchor_pairs(targets, 64, rng, avoid=self.avoided(context))
             concept, anchor = aligned_token_states(model, [p.target for p in pairs], [p.anchor for p in pairs])
             avoid = [protected] + ([] if choice.avoid is None else [choice.avoid.double()])
             held = context.state.get(HELD) if cfg.hold_rank else None
