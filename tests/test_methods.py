@@ -407,6 +407,32 @@ def test_rehearse_adds_the_method_loss_on_earlier_concepts_only(tiny_t2i, monkey
         get_regularizer("rehearse").from_options({"prompts": 0})
 
 
+def test_rehearse_combined_prompts_show_an_earlier_concept_with_the_target_and_anchor_without_both(tiny_t2i, monkeypatch):
+    """With combined=1, every rehearsed striped prompt also shows red (the target) and its anchor
+    names neither; blue, red's own domain, never shares a prompt with it. Only with objective=method."""
+    from obliviate.methods.esd import ESD
+    from obliviate.regularizers import get_regularizer
+    calls = []
+    original = ESD.loss
+    monkeypatch.setattr(ESD, "loss", lambda self, session: calls.append(
+        list(zip(session.forget_prompts, session.anchor_prompts))) or original(self, session))
+    words = {c: WorldPrompts().concept_words((c,)) for c in ("striped", "blue", "red")}
+
+    def names(prompt, concept):
+        return bool(re.search(r"(?<![\w-])(" + "|".join(map(re.escape, words[concept])) + r")(?![\w-])", prompt))
+
+    spec = RegularizerSpec("rehearse", {"prompts": 16, "objective": "method", "combined": 1.0})
+    context = UnlearningContext(prompts=WorldPrompts(), base_weights=tiny_t2i.state_tensors(), forgotten=("striped", "blue"))
+    get_method("esd").from_options(FAST).unlearn(tiny_t2i, Request(("red",), "esd", {}, None, (spec,), 0), context)
+    rehearsed = calls[1]
+    striped = [(p, a) for p, a in rehearsed if not names(p, "blue")]  # blue's rows may be striped too
+    assert len(rehearsed) == 16 and striped and len(striped) < 16
+    assert all(names(p, "red") and not names(a, "red") and not names(a, "striped") for p, a in striped)
+    assert not any(names(p, "red") for p, _ in rehearsed if names(p, "blue"))
+    with pytest.raises(ValueError, match="combined needs objective=method"):
+        get_regularizer("rehearse").from_options({"combined": 0.5})
+
+
 def test_rehearse_keep_holds_earlier_concepts_predictions_at_their_start(tiny_t2i, monkeypatch):
     """``objective=keep``: the penalty is zero before the first step (the start model's own
     predictions, recorded at setup, on prompts of the earlier concepts only) and grows once the

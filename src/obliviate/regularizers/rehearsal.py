@@ -10,7 +10,10 @@ back (in the s10 sequence, later shape requests revive circle). Two objectives:
   erasure is trained again.
 
 The earlier concepts' prompts come from the prompt source's training templates, never naming
-the request's own targets. Their x_0 images are drawn by the model training starts from, which
+the request's own targets, except with ``combined``: that share of them also shows a target, with
+the anchor dropping both ("a striped red triangle" / "a triangle" while red follows striped).
+Later colour requests wear striped down on exactly such prompts (s10-final.md, "How often the
+recipe meets the bar"). Their x_0 images are drawn by the model training starts from, which
 already has them erased, or with ``images=pretrained`` by the pretrained weights, which still draw
 them: the loss then covers the noisy images a revival would pass through. On s10 (seed 1, the
 method objective) that held every earlier concept at 71 of 72 images or more, where the start
@@ -31,6 +34,7 @@ from typing import Literal
 
 import numpy as np
 
+from ..world import PromptPair
 from .base import Regularizer, register_regularizer
 from .kept import KeptPredictions
 
@@ -42,6 +46,10 @@ class RehearsalConfig:
         "help": "prompts (and images) of earlier-forgotten concepts, the concepts drawn at random"})
     objective: Literal["keep", "method"] = field(default="keep", metadata={
         "help": "'keep': their predictions stay as at the start of the request; 'method': the method's own loss on them"})
+    combined: float = field(default=0.0, metadata={
+        "help": "share of each earlier concept's prompts that also show a target of the request, their anchor without "
+                "either (objective=method only): the loss then erases both where they meet, where later requests "
+                "otherwise wear the earlier erasure down (0: never, the prompts leave the targets out)"})
     images: Literal["start", "pretrained"] = field(default="start", metadata={
         "help": "which model draws their x_0 images: 'start' (the model this request starts from, which has them erased) "
                 "or 'pretrained' (which still draws them, so the loss sees the images a revival would produce)"})
@@ -53,6 +61,11 @@ class RehearsalConfig:
             raise ValueError(f"prompts must be positive, got {self.prompts}")
         if self.objective not in ("keep", "method"):
             raise ValueError(f"objective must be 'keep' or 'method', got {self.objective!r}")
+        if not 0 <= self.combined <= 1:
+            raise ValueError(f"combined must lie in [0, 1], got {self.combined}")
+        if self.combined and self.objective != "method":
+            raise ValueError("combined needs objective=method: 'keep' would hold the start model's predictions, which "
+                             "still show the request's targets, on prompts that name them")
 
 
 @register_regularizer
@@ -70,14 +83,32 @@ class Rehearsal(Regularizer):
         # one concept per call: a tuple of several would drop all their domains from the anchor
         concepts, counts = np.unique(session.rng.choice(len(earlier), self.config.prompts), return_counts=True)
         for concept, count in zip(concepts, counts):
-            self.pairs += session.prompts.forget_pairs((earlier[concept],), None, int(count), session.rng,
-                                                       avoid=session.targets)
+            combined = self.combined_pairs(session, earlier[concept], int(count))
+            self.pairs += combined + session.prompts.forget_pairs((earlier[concept],), None, int(count) - len(combined),
+                                                                  session.rng, avoid=session.targets)
         targets = [p.target for p in self.pairs]
         latents = session.draw_latents(targets, pretrained=self.config.images == "pretrained")
         if self.config.objective == "method":
             self.latents = latents
         else:  # the model has not trained yet: these are the start model's predictions
             self.kept = KeptPredictions(session, targets, latents)
+
+    def combined_pairs(self, session, concept: str, count: int) -> list[PromptPair]:
+        """About ``combined`` of ``count`` prompts showing ``concept`` with a target of the request
+        (rounded at random), anchored without either; none when no target can share a prompt with it."""
+        share = count * self.config.combined
+        n = int(share) + int(session.rng.random() < share - int(share)) if share else 0
+        terms = []
+        for target in session.targets:
+            try:
+                session.prompts.validate((f"{concept} {target}",), None)
+                terms.append(f"{concept} {target}")
+            except ValueError:  # two concepts of one domain never share a prompt
+                pass
+        if not n or not terms:
+            return []
+        picks = session.rng.choice(len(terms), n)
+        return [pair for i in picks for pair in session.prompts.forget_pairs((terms[i],), None, 1, session.rng)]
 
     def penalty(self, session):
         if not self.pairs:
