@@ -96,8 +96,10 @@ class Rehearsal(Regularizer):
     def combined_pairs(self, session, concept: str, count: int) -> list[PromptPair]:
         """About ``combined`` of ``count`` prompts showing ``concept`` with a target of the request
         (rounded at random), anchored without either; none when no target can share a prompt with it."""
+        if not self.config.combined:
+            return []  # and no draw from the rng: requests made before the option replay as they were
         share = count * self.config.combined
-        n = int(share) + int(session.rng.random() < share - int(share)) if share else 0
+        n = int(share) + int(session.rng.random() < share - int(share))
         terms = []
         for target in session.targets:
             try:
