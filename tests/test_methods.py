@@ -575,6 +575,28 @@ def test_preserve_holds_retained_predictions_at_their_start(tiny_t2i, monkeypatc
     assert drift(preserved) < 0.25 * drift(plain)
 
 
+def test_preserve_supertypes_holds_supertype_prompts_to_a_retained_members_predictions(tiny_t2i, monkeypatch):
+    """``supertypes`` adds prompts naming the supertype of the target and of an earlier-forgotten
+    concept in a retained member's place, whose recorded predictions are the start model's for
+    that member's prompt on its images."""
+    from obliviate.regularizers.preservation import Preservation
+    made = []
+    setup = Preservation.setup
+    monkeypatch.setattr(Preservation, "setup", lambda self, session: made.append(self) or setup(self, session))
+    start = {k: v.clone() for k, v in tiny_t2i.state_tensors().items()}
+    context = UnlearningContext(prompts=WorldPrompts(), base_weights=start, forgotten=("striped",))
+    request = Request(("triangle",), "esd", {}, None, (RegularizerSpec("preserve", {"prompts": 4, "supertypes": 2}),), 0)
+    get_method("esd").from_options({**FAST, "steps": 1}).unlearn(tiny_t2i, request, context)
+    kept = made[0].kept
+    # four retained prompts held to themselves, then pattern and polygon in place of a retained member
+    assert kept.prompts[:4] == kept.references[:4] and len(set(kept.prompts)) == 6
+    assert re.search(r"\bpattern\b", kept.prompts[4]) and re.search(r"\bpolygons?\b", kept.prompts[5])
+    assert kept.references[5] != kept.prompts[5]
+    with torch.no_grad():
+        member = tiny_t2i.predict(kept.noisy[:6], kept.t[:6], tiny_t2i.encode(kept.references[:6]))
+    assert torch.allclose(member, kept.kept[:6], atol=1e-5)
+
+
 def test_selft_moves_only_the_selected_fraction(tiny_t2i):
     request = Request(("striped",), "esd", {}, None, (RegularizerSpec("selft", {"fraction": 0.05}),), 0)
     result = get_method("esd").from_options({**FAST, "steps": 3}).unlearn(tiny_t2i, request, context_for(tiny_t2i))

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from obliviate.world import (DEFAULT_ONTOLOGY, HELDOUT_TEMPLATES, LANGUAGES, SPLITS, Concept,
-                             Ontology, WorldPrompts, prompt_for, render, sample_scenes, training_prompts)
+                             FreeTextPrompts, Ontology, WorldPrompts, prompt_for, render, sample_scenes, training_prompts)
 
 ONTO = DEFAULT_ONTOLOGY
 
@@ -85,6 +85,30 @@ def test_method_prompts_name_targets_in_every_known_word_and_never_a_heldout_one
     used = {w for c in concepts for w in lang.synonyms_of(c) if f" {w} " in f" {text} "}
     assert used, "forget prompts never use a training synonym"
     assert set(prompts.concept_words((target,))) == {w for c in concepts for w in lang.words(c)}
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1),
+       forgotten=st.lists(st.sampled_from(["red", "blue", "striped", "circle", "star", "heart", "polygon"]), min_size=1,
+                          max_size=3, unique=True))
+def test_supertype_pairs_put_a_forgotten_concepts_supertype_in_a_retained_members_place(seed, forgotten):
+    prompts, forgotten = WorldPrompts(), tuple(forgotten)
+    named = {c.name for c in prompts.target_concepts(forgotten)}
+    parents = sorted({c.parent for c in prompts.target_concepts(forgotten)
+                      if set(ONTO.supertypes[c.parent]) - named})  # "polygon" itself leaves no member to draw
+    pairs = prompts.supertype_pairs(forgotten, 12, np.random.default_rng(seed))
+    assert len(pairs) == (12 if parents else 0)
+    for i, pair in enumerate(pairs):  # the supertypes take turns, each in a retained member's place
+        parent = parents[i % len(parents)]
+        domain = ONTO.get(ONTO.supertypes[parent][0]).domain
+        member = ONTO.names(domain)[pair.labels[ONTO.domains.index(domain)]]
+        assert member in ONTO.supertypes[parent] and member not in named
+        shown = {d: ONTO.names(d)[i] for d, i in zip(ONTO.domains, pair.labels)}
+        assert not set(shown.values()) & named
+        assert re.search(rf"\b{parent}", pair.target) and pair.target != pair.anchor, pair
+        assert any(re.search(rf"\b{re.escape(w)}", pair.anchor) for w in prompts.lang.words(ONTO.get(member))), pair
+    with pytest.raises(ValueError, match="no known supertype"):
+        FreeTextPrompts(retain=("a cat",)).supertype_pairs(("van gogh",), 4, np.random.default_rng(0))
 
 
 def test_heldout_synonyms_never_appear_in_training_prompts():

@@ -8,15 +8,16 @@ NOISE_DRAWS = 4  # noisy versions of each image whose start-model predictions ar
 
 
 class KeptPredictions:
-    """Records, at setup (before the first step), the model's predictions eps_start(x_t, c) on
-    ``draws`` noisy versions of each x_0 in ``latents`` with its prompt c; ``distance`` is the
-    trained model's mean squared distance to them, || eps_theta(x_t, c) - eps_start(x_t, c) ||^2,
-    on a random batch of those (x_t, t, c)."""
+    """Records, at setup (before the first step), the model's predictions eps_start(x_t, c') on
+    ``draws`` noisy versions of each x_0 in ``latents`` with its reference prompt c' (``references``,
+    by default the prompt c itself); ``distance`` is the trained model's mean squared distance to
+    them, || eps_theta(x_t, c) - eps_start(x_t, c') ||^2, on a random batch of those (x_t, t, c)."""
 
-    def __init__(self, session, prompts: list[str], latents: torch.Tensor, draws: int = NOISE_DRAWS):
-        self.prompts = prompts * draws
+    def __init__(self, session, prompts: list[str], latents: torch.Tensor, draws: int = NOISE_DRAWS,
+                 references: list[str] | None = None):
+        self.prompts, self.references = prompts * draws, (references or prompts) * draws
         self.noisy, self.t, _ = session.noisy(latents.repeat(draws, 1, 1, 1))
-        encoding = session.encode(prompts)  # every noise draw shows the same prompts
+        encoding = session.encode(references or prompts)  # every noise draw shows the same prompts
         with torch.no_grad():
             self.kept = torch.cat([session.model.predict(x, t, encoding)
                                    for x, t in zip(self.noisy.split(len(prompts)), self.t.split(len(prompts)))])

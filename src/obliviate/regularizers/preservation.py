@@ -10,6 +10,14 @@ ESD has none, and a request's update then moves retained prompts wherever the co
 
 The prompts come from the prompt source's training templates and never show a target or a
 concept an earlier request forgot; a store that names nothing to retain uses the empty prompt.
+
+``supertypes`` adds prompts that name the supertype of a target or of a concept forgotten earlier
+in a retained member's place ("a dotted cool square"), held to the start model's predictions for
+that member ("a dotted green square") on its images. No request trains on a supertype word, yet
+its token states lie near its members': erasing blue alone took the images of "a cool colour"
+that show one from 71% to 2%. Held to their own predictions, those prompts would fight the
+erasure wherever they drew the member being erased; held to a retained member's, they keep
+drawing the members that remain.
 """
 
 from __future__ import annotations
@@ -24,12 +32,18 @@ from .kept import KeptPredictions
 class PreservationConfig:
     weight: float = field(default=1.0, metadata={"help": "weight of the loss on retained prompts"})
     prompts: int = field(default=16, metadata={"help": "retained prompts (and start-model images) it holds"})
+    supertypes: int = field(default=0, metadata={
+        "help": "prompts added that name the supertype of a target or of a concept forgotten earlier in a retained "
+                "member's place (\"a dotted cool square\"), held to that member's predictions, so prompts naming a "
+                "supertype keep drawing its remaining members"})
 
     def __post_init__(self):
         if self.weight < 0:
             raise ValueError(f"weight must be >= 0, got {self.weight}")
         if self.prompts <= 0:
             raise ValueError(f"prompts must be positive, got {self.prompts}")
+        if self.supertypes < 0:
+            raise ValueError(f"supertypes must be >= 0, got {self.supertypes}")
 
 
 @register_regularizer
@@ -42,7 +56,11 @@ class Preservation(Regularizer):
         self.kept = None
         if self.config.weight:
             prompts = session.retain_prompts(self.config.prompts)
-            self.kept = KeptPredictions(session, prompts, session.draw_latents(prompts))
+            forgotten = session.context.forgotten + session.targets
+            pairs = session.prompts.supertype_pairs(forgotten, self.config.supertypes, session.rng) if self.config.supertypes else []
+            references = prompts + [p.anchor for p in pairs]
+            self.kept = KeptPredictions(session, prompts + [p.target for p in pairs], session.draw_latents(references),
+                                        references=references)
 
     def penalty(self, session):
         return None if self.kept is None else self.config.weight * self.kept.distance(session)

@@ -59,6 +59,10 @@ class PromptSource(TargetSource, Protocol):
     def retain_prompts(self, forgotten: tuple[str, ...], n: int, rng: np.random.Generator) -> list[str]:
         """Prompts showing none of ``forgotten``; empty when nothing is known to be retained."""
 
+    def supertype_pairs(self, forgotten: tuple[str, ...], n: int, rng: np.random.Generator) -> list[PromptPair]:
+        """Retained prompts naming the supertype of a ``forgotten`` concept in a retained member's
+        place, each with the same prompt naming that member."""
+
     def related_prompts(self, targets: tuple[str, ...], forgotten: tuple[str, ...], n: int,
                         rng: np.random.Generator) -> list[str]:
         """Up to ``n`` prompts of retained concepts close to the targets (their siblings)."""
@@ -232,6 +236,27 @@ class WorldPrompts:
         return [format_prompt(self.templates[int(rng.integers(len(self.templates)))], **self.known_words(row, rng))
                 for row in rows]
 
+    def supertype_pairs(self, forgotten: tuple[str, ...], n: int, rng: np.random.Generator) -> list[PromptPair]:
+        """Training-template prompts of retained concepts that name the supertype of a ``forgotten``
+        concept in the place of one of its retained members, each with the same prompt naming that
+        member ("a dotted cool square" / "a dotted green square" once blue is forgotten), cycling
+        through the supertypes that have a retained member. Neither shows a forgotten concept;
+        ``labels`` is the member's row."""
+        concepts = self.target_concepts(forgotten)
+        kept_members = {parent: [m for m in self.ontology.supertypes[parent] if m not in {c.name for c in concepts}]
+                        for parent in sorted({c.parent for c in concepts})}
+        parents = [parent for parent, members in kept_members.items() if members]
+        pairs = []
+        for i in range(n if parents else 0):
+            parent = parents[i % len(parents)]
+            domain = self.ontology.get(kept_members[parent][0]).domain
+            include = [{domain: {self.ontology.index(m) for m in kept_members[parent]}}]
+            row = self.sample_labels(1, rng, include=include, exclude=self.target_groups(forgotten))[0]
+            template, words = self.templates[int(rng.integers(len(self.templates)))], self.known_words(row, rng)
+            pairs.append(PromptPair(format_prompt(template, **{**words, domain: parent}), format_prompt(template, **words),
+                                    tuple(int(i) for i in row)))
+        return pairs
+
     def related_prompts(self, targets: tuple[str, ...], forgotten: tuple[str, ...], n: int,
                         rng: np.random.Generator) -> list[str]:
         """Prompts naming a sibling of a target (same supertype) that is neither a target nor
@@ -310,6 +335,10 @@ class FreeTextPrompts:
 
     def related_prompts(self, targets, forgotten, n, rng) -> list[str]:
         return []  # free text knows no siblings
+
+    def supertype_pairs(self, forgotten, n, rng) -> list[PromptPair]:
+        raise ValueError("Free-text targets have no known supertype or members; list the group's other members to "
+                         "keep with the store's retain concepts instead.")
 
     def concept_words(self, targets) -> list[str]:
         return list(targets)
