@@ -103,8 +103,7 @@ def test_supertype_pairs_put_a_forgotten_concepts_supertype_in_a_retained_member
         domain = ONTO.get(ONTO.supertypes[parent][0]).domain
         member = ONTO.names(domain)[pair.labels[ONTO.domains.index(domain)]]
         assert member in ONTO.supertypes[parent] and member not in named
-        shown = {d: ONTO.names(d)[i] for d, i in zip(ONTO.domains, pair.labels)}
-        assert not set(shown.values()) & named
+        assert not {ONTO.names(d)[k] for d, k in zip(ONTO.domains, pair.labels)} & named
         assert re.search(rf"\b{parent}", pair.target) and pair.target != pair.anchor, pair
         assert any(re.search(rf"\b{re.escape(w)}", pair.anchor) for w in prompts.lang.words(ONTO.get(member))), pair
     with pytest.raises(ValueError, match="no known supertype"):
