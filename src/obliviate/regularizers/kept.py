@@ -15,9 +15,10 @@ class KeptPredictions:
 
     def __init__(self, session, prompts: list[str], latents: torch.Tensor, draws: int = NOISE_DRAWS,
                  references: list[str] | None = None):
-        self.prompts, self.references = prompts * draws, (references or prompts) * draws
+        references = references or prompts
+        self.prompts, self.references = prompts * draws, references * draws
         self.noisy, self.t, _ = session.noisy(latents.repeat(draws, 1, 1, 1))
-        encoding = session.encode(references or prompts)  # every noise draw shows the same prompts
+        encoding = session.encode(references)  # every noise draw shows the same prompts
         with torch.no_grad():
             self.kept = torch.cat([session.model.predict(x, t, encoding)
                                    for x, t in zip(self.noisy.split(len(prompts)), self.t.split(len(prompts)))])

@@ -13,11 +13,11 @@ concept an earlier request forgot; a store that names nothing to retain uses the
 
 ``supertypes`` adds prompts that name the supertype of a target or of a concept forgotten earlier
 in a retained member's place ("a dotted cool square"), held to the start model's predictions for
-that member ("a dotted green square") on its images. No request trains on a supertype word, yet
-its token states lie near its members': erasing blue alone took the images of "a cool colour"
-that show one from 71% to 2%. Held to their own predictions, those prompts would fight the
-erasure wherever they drew the member being erased; held to a retained member's, they keep
-drawing the members that remain.
+that member ("a dotted green square") on its images. No request trains on a supertype word, so
+nothing held them: erasing blue alone took the images of the prompts naming "cool" that show a
+cool colour from 71% to 2%. Held to their own predictions, those prompts would fight the erasure
+wherever they drew the member being erased; held to a retained member's, they keep drawing the
+members that remain.
 """
 
 from __future__ import annotations
@@ -56,8 +56,10 @@ class Preservation(Regularizer):
         self.kept = None
         if self.config.weight:
             prompts = session.retain_prompts(self.config.prompts)
-            forgotten = session.context.forgotten + session.targets
-            pairs = session.prompts.supertype_pairs(forgotten, self.config.supertypes, session.rng) if self.config.supertypes else []
+            pairs = []
+            if self.config.supertypes:
+                forgotten = session.context.forgotten + session.targets
+                pairs = session.prompts.supertype_pairs(forgotten, self.config.supertypes, session.rng)
             references = prompts + [p.anchor for p in pairs]
             self.kept = KeptPredictions(session, prompts + [p.target for p in pairs], session.draw_latents(references),
                                         references=references)

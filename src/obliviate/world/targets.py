@@ -243,7 +243,8 @@ class WorldPrompts:
         through the supertypes that have a retained member. Neither shows a forgotten concept;
         ``labels`` is the member's row."""
         concepts = self.target_concepts(forgotten)
-        kept_members = {parent: [m for m in self.ontology.supertypes[parent] if m not in {c.name for c in concepts}]
+        named, excluded = {c.name for c in concepts}, self.target_groups(forgotten)
+        kept_members = {parent: [m for m in self.ontology.supertypes[parent] if m not in named]
                         for parent in sorted({c.parent for c in concepts})}
         parents = [parent for parent, members in kept_members.items() if members]
         pairs = []
@@ -251,10 +252,10 @@ class WorldPrompts:
             parent = parents[i % len(parents)]
             domain = self.ontology.get(kept_members[parent][0]).domain
             include = [{domain: {self.ontology.index(m) for m in kept_members[parent]}}]
-            row = self.sample_labels(1, rng, include=include, exclude=self.target_groups(forgotten))[0]
+            row = self.sample_labels(1, rng, include=include, exclude=excluded)[0]
             template, words = self.templates[int(rng.integers(len(self.templates)))], self.known_words(row, rng)
-            pairs.append(PromptPair(format_prompt(template, **{**words, domain: parent}), format_prompt(template, **words),
-                                    tuple(int(i) for i in row)))
+            pairs.append(PromptPair(format_prompt(template, **{**words, domain: parent}),
+                                    format_prompt(template, **words), tuple(int(i) for i in row)))
         return pairs
 
     def related_prompts(self, targets: tuple[str, ...], forgotten: tuple[str, ...], n: int,
