@@ -243,16 +243,17 @@ class WorldPrompts:
         through the supertypes that have a retained member. Neither shows a forgotten concept;
         ``labels`` is the member's row."""
         concepts = self.target_concepts(forgotten)
-        named, excluded = {c.name for c in concepts}, self.target_groups(forgotten)
-        kept_members = {parent: [m for m in self.ontology.supertypes[parent] if m not in named]
-                        for parent in sorted({c.parent for c in concepts})}
-        parents = [parent for parent, members in kept_members.items() if members]
+        named, excluded, supertypes = {c.name for c in concepts}, self.target_groups(forgotten), self.ontology.supertypes
+        groups = []  # (supertype, its domain, the label group of its retained members)
+        for parent in sorted({c.parent for c in concepts}):
+            members = [m for m in supertypes[parent] if m not in named]
+            if members:
+                domain = self.ontology.get(members[0]).domain
+                groups.append((parent, domain, {domain: {self.ontology.index(m) for m in members}}))
         pairs = []
-        for i in range(n if parents else 0):
-            parent = parents[i % len(parents)]
-            domain = self.ontology.get(kept_members[parent][0]).domain
-            include = [{domain: {self.ontology.index(m) for m in kept_members[parent]}}]
-            row = self.sample_labels(1, rng, include=include, exclude=excluded)[0]
+        for i in range(n if groups else 0):
+            parent, domain, include = groups[i % len(groups)]
+            row = self.sample_labels(1, rng, include=[include], exclude=excluded)[0]
             template, words = self.templates[int(rng.integers(len(self.templates)))], self.known_words(row, rng)
             pairs.append(PromptPair(format_prompt(template, **{**words, domain: parent}),
                                     format_prompt(template, **words), tuple(int(i) for i in row)))
