@@ -140,3 +140,43 @@ def test_supertype_prompts_are_judged_against_the_supertypes_members(judge, memb
     assert metrics["supertype_accuracy"] == pytest.approx((accuracy + 2) / 3, abs=1e-4)
     without = Evaluator(judge, EvalConfig(forget_prompts=1, retain_prompts=2, images_per_prompt=1)).evaluate(model, forgotten=("circle",))
     assert "supertype" not in without and "supertype_accuracy" not in without
+
+
+class FullPromptEraser(RenderingModel):
+    """Draws a prompt's missing attributes as their domain's first concept; erases "striped"
+    (draws it solid) only under prompts that name all three attributes, or under every prompt."""
+
+    def __init__(self, everywhere: bool):
+        super().__init__()
+        self.everywhere = everywhere
+        self.calls = []
+
+    def sample(self, prompts, **kwargs):
+        self.calls.append(prompts)
+        onto = DEFAULT_ONTOLOGY
+
+        def names(prompt, domain):
+            return [w for c in onto.in_domain(domain) for w in c.words if f" {w} " in f" {prompt.replace(',', ' ')} "]
+
+        filled = []
+        for prompt in prompts:
+            complete = all(names(prompt, d) for d in onto.domains)
+            words = {d: (names(prompt, d) or [onto.names(d)[0]])[0] for d in onto.domains}
+            if complete or self.everywhere:
+                words["texture"] = "solid" if words["texture"] in onto.get("striped").words else words["texture"]
+            filled.append(f"a {words['texture']} {words['colour']} {words['shape']}")
+        return super().sample(filled, **kwargs)
+
+
+@pytest.mark.parametrize("everywhere", [False, True])
+def test_short_prompts_find_an_erasure_that_holds_on_full_prompts_only(judge, everywhere):
+    config = EvalConfig(forget_prompts=6, retain_prompts=2, images_per_prompt=2, ua_splits="train", short_prompts=True)
+    model = FullPromptEraser(everywhere)
+    metrics = Evaluator(judge, config).evaluate(model, forgotten=("striped",))
+    assert metrics["ua"] >= 0.9
+    assert metrics["ua_short"] == metrics["ua_per_target"]["striped"]["short"]
+    assert (metrics["ua_short"] >= 0.9) if everywhere else (metrics["ua_short"] <= 0.1)
+    short = model.calls[1][::2]  # after the train split's, two images a prompt
+    assert [len(p.split()) for p in short] == [3, 3, 2, 3, 3, 2] and all(p.split()[1] == "striped" for p in short)
+    assert "ua_short" not in Evaluator(judge, EvalConfig(forget_prompts=1, retain_prompts=2, images_per_prompt=1)).evaluate(
+        model, forgotten=("striped",))

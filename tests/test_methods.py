@@ -433,6 +433,24 @@ def test_rehearse_combined_prompts_show_an_earlier_concept_with_the_target_and_a
         get_regularizer("rehearse").from_options({"combined": 0.5})
 
 
+def test_partial_prompts_reach_the_method_and_its_rehearsal(tiny_t2i, monkeypatch):
+    """``partial_prompts=1``: the request's forget prompts and the earlier concept's rehearsal
+    prompts name their concept only ("a stripy" / "a "), and their anchors nothing."""
+    from obliviate.methods.esd import ESD
+    calls = []
+    original = ESD.loss
+    monkeypatch.setattr(ESD, "loss", lambda self, session: calls.append(
+        list(zip(session.forget_prompts, session.anchor_prompts))) or original(self, session))
+    spec = RegularizerSpec("rehearse", {"prompts": 8, "objective": "method"})
+    context = UnlearningContext(prompts=WorldPrompts(), base_weights=tiny_t2i.state_tensors(), forgotten=("striped",))
+    get_method("esd").from_options({**FAST, "partial_prompts": 1.0}).unlearn(
+        tiny_t2i, Request(("red",), "esd", {}, None, (spec,), 0), context)
+    request_pairs, rehearsed = calls[0], calls[1]
+    for pairs, concept in ((request_pairs, "red"), (rehearsed, "striped")):
+        words = WorldPrompts().concept_words((concept,))
+        assert all(p.split()[0] == "a" and " ".join(p.split()[1:]) in words and a == "a " for p, a in pairs), pairs
+
+
 def test_rehearse_keep_holds_earlier_concepts_predictions_at_their_start(tiny_t2i, monkeypatch):
     """``objective=keep``: the penalty is zero before the first step (the start model's own
     predictions, recorded at setup, on prompts of the earlier concepts only) and grows once the

@@ -212,3 +212,45 @@ def test_anchor_of_a_several_target_request_drops_only_the_targets_the_prompt_sh
         assert shown["shape"] == "triangle" or shown["texture"] == "striped"
         for concept in shown.values():
             assert names_it(p.anchor, concept) == (concept not in ("striped", "triangle")), (p, concept)
+
+
+@settings(max_examples=12, deadline=None)
+@given(target=st.sampled_from(["striped", "red", "triangle", "star"]), anchor=st.sampled_from([None, "other"]),
+       seed=st.integers(0, 2**16))
+def test_partial_forget_prompts_leave_an_attribute_out_of_prompt_and_anchor_alike(target, anchor, seed):
+    """With ``partial``, each attribute besides the target's is named by both the prompt and its
+    anchor or by neither; the target is always named; about that share of them is left out."""
+    prompts = WorldPrompts(lang=LANGUAGES["v1"])  # v2's plurals would hide a word from the match
+    domain = prompts.ontology.get(target).domain
+    if anchor:  # another concept of the target's domain
+        anchor = next(n for n in prompts.ontology.names(domain) if n != target)
+
+    def names_it(text, concept):
+        return any(re.search(rf"(?<![\w-]){re.escape(w)}(?![\w-])", text) for w in prompts.concept_words((concept,)))
+
+    pairs = prompts.forget_pairs((target,), anchor, 100, np.random.default_rng(seed), partial=0.5)
+    kept = []
+    for p in pairs:
+        shown = {d: prompts.ontology.names(d)[i] for d, i in zip(prompts.ontology.domains, p.labels)}
+        assert names_it(p.target, target) and not names_it(p.anchor, target)
+        assert anchor is None or names_it(p.anchor, anchor)
+        for d, concept in shown.items():
+            if d != domain:
+                assert names_it(p.target, concept) == names_it(p.anchor, concept), (p, concept)
+                kept.append(names_it(p.target, concept))
+    assert 0.35 < np.mean(kept) < 0.65
+
+
+def test_partial_forget_prompts_off_and_full():
+    """``partial=0`` draws exactly what a call without it draws (requests made before the option
+    replay as they were); ``partial=1`` leaves only the target."""
+    prompts = WorldPrompts()
+    assert (prompts.forget_pairs(("dotted",), None, 16, np.random.default_rng(3))
+            == prompts.forget_pairs(("dotted",), None, 16, np.random.default_rng(3), partial=0.0))
+    assert {(p.target.split()[0], p.anchor) for p in prompts.forget_pairs(("dotted",), None, 16, np.random.default_rng(3),
+                                                                         partial=1.0)} == {("a", "a ")}
+    swapped = prompts.random_anchor_pairs(("dotted",), 16, np.random.default_rng(3), partial=1.0)
+    assert all(len(p.target.split()) == 2 and len(p.anchor.split()) == 2 for p in swapped)
+    with pytest.raises(ValueError, match="partial_prompts"):
+        from obliviate.training import GradientConfig
+        GradientConfig(partial_prompts=1.5)

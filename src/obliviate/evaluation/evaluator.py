@@ -26,7 +26,7 @@ from ..config import check_number
 from ..models.t2i import solver_options
 from ..world import DEFAULT_ONTOLOGY, SPLITS, Ontology, WorldPrompts, render, sample_scenes
 from .metrics import Accuracy, FrechetDistance, UnlearningAccuracy
-from .quality import balanced_combinations, generate_and_judge
+from .quality import balanced_combinations, generate_and_judge, sample_and_judge
 
 
 # What every text-to-image evaluator returns when something is forgotten (``eval --json``, ledger
@@ -54,6 +54,9 @@ class EvalConfig:
     supertypes: bool = field(default=False, metadata={
         "help": "also judge the prompts naming each forgotten concept's supertype (\"a round shape\"): the share of "
                 "images showing a member of it, and the share showing a forgotten member"})
+    short_prompts: bool = field(default=False, metadata={
+        "help": "also measure UA (``ua_short``) on short prompts that name the target with one other attribute or "
+                "none (\"a striped triangle\", \"a striped\"), the forms the training templates never take"})
     seed: int = 0
 
     def __post_init__(self):
@@ -160,6 +163,13 @@ class Evaluator(CachedEvaluator):
                 if split == "train":  # the split ``ua`` and ``ua_min`` are read from
                     ua_interval[target] = [round(end, 4) for end in metric.interval()]
                     ua_images = metric.total
+            if cfg.short_prompts:
+                _, predicted, _ = sample_and_judge(model, self.judge, self.short_prompts(labels, group), cfg.images_per_prompt,
+                                                   cfg.seed, cfg.steps, cfg.solver, onto)
+                metric = UnlearningAccuracy()
+                shows = _shows_target(predicted, group, onto)
+                metric.update(shows.long(), torch.ones_like(shows, dtype=torch.long))
+                ua[target]["short"] = round(metric.compute(), 4)
 
         retained = self._retained_labels(list(groups.values()), cfg.retain_prompts)
         images, rows, predicted, features = generate_and_judge(model, self.judge, retained, "train", cfg.images_per_prompt,
@@ -183,7 +193,7 @@ class Evaluator(CachedEvaluator):
             ira = [np.mean([per_domain[d] for d in ds]) for ds in target_domains.values()]
             cra = [np.mean([per_domain[d] for d in onto.domains if d not in ds] or [np.nan]) for ds in target_domains.values()]
             out["ua"] = round(float(np.mean([v["train"] for v in ua.values()])), 4)
-            for split in cfg.splits[1:]:
+            for split in cfg.splits[1:] + (("short",) if cfg.short_prompts else ()):
                 out[f"ua_{split}"] = round(float(np.mean([v[split] for v in ua.values()])), 4)
             out["ua_min"] = round(float(min(v["train"] for v in ua.values())), 4)
             out["ua_per_target"] = ua
@@ -202,6 +212,13 @@ class Evaluator(CachedEvaluator):
         if groups and cfg.likelihood_steps:
             out.update(self.likelihood(model, groups, retained[:cfg.likelihood_images]))
         return out
+
+    def short_prompts(self, labels: np.ndarray, group: dict[str, set[int]]) -> list[str]:
+        """Per label row, the target's words with one other attribute (two rows of every three,
+        taking the other domains in turn) or alone."""
+        others = [d for d in self.ontology.domains if d not in group]
+        return [self.prompts.short_prompt(row, set(group) | ({others[i % len(others)]} if others and i % 3 < 2 else set()))
+                for i, row in enumerate(labels)]
 
     def supertype_accuracy(self, model, forgotten: tuple[str, ...]) -> dict:
         """Per supertype of a forgotten concept: of ``images_per_prompt`` images for each prompt

@@ -32,12 +32,21 @@ def generate_and_judge(model, judge, labels: np.ndarray, split: str, images_per_
     model's own language, so ``train`` means the templates and words it was trained on."""
     lang = model_language(model)
     prompts = [prompt_for(tuple(row), split, variant=i, ontology=ontology, lang=lang) for i, row in enumerate(labels)]
+    images, predicted, features = sample_and_judge(model, judge, prompts, images_per_prompt, seed, steps, solver, ontology)
+    return images, np.repeat(labels, images_per_prompt, axis=0), predicted, features
+
+
+@torch.no_grad()
+def sample_and_judge(model, judge, prompts: list[str], images_per_prompt: int, seed: int, steps: int, solver: str,
+                     ontology: Ontology = DEFAULT_ONTOLOGY):
+    """``images_per_prompt`` images of each prompt; returns (images, judge predictions per
+    domain, judge features)."""
     repeated = [p for p in prompts for _ in range(images_per_prompt)]
     images = model.sample(repeated, steps=steps, seed=seed, solver=solver)
     device = next(judge.parameters()).device
     features = torch.cat([judge.features(images[i:i + 512].to(device)).cpu() for i in range(0, len(images), 512)])
     predicted = {d: judge.heads[d](features.to(device)).argmax(-1).cpu() for d in ontology.domains}
-    return images, np.repeat(labels, images_per_prompt, axis=0), predicted, features
+    return images, predicted, features
 
 
 @torch.no_grad()

@@ -75,11 +75,12 @@ class GradientMethod(UnlearningMethod):
     def forget_pairs(self, session: TrainingSession, n: int) -> list[PromptPair]:
         """The forget prompts and their anchors: the request's anchor in the target's place, or
         else the prompt without the target (a random retained concept in its place, with
-        ``random_anchors``)."""
+        ``random_anchors``); ``partial_prompts`` of the other attributes left out of both."""
+        avoid, partial = self.avoided(session.context), session.config.partial_prompts
         if self.random_anchors and not session.request.anchor:
-            return session.prompts.random_anchor_pairs(session.targets, n, session.rng, avoid=self.avoided(session.context))
-        return session.prompts.forget_pairs(session.targets, session.request.anchor, n, session.rng,
-                                            avoid=self.avoided(session.context))
+            return session.prompts.random_anchor_pairs(session.targets, n, session.rng, avoid=avoid, partial=partial)
+        return session.prompts.forget_pairs(session.targets, session.request.anchor, n, session.rng, avoid=avoid,
+                                            partial=partial)
 
     def avoided(self, context: UnlearningContext) -> tuple[str, ...]:
         """Concepts the forget prompts leave out: with ``avoid_forgotten``, those earlier requests

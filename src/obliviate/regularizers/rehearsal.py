@@ -85,7 +85,8 @@ class Rehearsal(Regularizer):
         for concept, count in zip(concepts, counts):
             combined = self.combined_pairs(session, earlier[concept], int(count))
             self.pairs += combined + session.prompts.forget_pairs((earlier[concept],), None, int(count) - len(combined),
-                                                                  session.rng, avoid=session.targets)
+                                                                  session.rng, avoid=session.targets,
+                                                                  partial=session.config.partial_prompts)
         targets = [p.target for p in self.pairs]
         latents = session.draw_latents(targets, pretrained=self.config.images == "pretrained")
         if self.config.objective == "method":

@@ -45,6 +45,10 @@ class GradientConfig:
     avoid_forgotten: bool = field(default=False, metadata={
         "help": "forget prompts leave out concepts earlier requests forgot (the teacher predicts those erased, and a "
                 "target built from its predictions can draw them again); the rows then cover fewer retained concepts"})
+    partial_prompts: float = field(default=0.0, metadata={
+        "help": "chance that each attribute besides the target's is left out of a forget prompt and its anchor "
+                "('a striped triangle' / 'a triangle'): a later request that erases that attribute's word takes such "
+                "forms as its anchors, and an erasure trained on full prompts only can come back there"})
     lora_fit: Literal["trained", "svd"] = field(default="trained", metadata={
         "help": "how a lora_rank adapter is found: 'trained' (down frozen, up trained) or 'svd' (the weights train "
                 "densely under the same constraints, and the edit keeps the update's top-r singular directions)"})
@@ -55,6 +59,8 @@ class GradientConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0 (0: a dense update), got {self.lora_rank}")
+        if not 0 <= self.partial_prompts <= 1:
+            raise ValueError(f"partial_prompts must lie in [0, 1], got {self.partial_prompts}")
         if self.lora_fit not in ("trained", "svd"):
             raise ValueError(f"lora_fit must be 'trained' or 'svd', got {self.lora_fit!r}")
         if self.learning_rate <= 0:

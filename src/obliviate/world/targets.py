@@ -48,13 +48,14 @@ class PromptSource(TargetSource, Protocol):
     """Prompts for text-to-image requests. Every method draws only from the ``rng`` it is given."""
 
     def forget_pairs(self, targets: tuple[str, ...], anchor: str | None, n: int, rng: np.random.Generator,
-                     avoid: tuple[str, ...] = ()) -> list[PromptPair]:
-        """``n`` prompts showing a target, each with its anchor prompt."""
+                     avoid: tuple[str, ...] = (), partial: float = 0.0) -> list[PromptPair]:
+        """``n`` prompts showing a target, each with its anchor prompt; with ``partial``, each
+        attribute besides the targets' is left out of both with that chance (none in free text)."""
 
     def random_anchor_pairs(self, targets: tuple[str, ...], n: int, rng: np.random.Generator,
-                            avoid: tuple[str, ...] = ()) -> list[PromptPair]:
+                            avoid: tuple[str, ...] = (), partial: float = 0.0) -> list[PromptPair]:
         """Forget prompts whose anchor shows a random retained concept in the target's place;
-        neither shows a concept in ``avoid`` when the world allows."""
+        neither shows a concept in ``avoid`` when the world allows. ``partial`` as in ``forget_pairs``."""
 
     def retain_prompts(self, forgotten: tuple[str, ...], n: int, rng: np.random.Generator) -> list[str]:
         """Prompts showing none of ``forgotten``; empty when nothing is known to be retained."""
@@ -87,6 +88,12 @@ def _describe(words: dict[str, str | None]) -> str:
     """'a striped red triangle' from whichever of texture/colour/shape are given."""
     parts = [words.get(d) for d in ("texture", "colour", "shape")]
     return "a " + " ".join(p for p in parts if p)
+
+
+def _fill(template: str, words: dict[str, str | None]) -> str:
+    """``template`` with ``words``; the plain description when an attribute is left out (``None``),
+    since every training template names all three."""
+    return format_prompt(template, **words) if all(words.values()) else _describe(words)
 
 
 @dataclass(frozen=True)
@@ -162,8 +169,15 @@ class WorldPrompts:
         in some domains' places (an anchor, a placeholder token)."""
         return format_prompt(template, **{**self.words(row), **(words or {})})
 
-    def _forget_rows(self, targets, n, rng, avoid=()) -> list[tuple[np.ndarray, str, dict[str, str]]]:
-        """Label rows showing a target, each with a random training template and known words."""
+    def short_prompt(self, row, keep) -> str:
+        """The plain description of label ``row`` naming only the domains in ``keep`` ("a striped
+        triangle"): no training template names fewer than all three attributes."""
+        return _describe({d: w for d, w in self.words(row).items() if d in keep})
+
+    def _forget_rows(self, targets, n, rng, avoid=(), partial=0.0) -> list[tuple[np.ndarray, str, dict[str, str | None]]]:
+        """Label rows showing a target, each with a random training template and known words;
+        with ``partial``, each domain no target of the row is in has its word left out (``None``)
+        with that chance."""
         groups = self.target_groups(targets)
         targeted = {c.name for c in self.target_concepts(targets)}
         avoided = [g for term in avoid if not {c.name for c in self.ontology.resolve(term)} & targeted
@@ -172,26 +186,35 @@ class WorldPrompts:
             rows = self.sample_labels(n, rng, include=groups, exclude=avoided or None)
         except ValueError:
             rows = self.sample_labels(n, rng, include=groups)
-        return [(row, self.templates[int(rng.integers(len(self.templates)))], self.known_words(row, rng)) for row in rows]
+        out = []
+        for row in rows:
+            template, words = self.templates[int(rng.integers(len(self.templates)))], self.known_words(row, rng)
+            if partial:  # no draws otherwise: requests made before the option replay as they were
+                shown = {d for g in groups if self._matches(row, g) for d in g}
+                words = {d: None if d not in shown and rng.random() < partial else w for d, w in words.items()}
+            out.append((row, template, words))
+        return out
 
     def forget_pairs(self, targets: tuple[str, ...], anchor: str | None, n: int, rng: np.random.Generator,
-                     avoid: tuple[str, ...] = ()) -> list[PromptPair]:
+                     avoid: tuple[str, ...] = (), partial: float = 0.0) -> list[PromptPair]:
         """Training-template prompts showing a target in known words, each with its anchor prompt:
         the same template and words with the anchor in the target's place, or the plain
         description without the domains of the targets the row shows when there is no anchor
         ("a dotted red triangle" keeps "dotted" when the targets are striped and triangle).
         Prompts showing a concept in ``avoid`` (e.g. one forgotten earlier) are left out when the
-        world allows."""
+        world allows. With ``partial``, each other attribute is left out of prompt and anchor
+        with that chance ("a striped triangle" / "a triangle"): the forms a later request's
+        anchors take once it erases that attribute's word."""
         groups = self.target_groups(targets)
         anchor_concept = self.ontology.get(anchor) if anchor else None
         pairs = []
-        for row, template, words in self._forget_rows(targets, n, rng, avoid):
+        for row, template, words in self._forget_rows(targets, n, rng, avoid, partial):
             if anchor_concept is not None:
-                anchor_prompt = format_prompt(template, **{**words, anchor_concept.domain: anchor_concept.name})
+                anchor_prompt = _fill(template, {**words, anchor_concept.domain: anchor_concept.name})
             else:
                 shown = {d for g in groups if self._matches(row, g) for d in g}
                 anchor_prompt = _describe({d: (None if d in shown else w) for d, w in words.items()})
-            pairs.append(PromptPair(format_prompt(template, **words), anchor_prompt, tuple(int(i) for i in row)))
+            pairs.append(PromptPair(_fill(template, words), anchor_prompt, tuple(int(i) for i in row)))
         return pairs
 
     def concept_mask(self, terms: tuple[str, ...]) -> np.ndarray:
@@ -212,21 +235,21 @@ class WorldPrompts:
         return flagged
 
     def random_anchor_pairs(self, targets: tuple[str, ...], n: int, rng: np.random.Generator,
-                            avoid: tuple[str, ...] = ()) -> list[PromptPair]:
+                            avoid: tuple[str, ...] = (), partial: float = 0.0) -> list[PromptPair]:
         """Forget prompts whose anchor puts a random other concept of its domain in each target
         concept's place, in the same template (the "random label" of SalUn for generation).
-        Neither the prompts nor the concepts put in a target's place show one in ``avoid``."""
+        Neither the prompts nor the concepts put in a target's place show one in ``avoid``;
+        ``partial`` leaves out other attributes as in ``forget_pairs``."""
         targeted = {c.name for c in self.target_concepts(targets)}
         excluded = targeted | {c.name for c in self.target_concepts(avoid)}
         pairs = []
-        for row, template, words in self._forget_rows(targets, n, rng, avoid):
+        for row, template, words in self._forget_rows(targets, n, rng, avoid, partial):
             swapped = dict(words)
             for domain, name in self.words(row).items():
                 others = [c for c in self.ontology.names(domain) if c not in excluded]
                 if name in targeted and others:
                     swapped[domain] = others[int(rng.integers(len(others)))]
-            pairs.append(PromptPair(format_prompt(template, **words), format_prompt(template, **swapped),
-                                    tuple(int(i) for i in row)))
+            pairs.append(PromptPair(_fill(template, words), _fill(template, swapped), tuple(int(i) for i in row)))
         return pairs
 
     def retain_prompts(self, forgotten: tuple[str, ...], n: int, rng: np.random.Generator) -> list[str]:
@@ -310,7 +333,8 @@ class FreeTextPrompts:
     def target_concepts(self, targets):
         return ()
 
-    def forget_pairs(self, targets, anchor, n, rng, avoid=()) -> list[PromptPair]:
+    def forget_pairs(self, targets, anchor, n, rng, avoid=(), partial=0.0) -> list[PromptPair]:
+        # free text has no attributes to leave out: ``partial`` changes nothing
         pairs = []
         for i in range(n):
             template = FREE_TEXT_TEMPLATES[int(rng.integers(len(FREE_TEXT_TEMPLATES)))]
@@ -324,7 +348,7 @@ class FreeTextPrompts:
     def shows_uncovered(self, labels, covered, terms) -> np.ndarray:
         return np.zeros(len(labels), dtype=bool)
 
-    def random_anchor_pairs(self, targets, n, rng, avoid=()) -> list[PromptPair]:
+    def random_anchor_pairs(self, targets, n, rng, avoid=(), partial=0.0) -> list[PromptPair]:
         kept = [r for r in self.retain if r not in targets] or [""]
         return [PromptPair(p.target, kept[int(rng.integers(len(kept)))]) for p in self.forget_pairs(targets, None, n, rng)]
 
