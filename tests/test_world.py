@@ -242,11 +242,17 @@ def test_partial_forget_prompts_leave_an_attribute_out_of_prompt_and_anchor_alik
 
 
 def test_partial_forget_prompts_off_and_full():
-    """``partial=0`` draws exactly what a call without it draws (requests made before the option
-    replay as they were); ``partial=1`` leaves only the target."""
+    """``partial=0`` draws exactly what the code before the option drew (the pairs below are its
+    output at commit d0e36f9), so requests made before it replay as they were; ``partial=1``
+    leaves only the target."""
     prompts = WorldPrompts()
-    assert (prompts.forget_pairs(("dotted",), None, 16, np.random.default_rng(3))
-            == prompts.forget_pairs(("dotted",), None, 16, np.random.default_rng(3), partial=0.0))
+    assert [(p.target, p.anchor) for p in prompts.forget_pairs(("dotted",), None, 3, np.random.default_rng(3))] == [
+        ("vermilion plus, freckled", "a vermilion plus"),
+        ("draw a tangerine five-sided polygon with a pointillist surface", "a tangerine five-sided polygon"),
+        ("a sketch of a dotty cross, emerald", "a emerald cross")]
+    assert [(p.target, p.anchor) for p in prompts.random_anchor_pairs(("dotted",), 2, np.random.default_rng(3))] == [
+        ("a dotted-looking cross shape painted red", "a gradient-looking cross shape painted red"),
+        ("the persimmon five-cornered shape, dotty", "the persimmon five-cornered shape, solid")]
     assert {(p.target.split()[0], p.anchor) for p in prompts.forget_pairs(("dotted",), None, 16, np.random.default_rng(3),
                                                                          partial=1.0)} == {("a", "a ")}
     swapped = prompts.random_anchor_pairs(("dotted",), 16, np.random.default_rng(3), partial=1.0)
