@@ -164,7 +164,7 @@ class Evaluator(CachedEvaluator):
                     ua_interval[target] = [round(end, 4) for end in metric.interval()]
                     ua_images = metric.total
             if cfg.short_prompts:
-                _, predicted, _ = sample_and_judge(model, self.judge, self.short_prompts(labels, group), cfg.images_per_prompt,
+                _, predicted, _ = sample_and_judge(model, self.judge, self.short_forms(labels, group), cfg.images_per_prompt,
                                                    cfg.seed, cfg.steps, cfg.solver, onto)
                 metric = UnlearningAccuracy()
                 shows = _shows_target(predicted, group, onto)
@@ -213,7 +213,7 @@ class Evaluator(CachedEvaluator):
             out.update(self.likelihood(model, groups, retained[:cfg.likelihood_images]))
         return out
 
-    def short_prompts(self, labels: np.ndarray, group: dict[str, set[int]]) -> list[str]:
+    def short_forms(self, labels: np.ndarray, group: dict[str, set[int]]) -> list[str]:
         """Per label row, the target's words with one other attribute (two rows of every three,
         taking the other domains in turn) or alone."""
         others = [d for d in self.ontology.domains if d not in group]
