@@ -93,6 +93,14 @@ def _shows_target(predicted: dict[str, torch.Tensor], group: dict[str, set[int]]
     return shows
 
 
+def _unlearning_accuracy(predicted: dict[str, torch.Tensor], group: dict[str, set[int]], ontology: Ontology) -> UnlearningAccuracy:
+    """UA over judged images of a target's prompts: the share that do not show it."""
+    metric = UnlearningAccuracy()
+    shows = _shows_target(predicted, group, ontology)
+    metric.update(shows.long(), torch.ones_like(shows, dtype=torch.long))
+    return metric
+
+
 class CachedEvaluator:
     """``evaluator(model, store=None, forgotten=(...)) -> metrics``, usable directly on a model:
     ``evaluate`` runs once per (model weights, config, forgotten targets) when ``cache_dir`` is set."""
@@ -156,9 +164,7 @@ class Evaluator(CachedEvaluator):
             for split in cfg.splits:
                 _, _, predicted, _ = generate_and_judge(model, self.judge, labels, split, cfg.images_per_prompt,
                                                         cfg.seed, cfg.steps, cfg.solver, onto)
-                metric = UnlearningAccuracy()
-                shows = _shows_target(predicted, group, onto)
-                metric.update(shows.long(), torch.ones_like(shows, dtype=torch.long))
+                metric = _unlearning_accuracy(predicted, group, onto)
                 ua[target][split] = round(metric.compute(), 4)
                 if split == "train":  # the split ``ua`` and ``ua_min`` are read from
                     ua_interval[target] = [round(end, 4) for end in metric.interval()]
@@ -166,10 +172,7 @@ class Evaluator(CachedEvaluator):
             if cfg.short_prompts:
                 _, predicted, _ = sample_and_judge(model, self.judge, self.short_forms(labels, group), cfg.images_per_prompt,
                                                    cfg.seed, cfg.steps, cfg.solver, onto)
-                metric = UnlearningAccuracy()
-                shows = _shows_target(predicted, group, onto)
-                metric.update(shows.long(), torch.ones_like(shows, dtype=torch.long))
-                ua[target]["short"] = round(metric.compute(), 4)
+                ua[target]["short"] = round(_unlearning_accuracy(predicted, group, onto).compute(), 4)
 
         retained = self._retained_labels(list(groups.values()), cfg.retain_prompts)
         images, rows, predicted, features = generate_and_judge(model, self.judge, retained, "train", cfg.images_per_prompt,

@@ -156,6 +156,10 @@ class WorldPrompts:
         """Does the label row show the concept(s) of ``group``?"""
         return all(row[self.ontology.domains.index(d)] in allowed for d, allowed in group.items())
 
+    def _shown_domains(self, row, groups: list[dict[str, set[int]]]) -> set[str]:
+        """The domains of the target groups label ``row`` shows."""
+        return {d for g in groups if self._matches(row, g) for d in g}
+
     def words(self, row) -> dict[str, str]:
         """The concept names of a label row, by domain."""
         return {d: self.ontology.names(d)[i] for d, i in zip(self.ontology.domains, row)}
@@ -190,7 +194,7 @@ class WorldPrompts:
         for row in rows:
             template, words = self.templates[int(rng.integers(len(self.templates)))], self.known_words(row, rng)
             if partial:  # no draws otherwise: requests made before the option replay as they were
-                shown = {d for g in groups if self._matches(row, g) for d in g}
+                shown = self._shown_domains(row, groups)
                 words = {d: None if d not in shown and rng.random() < partial else w for d, w in words.items()}
             out.append((row, template, words))
         return out
@@ -212,7 +216,7 @@ class WorldPrompts:
             if anchor_concept is not None:
                 anchor_prompt = _fill(template, {**words, anchor_concept.domain: anchor_concept.name})
             else:
-                shown = {d for g in groups if self._matches(row, g) for d in g}
+                shown = self._shown_domains(row, groups)
                 anchor_prompt = _describe({d: (None if d in shown else w) for d, w in words.items()})
             pairs.append(PromptPair(_fill(template, words), anchor_prompt, tuple(int(i) for i in row)))
         return pairs
