@@ -370,6 +370,46 @@ def test_gradproj_keeps_supertype_and_unconditional_prompts_exactly(tiny_t2i, op
     assert change(False) > 1e-3
 
 
+def test_outproj_keeps_retained_attention_outputs_exactly_and_the_output_projection_still_moves(tiny_t2i, monkeypatch):
+    """Each to_out weight's update leaves its protected inputs' outputs as they were (W v = W_start v
+    for v in its layer's basis), and the basis holds the retained prompts' attention outputs: the
+    empty prompt's, measured again after training, lie mostly inside it."""
+    from obliviate.regularizers import output_projection
+    captured = {}
+    original = output_projection.OutputProjection.setup
+
+    def setup(self, session):
+        original(self, session)
+        captured["reg"], captured["session"] = self, session
+    monkeypatch.setattr(output_projection.OutputProjection, "setup", setup)
+    spec = RegularizerSpec("outproj", {"rank": 8, "prompts": 8, "draws": 1})
+    request = Request(("striped",), "esd", {}, None, (spec,), 0)
+    method = get_method("esd").from_options({**FAST, "trainable": "xattn-kvo", "learning_rate": 1e-2})
+    deltas = method.unlearn(tiny_t2i, request, context_for(tiny_t2i)).edit.deltas
+    bases = captured["reg"].bases
+    assert bases and all(name.endswith("attn2.to_out.0.weight") for name in bases)
+    for name, basis in bases.items():
+        delta = deltas[f"unet.{name}"]
+        assert torch.allclose(basis.T @ basis, torch.eye(8), atol=1e-5)
+        assert delta.abs().max() > 1e-6  # the output projection trains
+        assert (delta @ basis).abs().max() < 1e-5 * max(1.0, float(delta.abs().max()))  # and keeps the protected inputs
+    session = captured["session"]
+    grams = output_projection.attention_output_grams(session, [""] * 2, session.retain_latents, 1)
+    for name, basis in bases.items():
+        inside = float(torch.trace(basis.double().T @ grams[name] @ basis.double()) / torch.trace(grams[name]))
+        assert inside > 0.9, name
+    assert not any(k.endswith("to_out.0.bias") for k in deltas)  # xattn-kvo leaves the bias alone
+
+
+def test_outproj_names_the_trainable_set_it_needs(tiny_t2i):
+    from obliviate.regularizers import get_regularizer
+    request = Request(("striped",), "esd", {}, None, (RegularizerSpec("outproj", {"rank": 4, "prompts": 4}),), 0)
+    with pytest.raises(ValueError, match="trainable=xattn-kvo"):
+        get_method("esd").from_options({**FAST, "trainable": "xattn-kv"}).unlearn(tiny_t2i, request, context_for(tiny_t2i))
+    with pytest.raises(ValueError, match="at most 1"):
+        get_regularizer("outproj").from_options({"sibling_share": 0.9, "forgotten_share": 0.2})
+
+
 def test_rehearse_adds_the_method_loss_on_earlier_concepts_only(tiny_t2i, monkeypatch):
     """Every step runs the method's loss on the request's prompts and, when an earlier request
     forgot something, on prompts of those earlier concepts (never the request's own target); with

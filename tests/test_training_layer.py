@@ -29,7 +29,8 @@ REGULARIZER_OPTIONS = {"gradproj": {"rank": 8, "prompts": 8}, "fgoriu": {"remain
                        "selft": {"fraction": 0.2, "batches": 1}, "ewc": {"batches": 1}, "merge": {"strategy": "uniform"},
                        "l1sp": {"weight": 10.0}, "l2sp": {"weight": 10.0},
                        "meta": {"learning_rates": (1e-3,), "steps": (1,)}, "resalign": {"prox_steps": 1, "iterations": 1},
-                       "adversarial": {"inner_steps": 1}, "rehearse": {"prompts": 2}, "preserve": {"prompts": 2}}
+                       "adversarial": {"inner_steps": 1}, "rehearse": {"prompts": 2}, "preserve": {"prompts": 2},
+                       "outproj": {"rank": 4, "prompts": 4, "draws": 1}}
 
 
 # --------------------------------------------------------------------------- the projector

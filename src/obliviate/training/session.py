@@ -21,6 +21,7 @@ from .gradients import accumulate_gradients
 TRAINABLE_PRESETS = {
     "xattn": r"attn2\.",                      # every cross-attention parameter (esd-x)
     "xattn-kv": r"attn2\.(to_k|to_v)\.",      # cross-attention keys and values (esd-x-strict, UCE's layers)
+    "xattn-kvo": r"attn2\.(to_k|to_v|to_out\.0)\.weight",  # ... and the output projection's weight, not its bias (outproj)
     "non-xattn": r"^(?!.*attn2\.).*",         # everything outside cross-attention (esd-u)
     "all": r".*",
 }
