@@ -372,8 +372,8 @@ def test_gradproj_keeps_supertype_and_unconditional_prompts_exactly(tiny_t2i, op
 
 def test_outproj_keeps_retained_attention_outputs_exactly_and_the_output_projection_still_moves(tiny_t2i, monkeypatch):
     """Each to_out weight's update leaves its protected inputs' outputs as they were (W v = W_start v
-    for v in its layer's basis), and the basis holds the retained prompts' attention outputs: the
-    empty prompt's, measured again after training, lie mostly inside it."""
+    for v in its layer's basis), and the basis holds the protected prompts' attention outputs: the
+    empty prompt's, measured again on other noise, lie mostly inside it."""
     from obliviate.regularizers import output_projection
     captured = {}
     original = output_projection.OutputProjection.setup

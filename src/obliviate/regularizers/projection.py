@@ -59,11 +59,16 @@ class ProjectionConfig:
     def __post_init__(self):
         if self.rank <= 0 or self.prompts <= 0 or self.target_rank < 0:
             raise ValueError("rank and prompts must be positive and target_rank >= 0")
-        for name in ("sibling_share", "forgotten_share"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
-        if self.sibling_share + self.forgotten_share > 1:
-            raise ValueError(f"sibling_share + forgotten_share must be at most 1, got {self.sibling_share + self.forgotten_share}")
+        check_shares(self.sibling_share, self.forgotten_share)
+
+
+def check_shares(sibling_share: float, forgotten_share: float) -> None:
+    """The shares of ``protected_prompts``: each in [0, 1], together at most 1."""
+    for name, share in (("sibling_share", sibling_share), ("forgotten_share", forgotten_share)):
+        if not 0 <= share <= 1:
+            raise ValueError(f"{name} must lie in [0, 1], got {share}")
+    if sibling_share + forgotten_share > 1:
+        raise ValueError(f"sibling_share + forgotten_share must be at most 1, got {sibling_share + forgotten_share}")
 
 
 def protected_prompts(session, n: int, sibling_share: float, forgotten_share: float = 0.0) -> list[str]:
