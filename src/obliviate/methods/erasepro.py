@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..training import OUT_PATTERN, projection_inputs
 from .base import Edit, MethodResult, UnlearningMethod, register_method
 from .closed_form import KV_PATTERN, ErasureMemory, erase_and_preserve_states, kv_layers, other_edits
 
@@ -91,36 +92,6 @@ def zero_residual_solve(w0: torch.Tensor, basis: torch.Tensor, targets: torch.Te
     m_inv_u = torch.linalg.solve(metric, basis)  # M^-1 U
     gram = basis.T @ m_inv_u  # U^T M^-1 U
     return w0 + (targets - w0 @ basis) @ torch.linalg.solve(gram, m_inv_u.T)
-
-
-OUT_PATTERN = re.compile(r"attn2\.to_out\.0\.weight$")
-MAX_ROWS = 8192  # positions kept per layer: bounds memory at Stable Diffusion's feature-map sizes
-
-
-@torch.no_grad()
-def projection_inputs(model, names: list[str], latents: torch.Tensor, t: torch.Tensor, encoding,
-                      seed: int = 0) -> dict[str, torch.Tensor]:
-    """What each named linear layer (``unet.<module>.weight``) receives in one UNet pass, one row
-    per image position; at most ``MAX_ROWS`` of them, the same rows for the same ``seed`` and
-    batch shape."""
-    captured = {}
-
-    def hook(name):
-        def save(module, args):
-            rows = args[0].reshape(-1, args[0].shape[-1])
-            if len(rows) > MAX_ROWS:
-                rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:MAX_ROWS]]
-            captured[name] = rows.double().cpu()
-        return save
-
-    handles = [model.unet.get_submodule(name[len("unet."):-len(".weight")]).register_forward_pre_hook(hook(name))
-               for name in names]
-    try:
-        model.predict(latents.to(model.device), t.to(model.device), encoding)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
 
 
 @torch.no_grad()

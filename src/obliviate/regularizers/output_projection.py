@@ -26,17 +26,13 @@ The bias stays out: a bias shift moves every image alike and no LoRA file holds 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import torch
 
-from ..training import ParameterConstraint
+from ..training import OUT_PATTERN, ParameterConstraint, projection_inputs
 from .base import Regularizer, register_regularizer
 from .projection import check_shares, protected_prompts
-
-OUT_WEIGHT = re.compile(r"attn2\.to_out\.0\.weight$")
-
 
 @dataclass
 class OutputProjectionConfig:
@@ -56,25 +52,15 @@ class OutputProjectionConfig:
 def attention_output_grams(session, prompts: list[str], latents: torch.Tensor, draws: int) -> dict[str, torch.Tensor]:
     """sum o o^T (float64) of the inputs o of every cross-attention to_out layer of the trained
     model, by weight name, over ``prompts`` on noisy ``latents`` (cycled in chunks of their count)."""
-    layers = {f"{n}.weight": m for n, m in session.model.unet.named_modules() if OUT_WEIGHT.search(f"{n}.weight")}
-    grams = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in layers.items()}
-
-    def record(name):
-        def hook(_, inputs):
-            o = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double().cpu()
-            grams[name] += o.T @ o
-        return hook
-    handles = [m.register_forward_pre_hook(record(n)) for n, m in layers.items()]
-    try:
-        with torch.no_grad():
-            for _ in range(draws):
-                for i in range(0, len(prompts), len(latents)):
-                    chunk = prompts[i:i + len(latents)]
-                    noisy, t, _ = session.noisy(latents[:len(chunk)])
-                    session.model.predict(noisy, t, session.encode(chunk))
-    finally:
-        for handle in handles:
-            handle.remove()
+    names = [n for n, _ in session.model.unet.named_parameters() if OUT_PATTERN.search(n)]
+    grams = {n: 0.0 for n in names}
+    for _ in range(draws):
+        for i in range(0, len(prompts), len(latents)):
+            chunk = prompts[i:i + len(latents)]
+            noisy, t, _ = session.noisy(latents[:len(chunk)])
+            inputs = projection_inputs(session.model, [f"unet.{n}" for n in names], noisy, t, session.encode(chunk))
+            for n in names:
+                grams[n] = grams[n] + inputs[f"unet.{n}"].T @ inputs[f"unet.{n}"]
     return grams
 
 
@@ -86,7 +72,7 @@ class OutputProjection(Regularizer):
 
     def setup(self, session) -> None:
         cfg = self.config
-        self.targets = [n for n in session.params if OUT_WEIGHT.search(n)]
+        self.targets = [n for n in session.params if OUT_PATTERN.search(n)]
         if not self.targets:
             raise ValueError("outproj protects cross-attention output projections (attn2.to_out.0.weight), but none "
                              "of them train; use trainable=xattn-kvo (or xattn).")

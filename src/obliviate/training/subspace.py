@@ -1,7 +1,10 @@
-"""Subspaces of text token states: the one SVD basis helper, and the token states (plain, or
-aligned position by position with an anchor prompt) the bases are built from."""
+"""Subspaces of what layers read: the one SVD basis helper, the text token states (plain, or
+aligned position by position with an anchor prompt) the key/value bases are built from, and the
+inputs any named linear layer receives in a UNet pass (the output projections' bases)."""
 
 from __future__ import annotations
+
+import re
 
 import scipy.linalg
 import torch
@@ -74,3 +77,33 @@ def aligned_token_states(model, targets: list[str], anchors: list[str]) -> tuple
 def token_states(model, prompts: list[str]) -> torch.Tensor:
     encoding = model.encode(prompts)
     return encoding.states[encoding.mask.bool()].double().cpu()
+
+
+OUT_PATTERN = re.compile(r"attn2\.to_out\.0\.weight$")
+MAX_ROWS = 8192  # positions kept per layer: bounds memory at Stable Diffusion's feature-map sizes
+
+
+@torch.no_grad()
+def projection_inputs(model, names: list[str], latents: torch.Tensor, t: torch.Tensor, encoding,
+                      seed: int = 0) -> dict[str, torch.Tensor]:
+    """What each named linear layer (``unet.<module>.weight``) receives in one UNet pass, one row
+    per image position; at most ``MAX_ROWS`` of them, the same rows for the same ``seed`` and
+    batch shape."""
+    captured = {}
+
+    def hook(name):
+        def save(module, args):
+            rows = args[0].reshape(-1, args[0].shape[-1])
+            if len(rows) > MAX_ROWS:
+                rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:MAX_ROWS]]
+            captured[name] = rows.double().cpu()
+        return save
+
+    handles = [model.unet.get_submodule(name[len("unet."):-len(".weight")]).register_forward_pre_hook(hook(name))
+               for name in names]
+    try:
+        model.predict(latents.to(model.device), t.to(model.device), encoding)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
