@@ -260,3 +260,22 @@ def test_partial_forget_prompts_off_and_full():
     with pytest.raises(ValueError, match="partial_prompts"):
         from obliviate.training import GradientConfig
         GradientConfig(partial_prompts=1.5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), targets=st.sampled_from([("striped", "red"), ("dotted", "blue", "star"),
+                                                                 ("red", "yellow", "triangle")]))
+def test_related_prompts_of_a_several_target_request_show_no_target(seed, targets):
+    """They are protected as retained prompts: a sibling of one target beside another target
+    ("a dotted red star" for striped and red) would keep that target from being erased."""
+    prompts = WorldPrompts()
+    named = {c.name for c in prompts.target_concepts(targets)}
+    words = [w for c in prompts.target_concepts(targets) for w in prompts.lang.words(c)]
+    others = sorted((w for c in ONTO.concepts if c.name not in named for w in prompts.lang.words(c)), key=len, reverse=True)
+    related = prompts.related_prompts(targets, targets, 48, np.random.default_rng(seed))
+    assert len(related) == 48
+    for prompt in related:
+        rest = prompt
+        for w in others:  # "ice blue" is cyan, not blue
+            rest = re.sub(rf"(?<![\w-]){re.escape(w)}(?![\w-])", " ", rest)
+        assert not any(re.search(rf"(?<![\w-]){re.escape(w)}(?![\w-])", rest) for w in words), prompt

@@ -289,13 +289,14 @@ class WorldPrompts:
     def related_prompts(self, targets: tuple[str, ...], forgotten: tuple[str, ...], n: int,
                         rng: np.random.Generator) -> list[str]:
         """Prompts naming a sibling of a target (same supertype) that is neither a target nor
-        forgotten, cycling through the siblings."""
+        forgotten, cycling through the siblings; none shows a target (a request forgetting striped
+        and red protects "a dotted blue star", not "a dotted red star")."""
         concepts = self.target_concepts(targets)
         excluded = {c.name for c in concepts} | {c.name for c in self.target_concepts(forgotten)}
         siblings = sorted({s for c in concepts for s in self.ontology.supertypes[c.parent] if s not in excluded})
         if not siblings:
             return []
-        return [self.forget_pairs((siblings[i % len(siblings)],), None, 1, rng)[0].target for i in range(n)]
+        return [self.forget_pairs((siblings[i % len(siblings)],), None, 1, rng, avoid=targets)[0].target for i in range(n)]
 
     def concept_words(self, targets: tuple[str, ...]) -> list[str]:
         """Every word the model knows a target concept by (its name and the language's training
