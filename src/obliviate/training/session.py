@@ -36,7 +36,9 @@ class GradientConfig:
     batch_size: int = field(default=8, metadata={"help": "prompts per step"})
     trainable: str = field(default="xattn", metadata={
         "help": f"parameters that train: a preset ({', '.join(TRAINABLE_PRESETS)}) or a regex over UNet parameter names"})
-    forget_images: int = field(default=16, metadata={"help": "images of the targets drawn by the frozen model, reused as x_0"})
+    forget_images: int = field(default=16, metadata={
+        "help": "images of the targets drawn by the frozen model, reused as x_0; a step's forget prompts are theirs, "
+                "so this is also how many distinct forget prompts train"})
     sampling_steps: int = field(default=10, metadata={"help": "DDIM steps used to draw those images"})
     antithetic_timesteps: bool = field(default=False, metadata={
         "help": "draw half of each batch's timesteps and pair every t with T-1-t (lower-variance loss estimates)"})
