@@ -10,6 +10,11 @@ from obliviate.world import (DEFAULT_ONTOLOGY, HELDOUT_TEMPLATES, LANGUAGES, SPL
 ONTO = DEFAULT_ONTOLOGY
 
 
+def whole_word(word: str) -> str:
+    """A pattern for ``word`` standing alone ("red", not the "red" in "reddish" or "blood-red")."""
+    return rf"(?<![\w-]){re.escape(word)}(?![\w-])"
+
+
 def test_ontology_meets_the_world_spec():
     assert len(ONTO.in_domain("shape")) >= 8 and len({c.parent for c in ONTO.in_domain("shape")}) >= 3
     assert len(ONTO.in_domain("colour")) >= 8 and len({c.parent for c in ONTO.in_domain("colour")}) >= 2
@@ -195,7 +200,7 @@ def test_random_anchors_avoid_concepts_forgotten_earlier_in_prompt_and_anchor():
     for avoid, allowed in (((), True), (("striped", "red"), False)):
         pairs = prompts.random_anchor_pairs(("dotted",), 200, np.random.default_rng(0), avoid=avoid)
         shows_red = [p.labels[1] == prompts.ontology.index("red") for p in pairs]
-        striped_in_place = [any(re.search(rf"(?<![\w-]){re.escape(w)}(?![\w-])", p.anchor) for w in striped) for p in pairs]
+        striped_in_place = [any(re.search(whole_word(w), p.anchor) for w in striped) for p in pairs]
         assert any(shows_red) is allowed and any(striped_in_place) is allowed
 
 
@@ -226,7 +231,7 @@ def test_partial_forget_prompts_leave_an_attribute_out_of_prompt_and_anchor_alik
         anchor = next(n for n in prompts.ontology.names(domain) if n != target)
 
     def names_it(text, concept):
-        return any(re.search(rf"(?<![\w-]){re.escape(w)}(?![\w-])", text) for w in prompts.concept_words((concept,)))
+        return any(re.search(whole_word(w), text) for w in prompts.concept_words((concept,)))
 
     pairs = prompts.forget_pairs((target,), anchor, 100, np.random.default_rng(seed), partial=0.5)
     kept = []
@@ -272,11 +277,10 @@ def test_related_prompts_of_a_several_target_request_show_no_target(seed, target
     named = {c.name for c in prompts.target_concepts(targets)}
     words = [w for c in prompts.target_concepts(targets) for w in prompts.lang.words(c)]
     others = sorted((w for c in ONTO.concepts if c.name not in named for w in prompts.lang.words(c)), key=len, reverse=True)
-    whole = lambda w: rf"(?<![\w-]){re.escape(w)}(?![\w-])"  # noqa: E731
     related = prompts.related_prompts(targets, targets, 48, np.random.default_rng(seed))
     assert len(related) == 48
     for prompt in related:
         rest = prompt
         for w in others:  # "ice blue" is cyan, not blue
-            rest = re.sub(whole(w), " ", rest)
-        assert not any(re.search(whole(w), rest) for w in words), prompt
+            rest = re.sub(whole_word(w), " ", rest)
+        assert not any(re.search(whole_word(w), rest) for w in words), prompt

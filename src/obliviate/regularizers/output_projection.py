@@ -34,6 +34,7 @@ from ..training import OUT_PATTERN, ParameterConstraint, projection_inputs
 from .base import Regularizer, register_regularizer
 from .projection import check_shares, protected_prompts
 
+
 @dataclass
 class OutputProjectionConfig:
     rank: int = field(default=48, metadata={"help": "protected directions of each to_out layer's input"})
@@ -53,14 +54,16 @@ def attention_output_grams(session, prompts: list[str], latents: torch.Tensor, d
     """sum o o^T (float64) of the inputs o of every cross-attention to_out layer of the trained
     model, by weight name, over ``prompts`` on noisy ``latents`` (cycled in chunks of their count)."""
     names = [n for n, _ in session.model.unet.named_parameters() if OUT_PATTERN.search(n)]
+    layers = [f"unet.{n}" for n in names]
+    chunks = [prompts[i:i + len(latents)] for i in range(0, len(prompts), len(latents))]
+    encodings = [session.encode(chunk) for chunk in chunks]  # encoded once: only the noise changes between draws
     grams = {n: 0.0 for n in names}
     for _ in range(draws):
-        for i in range(0, len(prompts), len(latents)):
-            chunk = prompts[i:i + len(latents)]
+        for chunk, encoding in zip(chunks, encodings):
             noisy, t, _ = session.noisy(latents[:len(chunk)])
-            inputs = projection_inputs(session.model, [f"unet.{n}" for n in names], noisy, t, session.encode(chunk))
-            for n in names:
-                grams[n] = grams[n] + inputs[f"unet.{n}"].T @ inputs[f"unet.{n}"]
+            inputs = projection_inputs(session.model, layers, noisy, t, encoding)
+            for n, layer in zip(names, layers):
+                grams[n] = grams[n] + inputs[layer].T @ inputs[layer]
     return grams
 
 
