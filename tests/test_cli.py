@@ -98,6 +98,20 @@ def test_eval_reports_the_likelihood_of_forgotten_and_retained_renders(tmp_path,
     assert set(metrics["nll"]) == {"striped"} and all(math.isfinite(metrics[k]) for k in ("nll_forgotten", "nll_retained"))
 
 
+def test_eval_writes_the_images_the_judge_counts_as_misses_beside_its_json(tmp_path, tiny_model_dir):
+    store = tmp_path / "store"
+    invoke("init", store, "--model", tiny_model_dir)
+    invoke("request", "add", store, "striped", "red", *FAST)
+    invoke("apply", store)
+    result = invoke("eval", store, "--json", "--no-record", "--misses", tmp_path / "misses", "--set", "forget_prompts=2",
+                    "--set", "images_per_prompt=2", "--set", "retain_prompts=2", "--set", "steps=2", "--set", "ua_splits=train")
+    metrics = json.loads(result.stdout)  # the notes about the images go to stderr
+    for target in ("striped", "red"):
+        misses = round((1 - metrics["ua_per_target"][target]["train"]) * metrics["ua_images"])
+        assert f"{target}: {misses} image(s) judged to show it" in result.stderr
+        assert (tmp_path / "misses" / f"{target}.png").is_file() == (misses > 0)
+
+
 def test_status_shows_an_adapter_requests_group_and_lw2g_decision(tmp_path, tiny_model_dir):
     from obliviate.cli import _adapter_note
     store = tmp_path / "store"

@@ -1,6 +1,8 @@
 """The evaluator against models whose drawings are known exactly: a "model" that renders what
 each prompt says, and one that never learned "striped" (draws solid instead)."""
 
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -78,6 +80,34 @@ def test_a_model_that_never_learned_the_concept_has_ua_near_one(judge):
 def test_a_combination_is_forgotten_when_either_part_is_missing(judge):
     metrics = Evaluator(judge, CONFIG).evaluate(RenderingModel(swap={"triangle": "square"}), forgotten=("striped triangle",))
     assert metrics["ua"] >= 0.95
+
+
+class HalfErased(RenderingModel):
+    """Draws striped only in the prompts whose CRC is even, as if its erasure held on the others."""
+
+    def __init__(self):
+        super().__init__()
+        self.erased = RenderingModel(swap={"striped": "solid"})
+
+    @staticmethod
+    def revived(prompt: str) -> bool:
+        return zlib.crc32(prompt.encode()) % 2 == 0
+
+    def sample(self, prompts, steps=0, seed=0, solver="", **_):
+        revived = torch.tensor([self.revived(p) for p in prompts])[:, None, None, None]
+        return torch.where(revived, super().sample(prompts, seed=seed), self.erased.sample(prompts, seed=seed))
+
+
+def test_the_images_judged_to_show_a_target_are_uas_misses_with_their_prompts(judge):
+    model, evaluator = HalfErased(), Evaluator(judge, EvalConfig(forget_prompts=8, retain_prompts=4, images_per_prompt=2))
+    metrics = evaluator.evaluate(model, forgotten=("striped", "red"))
+    judged = evaluator.judged_as_target(model, ("striped", "red"))
+    for target in ("striped", "red"):  # red is drawn everywhere; the second target checks the prompts' draw order
+        images, prompts = judged[target]
+        assert len(images) == len(prompts) == round((1 - metrics["ua_per_target"][target]["train"]) * metrics["ua_images"])
+    images, prompts = judged["striped"]
+    assert 0 < len(images) < metrics["ua_images"] and all(HalfErased.revived(p) for p in prompts)
+    assert len(judged["red"][0]) == metrics["ua_images"]
 
 
 def test_results_are_cached_by_model_hash(judge, tmp_path):

@@ -437,6 +437,17 @@ def verify(store: Path = typer.Argument(...), quick: bool = typer.Option(False, 
                                                "history would pass too)"))
 
 
+def _write_misses(judged: dict, folder: Path) -> None:
+    from .viz import image_grid
+    folder.mkdir(parents=True, exist_ok=True)
+    for target, (images, prompts) in judged.items():
+        path = folder / f"{target.replace(' ', '-')}.png"
+        if len(images):
+            image_grid(images.clamp(0, 1), prompts, columns=6, scale=4, caption_height=14).save(path)
+        # on stderr: stdout may be --json's
+        typer.echo(f"{target}: {len(images)} image(s) judged to show it" + (f", in {path}" if len(images) else ""), err=True)
+
+
 @app.command("eval")
 def eval_store(store: Path = typer.Argument(...), as_json: bool = typer.Option(False, "--json"),
                set_: List[str] = typer.Option([], "--set", help="Evaluation option key=value (repeatable), e.g. "
@@ -446,7 +457,11 @@ def eval_store(store: Path = typer.Argument(...), as_json: bool = typer.Option(F
                base: bool = typer.Option(False, "--base", help="Also evaluate the base model on the same prompts "
                                                                "(JSON: under the key 'base')."),
                likelihood: bool = typer.Option(False, "--likelihood", help="Also the bits/dim of forgotten and retained "
-                                                                           "renders, beside the oracle's (text-to-image).")) -> None:
+                                                                           "renders, beside the oracle's (text-to-image)."),
+               misses: Optional[Path] = typer.Option(None, "--misses", file_okay=False,
+                                                     help="Also write FOLDER/<concept>.png per forgotten concept: the "
+                                                          "images UA counts as still showing it, with their prompts, to "
+                                                          "check the judge's calls by eye (embedded world).")) -> None:
     """Evaluate the store's current model: UA (per forgotten target), IRA, CRA, FD for text-to-image;
     UA, RA, TA, MIA and the gap to the retrain oracle for classifiers."""
     from .config import parse_assignments
@@ -457,7 +472,12 @@ def eval_store(store: Path = typer.Argument(...), as_json: bool = typer.Option(F
     if likelihood:
         options.setdefault("likelihood_steps", "50")
     evaluator = evaluator_for(s, options)
+    if misses is not None and not hasattr(evaluator, "judged_as_target"):
+        raise typer.BadParameter("--misses needs the embedded world's attribute judge; this store is judged otherwise. "
+                                 "Leave --misses out.")
     metrics = s.evaluate(evaluator, record=record)
+    if misses is not None:
+        _write_misses(evaluator.judged_as_target(s.load_model(), s.forgotten()), misses)
     base_metrics = evaluator(s.base_model(), s, forgotten=s.forgotten()) if base else None
     if as_json:
         _print_json({**metrics, "base": base_metrics} if base else metrics)

@@ -26,7 +26,7 @@ from ..config import check_number
 from ..models.t2i import solver_options
 from ..world import DEFAULT_ONTOLOGY, SPLITS, Ontology, WorldPrompts, render, sample_scenes
 from .metrics import Accuracy, FrechetDistance, UnlearningAccuracy
-from .quality import balanced_combinations, generate_and_judge, sample_and_judge
+from .quality import balanced_combinations, generate_and_judge, sample_and_judge, split_prompts
 
 
 # What every text-to-image evaluator returns when something is forgotten (``eval --json``, ledger
@@ -151,15 +151,15 @@ class Evaluator(CachedEvaluator):
     @torch.no_grad()
     def evaluate(self, model, forgotten: tuple[str, ...] = ()) -> dict:
         cfg, onto = self.config, self.ontology
-        rng = np.random.default_rng(cfg.seed)
         groups = {t: self.prompts.target_groups((t,))[0] for t in dict.fromkeys(forgotten)}
         out: dict = {"forgotten": list(groups), "eval_config": asdict(cfg)}
 
         ua: dict[str, dict[str, float]] = {}
         ua_interval: dict[str, list[float]] = {}
         ua_images = 0
+        forget_labels = self.forget_labels(tuple(groups))
         for target, group in groups.items():
-            labels = self.prompts.sample_labels(cfg.forget_prompts, rng, include=[group])
+            labels = forget_labels[target]
             ua[target] = {}
             for split in cfg.splits:
                 _, _, predicted, _ = generate_and_judge(model, self.judge, labels, split, cfg.images_per_prompt,
@@ -214,6 +214,28 @@ class Evaluator(CachedEvaluator):
                 out.update(self.relearnability(model, tuple(groups)))
         if groups and cfg.likelihood_steps:
             out.update(self.likelihood(model, groups, retained[:cfg.likelihood_images]))
+        return out
+
+    def forget_labels(self, forgotten: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """Each target's forget-prompt label rows, drawn in order from one stream of the config's seed."""
+        rng = np.random.default_rng(self.config.seed)
+        return {t: self.prompts.sample_labels(self.config.forget_prompts, rng, include=self.prompts.target_groups((t,))[:1])
+                for t in dict.fromkeys(forgotten)}
+
+    @torch.no_grad()
+    def judged_as_target(self, model, forgotten: tuple[str, ...]) -> dict[str, tuple[torch.Tensor, list[str]]]:
+        """Per target, the training-template images the judge counts as still showing it (UA's
+        misses, (1 - UA) x ``ua_images`` of them, drawn exactly as ``evaluate`` draws them), with
+        their prompts. The judge must name a class for every image, and an erasure can draw
+        something no class describes: these are the images to check its calls on by eye."""
+        cfg, out = self.config, {}
+        for target, labels in self.forget_labels(forgotten).items():
+            prompts = split_prompts(model, labels, "train", self.ontology)
+            images, predicted, _ = sample_and_judge(model, self.judge, prompts, cfg.images_per_prompt, cfg.seed, cfg.steps,
+                                                    cfg.solver, self.ontology)
+            shows = _shows_target(predicted, self.prompts.target_groups((target,))[0], self.ontology)
+            repeated = [p for p in prompts for _ in range(cfg.images_per_prompt)]  # as sample_and_judge draws them
+            out[target] = (images[shows], [p for p, shown in zip(repeated, shows.tolist()) if shown])
         return out
 
     def short_forms(self, labels: np.ndarray, group: dict[str, set[int]]) -> list[str]:

@@ -30,10 +30,15 @@ def generate_and_judge(model, judge, labels: np.ndarray, split: str, images_per_
     """Sample ``images_per_prompt`` images for each label row's prompt; returns (images, label
     rows repeated per image, judge predictions per domain, judge features). Prompts are in the
     model's own language, so ``train`` means the templates and words it was trained on."""
-    lang = model_language(model)
-    prompts = [prompt_for(tuple(row), split, variant=i, ontology=ontology, lang=lang) for i, row in enumerate(labels)]
+    prompts = split_prompts(model, labels, split, ontology)
     images, predicted, features = sample_and_judge(model, judge, prompts, images_per_prompt, seed, steps, solver, ontology)
     return images, np.repeat(labels, images_per_prompt, axis=0), predicted, features
+
+
+def split_prompts(model, labels: np.ndarray, split: str, ontology: Ontology = DEFAULT_ONTOLOGY) -> list[str]:
+    """One prompt of ``split`` per label row, in the model's own language (row i takes variant i)."""
+    lang = model_language(model)
+    return [prompt_for(tuple(row), split, variant=i, ontology=ontology, lang=lang) for i, row in enumerate(labels)]
 
 
 @torch.no_grad()
