@@ -219,7 +219,7 @@ class Evaluator(CachedEvaluator):
     def forget_labels(self, forgotten: tuple[str, ...]) -> dict[str, np.ndarray]:
         """Each target's forget-prompt label rows, drawn in order from one stream of the config's seed."""
         rng = np.random.default_rng(self.config.seed)
-        return {t: self.prompts.sample_labels(self.config.forget_prompts, rng, include=self.prompts.target_groups((t,))[:1])
+        return {t: self.prompts.sample_labels(self.config.forget_prompts, rng, include=[self.prompts.target_groups((t,))[0]])
                 for t in dict.fromkeys(forgotten)}
 
     @torch.no_grad()
