@@ -104,12 +104,14 @@ def test_eval_writes_the_images_the_judge_counts_as_misses_beside_its_json(tmp_p
     invoke("request", "add", store, "striped", "red", *FAST)
     invoke("apply", store)
     result = invoke("eval", store, "--json", "--no-record", "--misses", tmp_path / "misses", "--set", "forget_prompts=2",
-                    "--set", "images_per_prompt=2", "--set", "retain_prompts=2", "--set", "steps=2", "--set", "ua_splits=train")
+                    "--set", "images_per_prompt=2", "--set", "retain_prompts=2", "--set", "steps=2", "--set", "ua_splits=train",
+                    "--set", "short_prompts=true")
     metrics = json.loads(result.stdout)  # the notes about the images go to stderr
     for target in ("striped", "red"):
-        misses = round((1 - metrics["ua_per_target"][target]["train"]) * metrics["ua_images"])
-        assert f"{target}: {misses} image(s) judged to show it" in result.stderr
-        assert (tmp_path / "misses" / f"{target}.png").is_file() == (misses > 0)
+        for split, suffix in (("train", ""), ("short", "-short")):
+            misses = round((1 - metrics["ua_per_target"][target][split]) * metrics["ua_images"])
+            assert f"{target}{suffix}: {misses} image(s) judged to show it" in result.stderr
+            assert (tmp_path / "misses" / f"{target}{suffix}.png").is_file() == (misses > 0)
 
 
 def test_status_shows_an_adapter_requests_group_and_lw2g_decision(tmp_path, tiny_model_dir):

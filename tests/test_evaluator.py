@@ -16,8 +16,8 @@ CONFIG = EvalConfig(forget_prompts=4, retain_prompts=20, images_per_prompt=4)
 
 class RenderingModel:
     """Draws exactly the concepts its prompt names (by any of their words), optionally swapping
-    some; ``erased_words`` are drawn as the first concept of their domain instead, as by a model
-    whose erasure cut those words only."""
+    some; ``erased_words``, and a domain the prompt leaves out, are drawn as the first concept of
+    their domain, as by a model whose erasure cut those words only."""
 
     guidance_scale = 0.0
     language = "v2"
@@ -37,7 +37,8 @@ class RenderingModel:
             for domain in onto.domains:
                 said = [(c, w) for c in onto.in_domain(domain) for w in c.words
                         if f" {w} " in f" {prompt.replace(',', ' ').replace(':', ' ')} " or f" {w}s " in f" {prompt} "]
-                concept, word = max(said, key=lambda pair: len(pair[1]))  # "hollow circle" is a ring
+                # the longest word wins: "hollow circle" is a ring
+                concept, word = max(said, key=lambda pair: len(pair[1])) if said else (onto.in_domain(domain)[0], None)
                 name = onto.names(domain)[0] if word in self.erased_words else self.swap.get(concept.name, concept.name)
                 row.append(onto.index(name))
             rows.append(row)
@@ -98,13 +99,15 @@ class HalfErased(RenderingModel):
         return torch.where(revived, super().sample(prompts, seed=seed), self.erased.sample(prompts, seed=seed))
 
 
-def test_the_images_judged_to_show_a_target_are_uas_misses_with_their_prompts(judge):
-    model, evaluator = HalfErased(), Evaluator(judge, EvalConfig(forget_prompts=8, retain_prompts=4, images_per_prompt=2))
+@pytest.mark.parametrize("short", [False, True])
+def test_the_images_judged_to_show_a_target_are_uas_misses_with_their_prompts(judge, short):
+    config = EvalConfig(forget_prompts=8, retain_prompts=4, images_per_prompt=2, short_prompts=True)
+    model, evaluator, split = HalfErased(), Evaluator(judge, config), "short" if short else "train"
     metrics = evaluator.evaluate(model, forgotten=("striped", "red"))
-    judged = evaluator.judged_as_target(model, ("striped", "red"))
+    judged = evaluator.judged_as_target(model, ("striped", "red"), short=short)
     for target in ("striped", "red"):  # red is drawn everywhere; the second target checks the prompts' draw order
         images, prompts = judged[target]
-        assert len(images) == len(prompts) == round((1 - metrics["ua_per_target"][target]["train"]) * metrics["ua_images"])
+        assert len(images) == len(prompts) == round((1 - metrics["ua_per_target"][target][split]) * metrics["ua_images"])
     images, prompts = judged["striped"]
     assert 0 < len(images) < metrics["ua_images"] and all(HalfErased.revived(p) for p in prompts)
     assert len(judged["red"][0]) == metrics["ua_images"]

@@ -437,15 +437,16 @@ def verify(store: Path = typer.Argument(...), quick: bool = typer.Option(False, 
                                                "history would pass too)"))
 
 
-def _write_misses(judged: dict, folder: Path) -> None:
+def _write_misses(judged: dict, folder: Path, suffix: str = "") -> None:
     from .viz import image_grid
     folder.mkdir(parents=True, exist_ok=True)
     for target, (images, prompts) in judged.items():
-        path = folder / f"{target.replace(' ', '-')}.png"
+        path = folder / f"{target.replace(' ', '-')}{suffix}.png"
         if len(images):
             image_grid(images.clamp(0, 1), prompts, columns=6, scale=4, caption_height=14).save(path)
+        where = f", in {path}" if len(images) else ""
         # on stderr: stdout may be --json's
-        typer.echo(f"{target}: {len(images)} image(s) judged to show it" + (f", in {path}" if len(images) else ""), err=True)
+        typer.echo(f"{target}{suffix}: {len(images)} image(s) judged to show it{where}", err=True)
 
 
 @app.command("eval")
@@ -461,7 +462,8 @@ def eval_store(store: Path = typer.Argument(...), as_json: bool = typer.Option(F
                misses: Optional[Path] = typer.Option(None, "--misses", file_okay=False,
                                                      help="Also write FOLDER/<concept>.png per forgotten concept: the "
                                                           "images UA counts as still showing it, with their prompts, to "
-                                                          "check the judge's calls by eye (embedded world).")) -> None:
+                                                          "check the judge's calls by eye (embedded world); with "
+                                                          "short_prompts=true also <concept>-short.png.")) -> None:
     """Evaluate the store's current model: UA (per forgotten target), IRA, CRA, FD for text-to-image;
     UA, RA, TA, MIA and the gap to the retrain oracle for classifiers."""
     from .config import parse_assignments
@@ -477,7 +479,10 @@ def eval_store(store: Path = typer.Argument(...), as_json: bool = typer.Option(F
                                  "Leave --misses out.")
     metrics = s.evaluate(evaluator, record=record)
     if misses is not None:
-        _write_misses(evaluator.judged_as_target(s.load_model(), s.forgotten()), misses)
+        model = s.load_model()
+        _write_misses(evaluator.judged_as_target(model, s.forgotten()), misses)
+        if evaluator.config.short_prompts:
+            _write_misses(evaluator.judged_as_target(model, s.forgotten(), short=True), misses, suffix="-short")
     base_metrics = evaluator(s.base_model(), s, forgotten=s.forgotten()) if base else None
     if as_json:
         _print_json({**metrics, "base": base_metrics} if base else metrics)

@@ -223,17 +223,20 @@ class Evaluator(CachedEvaluator):
                 for t in dict.fromkeys(forgotten)}
 
     @torch.no_grad()
-    def judged_as_target(self, model, forgotten: tuple[str, ...]) -> dict[str, tuple[torch.Tensor, list[str]]]:
+    def judged_as_target(self, model, forgotten: tuple[str, ...],
+                         short: bool = False) -> dict[str, tuple[torch.Tensor, list[str]]]:
         """Per target, the training-template images the judge counts as still showing it (UA's
         misses, (1 - UA) x ``ua_images`` of them, drawn exactly as ``evaluate`` draws them), with
-        their prompts. The judge must name a class for every image, and an erasure can draw
-        something no class describes: these are the images to check its calls on by eye."""
+        their prompts; with ``short``, those of the short forms behind ``ua_short``. The judge must
+        name a class for every image, and an erasure can draw something no class describes: these
+        are the images to check its calls on by eye."""
         cfg, out = self.config, {}
         for target, labels in self.forget_labels(forgotten).items():
-            prompts = split_prompts(model, labels, "train", self.ontology)
+            group = self.prompts.target_groups((target,))[0]
+            prompts = self.short_forms(labels, group) if short else split_prompts(model, labels, "train", self.ontology)
             images, predicted, _ = sample_and_judge(model, self.judge, prompts, cfg.images_per_prompt, cfg.seed, cfg.steps,
                                                     cfg.solver, self.ontology)
-            shows = _shows_target(predicted, self.prompts.target_groups((target,))[0], self.ontology)
+            shows = _shows_target(predicted, group, self.ontology)
             repeated = [p for p in prompts for _ in range(cfg.images_per_prompt)]  # as sample_and_judge draws them
             out[target] = (images[shows], [p for p, shown in zip(repeated, shows.tolist()) if shown])
         return out
