@@ -479,10 +479,10 @@ def eval_store(store: Path = typer.Argument(...), as_json: bool = typer.Option(F
                                  "Leave --misses out.")
     metrics = s.evaluate(evaluator, record=record)
     if misses is not None:
-        model = s.load_model()
-        _write_misses(evaluator.judged_as_target(model, s.forgotten()), misses)
+        model, forgotten = s.load_model(), s.forgotten()
+        _write_misses(evaluator.judged_as_target(model, forgotten), misses)
         if evaluator.config.short_prompts:
-            _write_misses(evaluator.judged_as_target(model, s.forgotten(), short=True), misses, suffix="-short")
+            _write_misses(evaluator.judged_as_target(model, forgotten, short=True), misses, suffix="-short")
     base_metrics = evaluator(s.base_model(), s, forgotten=s.forgotten()) if base else None
     if as_json:
         _print_json({**metrics, "base": base_metrics} if base else metrics)

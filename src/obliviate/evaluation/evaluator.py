@@ -93,10 +93,9 @@ def _shows_target(predicted: dict[str, torch.Tensor], group: dict[str, set[int]]
     return shows
 
 
-def _unlearning_accuracy(predicted: dict[str, torch.Tensor], group: dict[str, set[int]], ontology: Ontology) -> UnlearningAccuracy:
-    """UA over judged images of a target's prompts: the share that do not show it."""
+def _unlearning_accuracy(shows: torch.Tensor) -> UnlearningAccuracy:
+    """UA over judged images of a target's prompts (``shows``: does each show it?): the share that do not."""
     metric = UnlearningAccuracy()
-    shows = _shows_target(predicted, group, ontology)
     metric.update(shows.long(), torch.ones_like(shows, dtype=torch.long))
     return metric
 
@@ -158,21 +157,15 @@ class Evaluator(CachedEvaluator):
         ua_interval: dict[str, list[float]] = {}
         ua_images = 0
         forget_labels = self.forget_labels(tuple(groups))
+        forms = cfg.splits + (("short",) if cfg.short_prompts else ())
         for target, group in groups.items():
-            labels = forget_labels[target]
             ua[target] = {}
-            for split in cfg.splits:
-                _, _, predicted, _ = generate_and_judge(model, self.judge, labels, split, cfg.images_per_prompt,
-                                                        cfg.seed, cfg.steps, cfg.solver, onto)
-                metric = _unlearning_accuracy(predicted, group, onto)
-                ua[target][split] = round(metric.compute(), 4)
-                if split == "train":  # the split ``ua`` and ``ua_min`` are read from
+            for form in forms:
+                metric = _unlearning_accuracy(self._forget_images(model, forget_labels[target], group, form)[2])
+                ua[target][form] = round(metric.compute(), 4)
+                if form == "train":  # the split ``ua`` and ``ua_min`` are read from
                     ua_interval[target] = [round(end, 4) for end in metric.interval()]
                     ua_images = metric.total
-            if cfg.short_prompts:
-                _, predicted, _ = sample_and_judge(model, self.judge, self.short_forms(labels, group), cfg.images_per_prompt,
-                                                   cfg.seed, cfg.steps, cfg.solver, onto)
-                ua[target]["short"] = round(_unlearning_accuracy(predicted, group, onto).compute(), 4)
 
         retained = self._retained_labels(list(groups.values()), cfg.retain_prompts)
         images, rows, predicted, features = generate_and_judge(model, self.judge, retained, "train", cfg.images_per_prompt,
@@ -196,7 +189,7 @@ class Evaluator(CachedEvaluator):
             ira = [np.mean([per_domain[d] for d in ds]) for ds in target_domains.values()]
             cra = [np.mean([per_domain[d] for d in onto.domains if d not in ds] or [np.nan]) for ds in target_domains.values()]
             out["ua"] = round(float(np.mean([v["train"] for v in ua.values()])), 4)
-            for split in cfg.splits[1:] + (("short",) if cfg.short_prompts else ()):
+            for split in forms[1:]:
                 out[f"ua_{split}"] = round(float(np.mean([v[split] for v in ua.values()])), 4)
             out["ua_min"] = round(float(min(v["train"] for v in ua.values())), 4)
             out["ua_per_target"] = ua
@@ -230,16 +223,23 @@ class Evaluator(CachedEvaluator):
         their prompts; with ``short``, those of the short forms behind ``ua_short``. The judge must
         name a class for every image, and an erasure can draw something no class describes: these
         are the images to check its calls on by eye."""
-        cfg, out = self.config, {}
+        out = {}
         for target, labels in self.forget_labels(forgotten).items():
             group = self.prompts.target_groups((target,))[0]
-            prompts = self.short_forms(labels, group) if short else split_prompts(model, labels, "train", self.ontology)
-            images, predicted, _ = sample_and_judge(model, self.judge, prompts, cfg.images_per_prompt, cfg.seed, cfg.steps,
-                                                    cfg.solver, self.ontology)
-            shows = _shows_target(predicted, group, self.ontology)
-            repeated = [p for p in prompts for _ in range(cfg.images_per_prompt)]  # as sample_and_judge draws them
-            out[target] = (images[shows], [p for p, shown in zip(repeated, shows.tolist()) if shown])
+            prompts, images, shows = self._forget_images(model, labels, group, "short" if short else "train")
+            out[target] = (images[shows], [p for p, shown in zip(prompts, shows.tolist()) if shown])
         return out
+
+    def _forget_images(self, model, labels: np.ndarray, group: dict[str, set[int]],
+                       form: str) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """The images of one target's forget prompts in ``form`` (a template split, or ``short`` for
+        ``short_forms``): each image's prompt, the images, and whether the judge sees the target in each."""
+        cfg = self.config
+        prompts = self.short_forms(labels, group) if form == "short" else split_prompts(model, labels, form, self.ontology)
+        images, predicted, _ = sample_and_judge(model, self.judge, prompts, cfg.images_per_prompt, cfg.seed, cfg.steps,
+                                                cfg.solver, self.ontology)
+        per_image = [p for p in prompts for _ in range(cfg.images_per_prompt)]  # as sample_and_judge draws them
+        return per_image, images, _shows_target(predicted, group, self.ontology)
 
     def short_forms(self, labels: np.ndarray, group: dict[str, set[int]]) -> list[str]:
         """Per label row, the target's words with one other attribute (two rows of every three,
