@@ -19,7 +19,7 @@ from pathlib import Path
 from .config import parse_spec
 from .engine import RegularizerSpec, Request, Store
 from .executors import Executor, SerialExecutor
-from .models.zoo import DEFAULT_T2I
+from .models.zoo import DEFAULT_JUDGE, DEFAULT_T2I
 from .progress import RequestProgress
 
 # Each sequence is a list of requests (a request is a tuple of targets) and the model it runs on.
@@ -191,7 +191,7 @@ def _run_cell(method, regularizer, sequence, spec, work, model, options, eval_op
     from .evaluation.attacks import get_attack
     from .models.zoo import find_oracle, load_judge
     attackers = {kind: get_attack(kind).from_options(opts) for kind, opts in (attacks or {}).items()}
-    judge = load_judge(eval_options.get("judge", "shapes-judge")) if attackers else None
+    judge = load_judge(eval_options.get("judge", DEFAULT_JUDGE)) if attackers else None
     cell_dir = work / _cell_name(sequence, method, regularizer)
     requests = sequence_requests(sequence)
     fresh = spec["fresh_store_per_request"]
@@ -459,7 +459,7 @@ def sampler_benchmark(model_name: str, solvers: list[str], step_counts: list[int
     from .evaluation.quality import judge_t2i
     from .models.zoo import load_judge, load_t2i
     from .world import render, sample_scenes
-    model, judge = load_t2i(model_name), load_judge("shapes-judge")
+    model, judge = load_t2i(model_name), load_judge()
     scenes = sample_scenes(inversion_images, seed=7)
     renders, texts = torch.from_numpy(render(scenes)), [f"a {caption}" for caption in scenes.captions()]
     lines = [f"# Samplers on `{model_name}`", "",

@@ -135,30 +135,39 @@ Reproduce: `obliviate zoo train {name} --exclude {' --exclude '.join(excluded)}`
     return target
 
 
-def install_judge(run: Path) -> Path:
-    entry = ZOO["shapes-judge"]
-    target = entry.path
+def install_judge(name: str, run: Path) -> Path:
+    """Copy a `zoo train` judge run into the package's weights, with a card of its recipe and
+    held-out render accuracy."""
+    target = ZOO[name].path
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
-    for name in ("judge.json", "judge.safetensors"):
-        shutil.copy2(run / name, target / name)
+    for file in ("judge.json", "judge.safetensors"):
+        shutil.copy2(run / file, target / file)
     config = json.loads((run / "judge.json").read_text())
     acc = config["heldout_render_accuracy"]
     recipe = config["recipe"]
-    (target / "MODEL_CARD.md").write_text(f"""# shapes-judge
+    augment = f"noise {recipe['augment_noise']}"
+    if recipe.get("fade", 1.0) < 1:
+        augment += f"; textures faded to as little as {recipe['fade']:.0%} contrast"
+    if recipe.get("recolour"):
+        augment += f"; {recipe['recolour']:.0%} of each batch hue-turned (no colour loss on those)"
+    if recipe.get("blur"):
+        augment += f"; Gaussian blur up to {recipe['blur']} px"
+    (target / "MODEL_CARD.md").write_text(f"""# {name}
 
 An attribute classifier of the embedded world: a small CNN (width {config['width']}) with one
 head per domain; its {config['feature_dim']}-d penultimate features feed the Fréchet distance.
 
 | | |
 |---|---|
-| training | {recipe['steps']} steps x batch {recipe['batch_size']} of fresh renders, AdamW one-cycle lr {recipe['learning_rate']}, noise augmentation {recipe['augment_noise']} |
+| training | {recipe['steps']} steps x batch {recipe['batch_size']} of fresh renders, AdamW one-cycle lr {recipe['learning_rate']} |
+| augmentation | {augment} |
 | wall time | {config['seconds'] / 60:.1f} min on {config['device']} ({hardware()}) |
 | seed | {recipe['seed']} |
 | held-out render accuracy (4096 renders) | shape {acc['shape']:.4f}, colour {acc['colour']:.4f}, texture {acc['texture']:.4f} |
 
-Reproduce: `obliviate zoo train shapes-judge --out runs/shapes-judge` then
-`obliviate zoo install shapes-judge --run runs/shapes-judge`.
+Reproduce: `obliviate zoo train {name} --out runs/{name}` then
+`obliviate zoo install {name} --run runs/{name}`.
 """)
     return target
 

@@ -19,7 +19,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from .errors import USER_ERRORS
-from .models.zoo import DEFAULT_T2I
+from .models.zoo import DEFAULT_JUDGE, DEFAULT_T2I
 
 USAGE_ERROR, INTERNAL_ERROR = 2, 70  # 70: EX_SOFTWARE in sysexits.h
 
@@ -143,6 +143,7 @@ def zoo_train(name: str = typer.Argument(..., help="A zoo name (`obliviate zoo l
     from .classifiers.train import ZOO_RECIPES, train_classifier
     from .models.zoo import oracle_key
     out = out or (oracles / oracle_key(exclude) if exclude else Path("runs") / name)
+    from .models.judge import JUDGE_RECIPES, train_judge
     from .models.train_t2i import T2I_RECIPES, train_t2i
     if name in T2I_RECIPES:
         import dataclasses
@@ -151,9 +152,9 @@ def zoo_train(name: str = typer.Argument(..., help="A zoo name (`obliviate zoo l
         recipe = dataclasses.replace(T2I_RECIPES[name], seed=seed, exclude=excluded, **({"steps": steps} if steps else {}))
         train_t2i(recipe, out)
         typer.echo(f"model written to {out / 'model'}")
-    elif name == "shapes-judge":
-        from .models.judge import JudgeRecipe, train_judge
-        judge, card = train_judge(JudgeRecipe(seed=seed, **({"steps": steps} if steps else {})))
+    elif name in JUDGE_RECIPES:
+        import dataclasses
+        judge, card = train_judge(dataclasses.replace(JUDGE_RECIPES[name], seed=seed, **({"steps": steps} if steps else {})))
         judge.save(out, card)
         typer.echo(f"judge written to {out}")
     elif name in ZOO_RECIPES:
@@ -162,7 +163,7 @@ def zoo_train(name: str = typer.Argument(..., help="A zoo name (`obliviate zoo l
         train_classifier(recipe, exclude=tuple(exclude), log=typer.echo).save(out / "model")
         typer.echo(f"model written to {out / 'model'}")
     else:
-        raise typer.BadParameter(f"no recipe for {name!r}; choose one of {', '.join([*T2I_RECIPES, 'shapes-judge', *ZOO_RECIPES])}")
+        raise typer.BadParameter(f"no recipe for {name!r}; choose one of {', '.join([*T2I_RECIPES, *JUDGE_RECIPES, *ZOO_RECIPES])}")
 
 
 @zoo_app.command("install")
@@ -178,20 +179,20 @@ def zoo_install(name: str = typer.Argument(..., help="A zoo name (`obliviate zoo
     excluded = _excluded_concepts(run) if name in ZOO and ZOO[name].kind == "t2i" else ()
     if name in ZOO and ZOO[name].kind == "classifier":
         typer.echo(f"installed {card.install_classifier(name, run)}")
-    elif name == "shapes-judge":
-        typer.echo(f"installed {card.install_judge(run)}")
+    elif name in ZOO and ZOO[name].kind == "judge":
+        typer.echo(f"installed {card.install_judge(name, run)}")
     elif excluded:  # a shapes-t2i retrain oracle: evaluated beside the base model on the same prompts
         from .evaluation.evaluator import EvalConfig, Evaluator
         from .models.t2i import T2IModel
         from .models.zoo import load_judge, load_t2i
-        evaluator = Evaluator(load_judge("shapes-judge"), EvalConfig(forget_prompts=8, images_per_prompt=4, ua_splits="train"))
+        evaluator = Evaluator(load_judge(), EvalConfig(forget_prompts=8, images_per_prompt=4, ua_splits="train"))
         oracle, base = (evaluator.evaluate(m, excluded) for m in (T2IModel.load(run / "model"), load_t2i(name)))
         typer.echo(f"installed retrain oracle {card.install_oracle(name, run, oracle, base)}")
     elif name in ZOO and ZOO[name].kind == "t2i":
         from .evaluation.quality import judge_t2i
         from .models.t2i import T2IModel
         from .models.zoo import load_judge
-        judge = load_judge("shapes-judge")
+        judge = load_judge()
         quality = judge_t2i(T2IModel.load(run / "model"), judge, images_per_prompt=images_per_prompt)
         _print_quality(quality)
         comparison = {**_shipped_or_judged(compare, quality, judge), "model": compare} if compare else None
@@ -251,7 +252,7 @@ def _load_t2i_or_store(name: str):
 
 @app.command()
 def judge(model: str = typer.Argument(DEFAULT_T2I, help="Zoo name or model folder."),
-          judge_model: str = typer.Option("shapes-judge", "--judge"),
+          judge_model: str = typer.Option(DEFAULT_JUDGE, "--judge", help="Zoo name or folder of the attribute judge."),
           prompts: int = typer.Option(40, help="Prompts per split, covering every concept."),
           images_per_prompt: int = typer.Option(16),
           steps: int = typer.Option(20), solver: str = typer.Option("dpm"),
@@ -522,7 +523,7 @@ def attack(store: Path = typer.Argument(...), concept: str = typer.Argument(...,
     from .evaluation.attacks import get_attack
     from .models.zoo import load_judge
     attack_obj = get_attack(kind).from_options(parse_assignments(set_))
-    result = Store(store).attack(attack_obj, concept, load_judge("shapes-judge"), seed=seed, oracles_dir=oracles)
+    result = Store(store).attack(attack_obj, concept, load_judge(), seed=seed, oracles_dir=oracles)
     if as_json:
         _print_json(result.to_dict())
         return

@@ -42,7 +42,7 @@ def real_vs_generated(model, labels: np.ndarray, seed: int = 0) -> tuple[torch.T
 def run_demo(out: Path, quick: bool = False, echo=print, print_quality=None, print_status=None) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model, judge = load_t2i(DEFAULT_T2I), load_judge("shapes-judge")
+    model, judge = load_t2i(DEFAULT_T2I), load_judge()
 
     echo("1/3 the world and the shipped model")
     images, captions = real_vs_generated(model, balanced_combinations(8 if quick else 24, DEFAULT_ONTOLOGY))

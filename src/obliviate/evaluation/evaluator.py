@@ -24,6 +24,7 @@ import torch
 
 from ..config import check_number
 from ..models.t2i import solver_options
+from ..models.zoo import DEFAULT_JUDGE
 from ..world import DEFAULT_ONTOLOGY, SPLITS, Ontology, WorldPrompts, render, sample_scenes
 from .metrics import Accuracy, FrechetDistance, UnlearningAccuracy
 from .quality import balanced_combinations, generate_and_judge, sample_and_judge, split_prompts
@@ -42,7 +43,7 @@ class EvalConfig:
     images_per_prompt: int = field(default=4, metadata={"help": "images sampled per prompt"})
     steps: int = field(default=20, metadata={"help": "sampler steps"})
     solver: str = field(default="dpm", metadata={"help": "ddim, dpm, o-belm, ddim-lml or dpm-lml (with options: dpm-lml:momentum=0.5)"})
-    judge: str = field(default="shapes-judge", metadata={"help": "zoo name or folder of the attribute judge"})
+    judge: str = field(default=DEFAULT_JUDGE, metadata={"help": "zoo name or folder of the attribute judge"})
     ua_splits: str = field(default=",".join(SPLITS), metadata={
         "help": "prompt splits UA is measured on, comma-separated (train is always included); fewer = cheaper"})
     relearn_checkpoints: str = field(default="", metadata={

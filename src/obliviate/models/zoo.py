@@ -1,8 +1,8 @@
 """The model zoo: models that ship inside the package, found by name.
 
 ``shapes-t2i-v2`` is the embedded text-to-image model (the default everywhere), ``shapes-t2i``
-its first version (kept so that tables made with it reproduce) and ``shapes-judge`` the attribute
-judge; ``digits-*`` and ``shapes-cnn`` are classifiers for the classifier side of the engine. All
+its first version (kept so that tables made with it reproduce), ``shapes-judge`` and
+``shapes-judge-v2`` the attribute judges; ``digits-*`` and ``shapes-cnn`` are classifiers for the classifier side of the engine. All
 are trained by ``obliviate zoo train NAME`` and their weights are committed under
 ``obliviate/weights/NAME``. Retrain oracles (``zoo train shapes-t2i-v2 --exclude CONCEPT``) go to a
 folder of the user's; those for ``striped`` (v1, v2), ``triangle`` and ``red`` (v2) ship under ``obliviate/weights/oracles/LANGUAGE``. An
@@ -37,7 +37,10 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in (
     ZooEntry("shapes-t2i-v2", "t2i", "2.7M-parameter pixel-space UNet, MiniLM tokens, v-prediction; draws the embedded "
                                      "world from prompts in the v2 language (6-10 synonyms a concept, 37 templates)"),
     ZooEntry("shapes-t2i", "t2i", "v1 of shapes-t2i-v2: the same UNet, trained on 1 synonym a concept and 7 templates"),
-    ZooEntry("shapes-judge", "judge", "attribute classifier, one head per domain (shape, colour, texture)"),
+    ZooEntry("shapes-judge", "judge", "attribute classifier, one head per domain (shape, colour, texture), trained on "
+                                      "renders as drawn"),
+    ZooEntry("shapes-judge-v2", "judge", "shapes-judge trained also on faint, blurred and hue-turned renders, so that it "
+                                         "reads a faint pattern or an off-palette shape as generated images draw them"),
     ZooEntry("digits-cnn", "classifier", "45k-parameter CNN on scikit-learn's handwritten digits (10 classes, 8x8)"),
     ZooEntry("digits-vit", "classifier", "100k-parameter ViT (2x2 patches, 3 blocks) on the handwritten digits"),
     ZooEntry("shapes-cnn", "classifier", "CNN classifying the embedded world's renders by shape (9 classes, 32x32)"),
@@ -45,6 +48,7 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in (
 
 
 DEFAULT_T2I = "shapes-t2i-v2"
+DEFAULT_JUDGE = "shapes-judge"
 
 
 def zoo_entry(name: str) -> ZooEntry:
@@ -73,7 +77,7 @@ def load_t2i(name_or_path: str | Path):
     return T2IModel.load(resolve_model_path(name_or_path))
 
 
-def load_judge(name_or_path: str | Path = "shapes-judge"):
+def load_judge(name_or_path: str | Path = DEFAULT_JUDGE):
     from .judge import AttributeJudge
     return AttributeJudge.load(resolve_model_path(name_or_path))
 
