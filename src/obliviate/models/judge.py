@@ -166,19 +166,18 @@ def train_judge(recipe: JudgeRecipe, ontology: Ontology = DEFAULT_ONTOLOGY, devi
                 solid = dataclasses.replace(scenes, texture=np.full(len(scenes), ontology.index("solid")))
                 contrast = torch.from_numpy(rng.uniform(recipe.fade, 1, len(scenes))).float()[:, None, None, None]
                 images = contrast * images + (1 - contrast) * torch.from_numpy(render(solid, ontology))
-            recoloured = torch.zeros(recipe.batch_size, dtype=torch.bool)
+            rows = {d: slice(None) for d in ontology.domains}  # the images each head learns from
             if recipe.recolour:
                 recoloured = torch.from_numpy(rng.random(recipe.batch_size) < recipe.recolour)
                 angles = torch.from_numpy(rng.uniform(0, 2 * np.pi, recipe.batch_size)).float()
                 images = torch.where(recoloured[:, None, None, None], rotate_hue(images, angles), images)
+                rows["colour"] = ~recoloured.to(device)  # a hue-turned image no longer shows its colour
             if recipe.blur:
                 images = gaussian_blur(images, torch.from_numpy(rng.uniform(0, recipe.blur, recipe.batch_size)).float())
             images = (images + recipe.augment_noise * rng.random() * torch.randn(images.shape)).clamp(0, 1).to(device)
             labels = torch.from_numpy(scenes.labels).to(device)
-            keep = {d: ~recoloured.to(device) if d == "colour" else torch.ones_like(recoloured, device=device)
-                    for d in ontology.domains}
             logits = judge(images)
-            loss = sum(F.cross_entropy(logits[d][keep[d]], labels[keep[d], i]) for i, d in enumerate(ontology.domains))
+            loss = sum(F.cross_entropy(logits[d][rows[d]], labels[rows[d], i]) for i, d in enumerate(ontology.domains))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

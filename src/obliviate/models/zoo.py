@@ -1,10 +1,10 @@
 """The model zoo: models that ship inside the package, found by name.
 
 ``shapes-t2i-v2`` is the embedded text-to-image model (the default everywhere), ``shapes-t2i``
-its first version (kept so that tables made with it reproduce), ``shapes-judge`` and
-``shapes-judge-v2`` the attribute judges; ``digits-*`` and ``shapes-cnn`` are classifiers for the classifier side of the engine. All
-are trained by ``obliviate zoo train NAME`` and their weights are committed under
-``obliviate/weights/NAME``. Retrain oracles (``zoo train shapes-t2i-v2 --exclude CONCEPT``) go to a
+its first version (kept so that tables made with it reproduce), ``shapes-judge`` the attribute
+judge (the default) and ``shapes-judge-v2`` the one that also sees faint patterns; ``digits-*``
+and ``shapes-cnn`` are classifiers for the classifier side of the engine. All are trained by
+``obliviate zoo train NAME`` and their weights are committed under ``obliviate/weights/NAME``. Retrain oracles (``zoo train shapes-t2i-v2 --exclude CONCEPT``) go to a
 folder of the user's; those for ``striped`` (v1, v2), ``triangle`` and ``red`` (v2) ship under ``obliviate/weights/oracles/LANGUAGE``. An
 oracle is only a bar for a model trained by the same recipe, so oracles are matched to a model by
 the world language both were trained in.
