@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import math
 
 import numpy as np
@@ -51,3 +52,15 @@ def test_the_v2_judge_reads_a_faint_pattern_as_that_pattern():
     patterned = scenes.texture != DEFAULT_ONTOLOGY.index("solid")
     called = load_judge("shapes-judge-v2").predict(faint)["texture"].numpy()
     assert (called[patterned] == scenes.texture[patterned]).mean() >= 0.95
+
+
+def test_zoo_train_runs_each_judge_recipe_and_names_them_for_an_unknown_one(tmp_path):
+    from typer.testing import CliRunner
+
+    from obliviate.cli import app
+    result = CliRunner().invoke(app, ["zoo", "train", "shapes-judge-v2", "--steps", "1", "--out", str(tmp_path / "j")])
+    assert result.exit_code == 0, result.output
+    recipe = json.loads((tmp_path / "j" / "judge.json").read_text())["recipe"]
+    assert (recipe["steps"], recipe["fade"], recipe["recolour"], recipe["blur"]) == (1, 0.4, 0.5, 0.8)
+    result = CliRunner().invoke(app, ["zoo", "train", "shapes-judge-v9"])
+    assert result.exit_code != 0 and "shapes-judge-v2" in result.output
