@@ -19,48 +19,39 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 from obliviate.engine import Store
-from obliviate.evaluation.evaluator import EvalConfig, Evaluator
+from obliviate.evaluation.evaluator import EvalConfig, Evaluator, _shows_target
 from obliviate.models.zoo import load_judge
+from obliviate.viz import image_grid
 
 LABELS = Path(__file__).with_name("eye-labels.json")
 SETTINGS = EvalConfig(forget_prompts=18, images_per_prompt=4, ua_splits="train", seed=0)
 
 
-def forget_images(store: Store, base: bool = False) -> tuple[torch.Tensor, list[str], list[str]]:
-    """Every forget image of the evaluation (of the store's model, or with ``base`` of the model
-    it started from), its target and its prompt form, in a fixed order."""
-    evaluator = Evaluator.for_store(store, SETTINGS)
-    model = store.base_model() if base else store.load_model(check=False)
+def forget_images(evaluator: Evaluator, model, forgotten) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Every forget image of the evaluation, its target and its prompt form, in a fixed order."""
     images, targets, forms = [], [], []
     with torch.no_grad():
-        for target, labels in evaluator.forget_labels(store.forgotten()).items():
+        for target, labels in evaluator.forget_labels(forgotten).items():
             group = evaluator.prompts.target_groups((target,))[0]
             for form in ("train", "short"):
                 _, drawn, _ = evaluator._forget_images(model, labels, group, form)
                 images.append(drawn.float().clamp(0, 1))
                 targets += [target] * len(drawn)
                 forms += [form] * len(drawn)
-    return torch.cat(images), targets, forms
+    return torch.cat(images), np.array(targets), np.array(forms)
 
 
-def shows_target(judge, images: torch.Tensor, targets: list[str], ontology) -> np.ndarray:
-    predicted = judge.predict(images)
-    return np.array([int(predicted[ontology.get(t).domain][i]) == ontology.index(t) for i, t in enumerate(targets)])
-
-
-def write_grid(images: torch.Tensor, indices: np.ndarray, targets: list[str], out: Path, zoom: int = 3, columns: int = 8):
-    cell_w, cell_h = 32 * zoom + 4, 32 * zoom + 14
-    grid = Image.new("RGB", (columns * cell_w, max(1, -(-len(indices) // columns)) * cell_h), "white")
-    draw = ImageDraw.Draw(grid)
-    for k, i in enumerate(indices):
-        row, col = divmod(k, columns)
-        pixels = (images[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        grid.paste(Image.fromarray(pixels).resize((32 * zoom, 32 * zoom), Image.NEAREST), (col * cell_w, row * cell_h))
-        draw.text((col * cell_w + 2, row * cell_h + 32 * zoom), f"{i} {targets[i]}", fill="black")
-    grid.save(out)
+def shows_target(judge, evaluator: Evaluator, images: torch.Tensor, targets: np.ndarray) -> np.ndarray:
+    """Per image, does ``judge`` see its target, by the rule UA counts with."""
+    predicted, shows = judge.predict(images), np.zeros(len(targets), dtype=bool)
+    for target in dict.fromkeys(targets):
+        rows = targets == target
+        group = evaluator.prompts.target_groups((target,))[0]
+        of_target = {d: p[torch.from_numpy(rows)] for d, p in predicted.items()}
+        shows[rows] = _shows_target(of_target, group, evaluator.ontology).numpy()
+    return shows
 
 
 def main() -> None:
@@ -72,18 +63,19 @@ def main() -> None:
     parser.add_argument("--grid", type=Path, help="write the first two judges' disagreements here, shuffled")
     args = parser.parse_args()
     store = Store(args.store)
-    images, targets, forms = forget_images(store, args.base)
-    ontology = Evaluator.for_store(store, SETTINGS).ontology
+    evaluator = Evaluator.for_store(store, SETTINGS)
+    model = store.base_model() if args.base else store.load_model(check=False)
+    images, targets, forms = forget_images(evaluator, model, store.forgotten())
     eye = json.loads(LABELS.read_text()).get(args.key, {}) if LABELS.is_file() else {}
+    labelled = [(int(i), v == "Y") for i, v in eye.items() if v in "YN"]
     calls = {}
     for name in args.judge:
-        calls[name] = shows = shows_target(load_judge(name), images, targets, ontology)
+        calls[name] = shows = shows_target(load_judge(name), evaluator, images, targets)
         per_form = []
         for form in ("train", "short"):
-            rows = np.array(forms) == form
-            per = {t: int(shows[rows & (np.array(targets) == t)].sum()) for t in dict.fromkeys(targets)}
+            rows = forms == form
+            per = {t: int(shows[rows & (targets == t)].sum()) for t in dict.fromkeys(targets)}
             per_form.append(f"{form} {int(shows[rows].sum())} ({', '.join(f'{t} {n}' for t, n in per.items() if n)})")
-        labelled = [(int(i), v == "Y") for i, v in eye.items() if v in "YN"]
         right = sum(shows[i] == truth for i, truth in labelled)
         print(f"{name}: counted as showing the target: {'; '.join(per_form)}"
               + (f"; agrees with the eye on {right} of {len(labelled)} labelled images" if labelled else ""))
@@ -91,9 +83,9 @@ def main() -> None:
         a, b = (calls[name] for name in args.judge[:2])
         disagree = np.flatnonzero(a != b)
         np.random.default_rng(0).shuffle(disagree)
-        write_grid(images, disagree, targets, args.grid)
+        if len(disagree):
+            image_grid(images[disagree], [f"{i} {targets[i]}" for i in disagree], scale=3, caption_height=14).save(args.grid)
         print(f"{len(disagree)} disagreements written to {args.grid}: {' '.join(map(str, disagree))}")
-
 
 if __name__ == "__main__":
     main()

@@ -140,25 +140,23 @@ def zoo_train(name: str = typer.Argument(..., help="A zoo name (`obliviate zoo l
               oracles: Path = typer.Option(Path("runs/oracles"), help="Where oracles go when --exclude is given."),
               seed: int = typer.Option(0, **SEED)) -> None:
     """Train a zoo model from its recipe (resumable for shapes-t2i)."""
+    import dataclasses
     from .classifiers.train import ZOO_RECIPES, train_classifier
-    from .models.zoo import oracle_key
-    out = out or (oracles / oracle_key(exclude) if exclude else Path("runs") / name)
     from .models.judge import JUDGE_RECIPES, train_judge
     from .models.train_t2i import T2I_RECIPES, train_t2i
+    from .models.zoo import oracle_key
+    out = out or (oracles / oracle_key(exclude) if exclude else Path("runs") / name)
     if name in T2I_RECIPES:
-        import dataclasses
         from .world import DEFAULT_ONTOLOGY
         excluded = tuple(c.name for term in exclude for c in DEFAULT_ONTOLOGY.resolve(term))
         recipe = dataclasses.replace(T2I_RECIPES[name], seed=seed, exclude=excluded, **({"steps": steps} if steps else {}))
         train_t2i(recipe, out)
         typer.echo(f"model written to {out / 'model'}")
     elif name in JUDGE_RECIPES:
-        import dataclasses
         judge, card = train_judge(dataclasses.replace(JUDGE_RECIPES[name], seed=seed, **({"steps": steps} if steps else {})))
         judge.save(out, card)
         typer.echo(f"judge written to {out}")
     elif name in ZOO_RECIPES:
-        import dataclasses
         recipe = dataclasses.replace(ZOO_RECIPES[name], seed=seed, **({"epochs": steps} if steps else {}))
         train_classifier(recipe, exclude=tuple(exclude), log=typer.echo).save(out / "model")
         typer.echo(f"model written to {out / 'model'}")

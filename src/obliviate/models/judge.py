@@ -113,7 +113,7 @@ def rotate_hue(images: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     k = torch.full((3,), 3 ** -0.5, dtype=images.dtype, device=images.device)
     cross = torch.tensor([[0.0, -1, 1], [1, 0, -1], [-1, 1, 0]], dtype=images.dtype, device=images.device) * k[0]
     cos, sin = angles.cos()[:, None, None], angles.sin()[:, None, None]
-    rotation = cos * torch.eye(3, device=images.device) + sin * cross + (1 - cos) * torch.outer(k, k)  # Rodrigues
+    rotation = cos * torch.eye(3, dtype=images.dtype, device=images.device) + sin * cross + (1 - cos) * torch.outer(k, k)  # Rodrigues
     return torch.einsum("bij,bjhw->bihw", rotation, images).clamp(0, 1)
 
 
