@@ -491,6 +491,31 @@ def test_partial_prompts_reach_the_method_and_its_rehearsal(tiny_t2i, monkeypatc
         assert all(p.split()[0] == "a" and " ".join(p.split()[1:]) in words and a == "a " for p, a in pairs), pairs
 
 
+def test_swap_anchors_put_a_retained_concept_in_the_targets_place_in_method_and_rehearsal(tiny_t2i, monkeypatch):
+    """``swap_anchors``: dotted's forget prompts and striped's rehearsal prompts (forgotten earlier)
+    are anchored with solid, gradient or checkered in the concept's place; never with the other
+    forgotten texture, never with none (shapes-t2i draws dotted when no texture is named)."""
+    from obliviate.methods.esd import ESD
+    calls = []
+    original = ESD.loss
+    monkeypatch.setattr(ESD, "loss", lambda self, session: calls.append(
+        list(zip(session.forget_prompts, session.anchor_prompts))) or original(self, session))
+    spec = RegularizerSpec("rehearse", {"prompts": 8, "objective": "method"})
+    prompts = WorldPrompts()
+    context = UnlearningContext(prompts=prompts, base_weights=tiny_t2i.state_tensors(), forgotten=("striped",))
+    get_method("esd").from_options({**FAST, "swap_anchors": True}).unlearn(
+        tiny_t2i, Request(("dotted",), "esd", {}, None, (spec,), 0), context)
+
+    def textures(text):
+        return {c for c in prompts.ontology.names("texture")
+                if any(re.search(rf"\b{re.escape(w)}\b", text) for w in prompts.concept_words((c,)))}
+    for pairs, concept in ((calls[0], "dotted"), (calls[1], "striped")):
+        assert all(textures(p) == {concept} for p, _ in pairs)
+        swapped = [textures(a) for _, a in pairs]
+        assert all(len(t) == 1 and t <= {"solid", "gradient", "checkered"} for t in swapped), pairs
+        assert len(set.union(*swapped)) == 3  # a random one each time, not one fixed replacement
+
+
 def test_rehearse_keep_holds_earlier_concepts_predictions_at_their_start(tiny_t2i, monkeypatch):
     """``objective=keep``: the penalty is zero before the first step (the start model's own
     predictions, recorded at setup, on prompts of the earlier concepts only) and grows once the

@@ -204,6 +204,18 @@ def test_random_anchors_avoid_concepts_forgotten_earlier_in_prompt_and_anchor():
         assert any(shows_red) is allowed and any(striped_in_place) is allowed
 
 
+def test_random_anchors_keep_out_concepts_from_the_targets_place_only():
+    """``keep_out`` (swap_anchors passes the concepts forgotten earlier): striped never takes
+    dotted's place, but prompts may still show red."""
+    import numpy as np
+    from obliviate.world import WorldPrompts
+    prompts = WorldPrompts()
+    pairs = prompts.random_anchor_pairs(("dotted",), 200, np.random.default_rng(0), keep_out=("striped", "red"))
+    striped = [w for c in prompts.target_concepts(("striped",)) for w in prompts.lang.words(c)]
+    assert not any(re.search(whole_word(w), p.anchor) for p in pairs for w in striped)
+    assert any(p.labels[1] == prompts.ontology.index("red") for p in pairs)
+
+
 def test_anchor_of_a_several_target_request_drops_only_the_targets_the_prompt_shows():
     """Targets striped and triangle: "a dotted red triangle" anchors to "a dotted red", not "a red"."""
     prompts = WorldPrompts()

@@ -81,7 +81,8 @@ def sequence_requests(sequence: str) -> list[tuple[str, ...]]:
 # Columns of each model family's tables: (header, row key, decimals).
 T2I_COLUMNS = [("UA", "ua", 3), ("UA min", "ua_min", 3), ("UA train syn", "ua_train_synonym", 3), ("UA held-out tmpl", "ua_heldout_template", 3),
                ("UA held-out syn", "ua_heldout_synonym", 3), ("IRA", "ira", 3), ("CRA", "cra", 3), ("FD", "fd", 2),
-               ("supertype acc", "supertype_accuracy", 3), ("relearn AUC", "relearn_auc", 3), ("AUC gap", "relearn_auc_gap", 3),
+               ("unasked", "unasked", 3), ("supertype acc", "supertype_accuracy", 3), ("relearn AUC", "relearn_auc", 3),
+               ("AUC gap", "relearn_auc_gap", 3),
                ("NLL forgotten", "nll_forgotten", 3), ("NLL gap", "nll_forgotten_gap", 3), ("NLL retained", "nll_retained", 3)]
 CLASSIFIER_COLUMNS = [("UA", "ua", 3), ("UA test", "ua_test", 3), ("RA", "ra", 3), ("TA", "ta", 3), ("MIA", "mia", 3),
                       ("gap", "gap", 2), ("relearn", "relearn_steps", 0), ("oracle relearn", "oracle_relearn_steps", 0),

@@ -19,12 +19,12 @@ CURVES = {
     "t2i": ((("ua", "UA (forgotten, mean)"), ("ua_min", "UA (worst target)"), ("ira", "IRA"), ("cra", "CRA")),
             ("fd", "Fréchet distance (lower is better)"),
             ("ua", "ua_train_synonym", "ua_heldout_template", "ua_heldout_synonym", "ua_short", "ira", "cra", "fd",
-             "clip_score", "clip_score_forgotten", "relearn_auc", "relearn_auc_gap")),
+             "unasked", "clip_score", "clip_score_forgotten", "relearn_auc", "relearn_auc_gap")),
     "classifier": ((("ua", "UA (forget set)"), ("ra", "RA (retained)"), ("ta", "TA (test)"), ("mia", "MIA efficacy")),
                    ("gap", "gap to the retrain oracle, points (lower is better)"), ("ua", "ra", "ta", "mia", "gap")),
 }
 HEADERS = {"ua": "UA", "ua_train_synonym": "UA train syn", "ua_heldout_template": "UA held-out tmpl",
-           "ua_heldout_synonym": "UA held-out syn", "ua_short": "UA short", "relearn_auc": "relearn AUC", "relearn_auc_gap": "AUC gap to oracle",
+           "ua_heldout_synonym": "UA held-out syn", "ua_short": "UA short", "unasked": "forgotten drawn unasked", "relearn_auc": "relearn AUC", "relearn_auc_gap": "AUC gap to oracle",
            "clip_score": "CLIP score", "clip_score_forgotten": "CLIP score (forgotten)"}
 
 

@@ -7,6 +7,7 @@ Definitions follow UnlearnCanvas, per forgotten target t in domain d:
 - UA(t): share of images generated for t's prompts that the judge does not classify as t;
 - IRA(t): judge accuracy in domain d on prompts of retained concepts;
 - CRA(t): judge accuracy in the other domains on the same retained prompts;
+- unasked(t): share of those retained images the judge sees t in, though no retained prompt names it;
 reported values average over targets. FD compares judge features of the retained images with
 renders of the same labels. Results are cached by model hash, so nothing is sampled twice.
 """
@@ -199,6 +200,11 @@ class Evaluator(CachedEvaluator):
             out["ua_interval_per_target"] = ua_interval
             out["ira"] = round(float(np.mean(ira)), 4)
             out["cra"] = round(float(np.nanmean(cra)), 4) if not np.all(np.isnan(cra)) else None
+            # no retained prompt asks for a forgotten target, so every retained image showing one
+            # is the erased concept leaking into other prompts (an erasure that moved, not went)
+            unasked = {t: round(float(_shows_target(predicted, g, onto).float().mean()), 4) for t, g in groups.items()}
+            out["unasked_per_target"] = unasked
+            out["unasked"] = round(float(np.mean(list(unasked.values()))), 4)
         else:
             out["ira"] = out["cra"] = round(float(np.mean(list(per_domain.values()))), 4)
         if groups and cfg.supertypes:

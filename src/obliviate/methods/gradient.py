@@ -75,10 +75,14 @@ class GradientMethod(UnlearningMethod):
     def forget_pairs(self, session: TrainingSession, n: int) -> list[PromptPair]:
         """The forget prompts and their anchors: the request's anchor in the target's place, or
         else the prompt without the target (a random retained concept in its place, with
-        ``random_anchors``); ``partial_prompts`` of the other attributes left out of both."""
+        ``random_anchors`` or the ``swap_anchors`` option; the option never puts a concept
+        forgotten earlier there); ``partial_prompts`` of the other attributes left out of both."""
         avoid, partial = self.avoided(session.context), session.config.partial_prompts
-        if self.random_anchors and not session.request.anchor:
-            return session.prompts.random_anchor_pairs(session.targets, n, session.rng, avoid=avoid, partial=partial)
+        if (self.random_anchors or session.config.swap_anchors) and not session.request.anchor:
+            # salun and safegen drew from every other concept before the option existed; they still do
+            keep_out = session.context.forgotten if session.config.swap_anchors else ()
+            return session.prompts.random_anchor_pairs(session.targets, n, session.rng, avoid=avoid, partial=partial,
+                                                       keep_out=keep_out)
         return session.prompts.forget_pairs(session.targets, session.request.anchor, n, session.rng, avoid=avoid,
                                             partial=partial)
 

@@ -6,8 +6,9 @@ back (in the s10 sequence, later shape requests revive circle). Two objectives:
   of the request, ``weight * || eps_theta(x_t, c_old) - eps_start(x_t, c_old) ||^2`` on noisy
   images fixed at setup, where the start model's predictions are recorded once;
 - ``method``: the running method's own loss on them, each paired with its plain description as
-  the anchor (the empty prompt for free text; earlier requests' own anchors are not kept), so the
-  erasure is trained again.
+  the anchor (the empty prompt for free text; earlier requests' own anchors are not kept), or
+  with the method's ``swap_anchors`` with a retained concept in its place, so the erasure is
+  trained again.
 
 The earlier concepts' prompts come from the prompt source's training templates, never naming
 the request's own targets, except with ``combined``: that share of them also shows a target, with
@@ -84,15 +85,26 @@ class Rehearsal(Regularizer):
         concepts, counts = np.unique(session.rng.choice(len(earlier), self.config.prompts), return_counts=True)
         for concept, count in zip(concepts, counts):
             combined = self.combined_pairs(session, earlier[concept], int(count))
-            self.pairs += combined + session.prompts.forget_pairs((earlier[concept],), None, int(count) - len(combined),
-                                                                  session.rng, avoid=session.targets,
-                                                                  partial=session.config.partial_prompts)
+            self.pairs += combined + self.own_pairs(session, earlier[concept], int(count) - len(combined))
         targets = [p.target for p in self.pairs]
         latents = session.draw_latents(targets, pretrained=self.config.images == "pretrained")
         if self.config.objective == "method":
             self.latents = latents
         else:  # the model has not trained yet: these are the start model's predictions
             self.kept = KeptPredictions(session, targets, latents)
+
+    @staticmethod
+    def own_pairs(session, concept: str, count: int) -> list[PromptPair]:
+        """``count`` prompts of ``concept`` naming no target of the request, anchored as the
+        method anchors its own: without the concept, or with ``swap_anchors`` a random concept
+        neither forgotten nor a target in its place."""
+        config = session.config
+        if config.swap_anchors:
+            return session.prompts.random_anchor_pairs((concept,), count, session.rng, avoid=session.targets,
+                                                       partial=config.partial_prompts,
+                                                       keep_out=session.context.forgotten)
+        return session.prompts.forget_pairs((concept,), None, count, session.rng, avoid=session.targets,
+                                            partial=config.partial_prompts)
 
     def combined_pairs(self, session, concept: str, count: int) -> list[PromptPair]:
         """About ``combined`` of ``count`` prompts showing ``concept`` with a target of the request

@@ -53,9 +53,11 @@ class PromptSource(TargetSource, Protocol):
         attribute besides the targets' is left out of both with that chance (none in free text)."""
 
     def random_anchor_pairs(self, targets: tuple[str, ...], n: int, rng: np.random.Generator,
-                            avoid: tuple[str, ...] = (), partial: float = 0.0) -> list[PromptPair]:
+                            avoid: tuple[str, ...] = (), partial: float = 0.0,
+                            keep_out: tuple[str, ...] = ()) -> list[PromptPair]:
         """Forget prompts whose anchor shows a random retained concept in the target's place;
-        neither shows a concept in ``avoid`` when the world allows. ``partial`` as in ``forget_pairs``."""
+        neither shows a concept in ``avoid`` when the world allows, and no concept in ``keep_out``
+        takes the target's place. ``partial`` as in ``forget_pairs``."""
 
     def retain_prompts(self, forgotten: tuple[str, ...], n: int, rng: np.random.Generator) -> list[str]:
         """Prompts showing none of ``forgotten``; empty when nothing is known to be retained."""
@@ -239,13 +241,15 @@ class WorldPrompts:
         return flagged
 
     def random_anchor_pairs(self, targets: tuple[str, ...], n: int, rng: np.random.Generator,
-                            avoid: tuple[str, ...] = (), partial: float = 0.0) -> list[PromptPair]:
+                            avoid: tuple[str, ...] = (), partial: float = 0.0,
+                            keep_out: tuple[str, ...] = ()) -> list[PromptPair]:
         """Forget prompts whose anchor puts a random other concept of its domain in each target
         concept's place, in the same template (the "random label" of SalUn for generation).
-        Neither the prompts nor the concepts put in a target's place show one in ``avoid``;
+        Neither the prompts nor the concepts put in a target's place show one in ``avoid``, and
+        no concept of ``keep_out`` (e.g. one forgotten earlier) takes a target's place;
         ``partial`` leaves out other attributes as in ``forget_pairs``."""
         targeted = {c.name for c in self.target_concepts(targets)}
-        excluded = targeted | {c.name for c in self.target_concepts(avoid)}
+        excluded = targeted | {c.name for c in self.target_concepts(avoid + keep_out)}
         pairs = []
         for row, template, words in self._forget_rows(targets, n, rng, avoid, partial):
             swapped = dict(words)
@@ -353,8 +357,8 @@ class FreeTextPrompts:
     def shows_uncovered(self, labels, covered, terms) -> np.ndarray:
         return np.zeros(len(labels), dtype=bool)
 
-    def random_anchor_pairs(self, targets, n, rng, avoid=(), partial=0.0) -> list[PromptPair]:
-        kept = [r for r in self.retain if r not in targets] or [""]
+    def random_anchor_pairs(self, targets, n, rng, avoid=(), partial=0.0, keep_out=()) -> list[PromptPair]:
+        kept = [r for r in self.retain if r not in targets + keep_out] or [""]
         return [PromptPair(p.target, kept[int(rng.integers(len(kept)))]) for p in self.forget_pairs(targets, None, n, rng)]
 
     def retain_prompts(self, forgotten, n, rng) -> list[str]:
