@@ -10,7 +10,9 @@ velocity (both are affine in each other at fixed x_t and t).
 ``guide="anchor"`` is the attribute-erasure form (the reference code's ``--erase_from``): the
 unconditional prediction is replaced by the prediction for the same prompt with the target
 dropped (or replaced by the request's anchor), so only the target's direction is negated and the
-rest of the prompt (colour, shape, ...) is kept.
+rest of the prompt (colour, shape, ...) is kept. A model may draw the target exactly when its
+word is dropped (shapes-t2i draws dotted for most prompts that name no texture); then the anchor
+is the target, nothing is negated, and ``swap_anchors`` puts a random retained concept in its place.
 """
 
 from __future__ import annotations
