@@ -79,9 +79,9 @@ def test_a_model_that_never_learned_the_concept_has_ua_near_one(judge):
 
 
 def test_a_forgotten_concept_drawn_for_other_prompts_counts_as_unasked(judge):
-    faithful = Evaluator(judge, CONFIG).evaluate(RenderingModel(), forgotten=("striped",))
-    assert faithful["unasked"] <= 0.02 and faithful["unasked_per_target"] == {"striped": faithful["unasked"]}
     evaluator = Evaluator(judge, CONFIG)
+    faithful = evaluator.evaluate(RenderingModel(), forgotten=("striped",))
+    assert faithful["unasked"] <= 0.02 and faithful["unasked_per_target"] == {"striped": faithful["unasked"]}
     moved = evaluator.evaluate(RenderingModel(swap={"dotted": "striped"}), forgotten=("striped",))  # dots became stripes
     retained = evaluator._retained_labels([evaluator.prompts.target_groups(("striped",))[0]], CONFIG.retain_prompts)
     asked_dotted = float(np.mean(retained[:, 2] == DEFAULT_ONTOLOGY.index("dotted")))
