@@ -77,14 +77,12 @@ class GradientMethod(UnlearningMethod):
         else the prompt without the target (a random retained concept in its place, with
         ``random_anchors`` or the ``swap_anchors`` option; the option never puts a concept
         forgotten earlier there); ``partial_prompts`` of the other attributes left out of both."""
-        avoid, partial = self.avoided(session.context), session.config.partial_prompts
-        if (self.random_anchors or session.config.swap_anchors) and not session.request.anchor:
+        avoid, anchor = self.avoided(session.context), session.request.anchor
+        if self.random_anchors and not anchor and not session.config.swap_anchors:
             # salun and safegen drew from every other concept before the option existed; they still do
-            keep_out = session.context.forgotten if session.config.swap_anchors else ()
-            return session.prompts.random_anchor_pairs(session.targets, n, session.rng, avoid=avoid, partial=partial,
-                                                       keep_out=keep_out)
-        return session.prompts.forget_pairs(session.targets, session.request.anchor, n, session.rng, avoid=avoid,
-                                            partial=partial)
+            return session.prompts.random_anchor_pairs(session.targets, n, session.rng, avoid=avoid,
+                                                       partial=session.config.partial_prompts)
+        return session.anchored_pairs(session.targets, n, avoid, anchor)
 
     def avoided(self, context: UnlearningContext) -> tuple[str, ...]:
         """Concepts the forget prompts leave out: with ``avoid_forgotten``, those earlier requests

@@ -85,26 +85,14 @@ class Rehearsal(Regularizer):
         concepts, counts = np.unique(session.rng.choice(len(earlier), self.config.prompts), return_counts=True)
         for concept, count in zip(concepts, counts):
             combined = self.combined_pairs(session, earlier[concept], int(count))
-            self.pairs += combined + self.own_pairs(session, earlier[concept], int(count) - len(combined))
+            self.pairs += combined + session.anchored_pairs((earlier[concept],), int(count) - len(combined),
+                                                            avoid=session.targets)
         targets = [p.target for p in self.pairs]
         latents = session.draw_latents(targets, pretrained=self.config.images == "pretrained")
         if self.config.objective == "method":
             self.latents = latents
         else:  # the model has not trained yet: these are the start model's predictions
             self.kept = KeptPredictions(session, targets, latents)
-
-    @staticmethod
-    def own_pairs(session, concept: str, count: int) -> list[PromptPair]:
-        """``count`` prompts of ``concept`` naming no target of the request, anchored as the
-        method anchors its own: without the concept, or with ``swap_anchors`` a random concept
-        neither forgotten nor a target in its place."""
-        config = session.config
-        if config.swap_anchors:
-            return session.prompts.random_anchor_pairs((concept,), count, session.rng, avoid=session.targets,
-                                                       partial=config.partial_prompts,
-                                                       keep_out=session.context.forgotten)
-        return session.prompts.forget_pairs((concept,), None, count, session.rng, avoid=session.targets,
-                                            partial=config.partial_prompts)
 
     def combined_pairs(self, session, concept: str, count: int) -> list[PromptPair]:
         """About ``combined`` of ``count`` prompts showing ``concept`` with a target of the request

@@ -285,6 +285,16 @@ class TrainingSession:
         return self._batch(self.concept_latents, self.forget_prompts, self.anchor_prompts)
 
     @torch.no_grad()
+    def anchored_pairs(self, targets: tuple[str, ...], n: int, avoid: tuple[str, ...] = (), anchor: str | None = None):
+        """``n`` forget prompts of ``targets`` with their anchors: ``anchor`` in the target's place;
+        else, with ``swap_anchors``, a random concept neither forgotten nor a target; else the
+        prompt without the target. ``partial_prompts`` of the other attributes left out of both."""
+        partial = self.config.partial_prompts
+        if self.config.swap_anchors and not anchor:
+            return self.prompts.random_anchor_pairs(targets, n, self.rng, avoid=avoid, partial=partial,
+                                                    keep_out=self.context.forgotten)
+        return self.prompts.forget_pairs(targets, anchor, n, self.rng, avoid=avoid, partial=partial)
+
     def draw_latents(self, prompts: list[str], seed: int | None = None, pretrained: bool = False) -> torch.Tensor:
         """x_0 latents the frozen model draws for ``prompts`` (from ``seed``'s noise when given:
         two prompt lists drawn from one seed start every row from the same noise); with
