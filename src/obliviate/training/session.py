@@ -284,7 +284,6 @@ class TrainingSession:
             self.concept_latents = self.draw_latents(self.forget_prompts[:self.config.forget_images])
         return self._batch(self.concept_latents, self.forget_prompts, self.anchor_prompts)
 
-    @torch.no_grad()
     def anchored_pairs(self, targets: tuple[str, ...], n: int, avoid: tuple[str, ...] = (), anchor: str | None = None):
         """``n`` forget prompts of ``targets`` with their anchors: ``anchor`` in the target's place;
         else, with ``swap_anchors``, a random concept neither forgotten nor a target; else the
@@ -295,6 +294,7 @@ class TrainingSession:
                                                     keep_out=self.context.forgotten)
         return self.prompts.forget_pairs(targets, anchor, n, self.rng, avoid=avoid, partial=partial)
 
+    @torch.no_grad()
     def draw_latents(self, prompts: list[str], seed: int | None = None, pretrained: bool = False) -> torch.Tensor:
         """x_0 latents the frozen model draws for ``prompts`` (from ``seed``'s noise when given:
         two prompt lists drawn from one seed start every row from the same noise); with
