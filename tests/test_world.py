@@ -214,6 +214,11 @@ def test_random_anchors_keep_out_concepts_from_the_targets_place_only():
     striped = [w for c in prompts.target_concepts(("striped",)) for w in prompts.lang.words(c)]
     assert not any(re.search(whole_word(w), p.anchor) for p in pairs for w in striped)
     assert any(p.labels[1] == prompts.ontology.index("red") for p in pairs)
+    # every other texture kept out: one of them, never dotted itself, takes dotted's place
+    others = tuple(t for t in prompts.ontology.names("texture") if t != "dotted")
+    pairs = prompts.random_anchor_pairs(("dotted",), 50, np.random.default_rng(0), keep_out=others)
+    dotted = [w for c in prompts.target_concepts(("dotted",)) for w in prompts.lang.words(c)]
+    assert not any(re.search(whole_word(w), p.anchor) for p in pairs for w in dotted), pairs[:3]
 
 
 def test_anchor_of_a_several_target_request_drops_only_the_targets_the_prompt_shows():

@@ -246,15 +246,18 @@ class WorldPrompts:
         """Forget prompts whose anchor puts a random other concept of its domain in each target
         concept's place, in the same template (the "random label" of SalUn for generation).
         Neither the prompts nor the concepts put in a target's place show one in ``avoid``, and
-        no concept of ``keep_out`` (e.g. one forgotten earlier) takes a target's place;
-        ``partial`` leaves out other attributes as in ``forget_pairs``."""
+        no concept of ``keep_out`` (e.g. one forgotten earlier) takes a target's place unless
+        the domain has no other; ``partial`` leaves out other attributes as in ``forget_pairs``."""
         targeted = {c.name for c in self.target_concepts(targets)}
-        excluded = targeted | {c.name for c in self.target_concepts(avoid + keep_out)}
+        excluded = targeted | {c.name for c in self.target_concepts(avoid)}
+        kept_out = excluded | {c.name for c in self.target_concepts(keep_out)}
         pairs = []
         for row, template, words in self._forget_rows(targets, n, rng, avoid, partial):
             swapped = dict(words)
             for domain, name in self.words(row).items():
-                others = [c for c in self.ontology.names(domain) if c not in excluded]
+                # a concept forgotten earlier in the target's place beats the target itself
+                others = ([c for c in self.ontology.names(domain) if c not in kept_out]
+                          or [c for c in self.ontology.names(domain) if c not in excluded])
                 if name in targeted and others:
                     swapped[domain] = others[int(rng.integers(len(others)))]
             pairs.append(PromptPair(_fill(template, words), _fill(template, swapped), tuple(int(i) for i in row)))
