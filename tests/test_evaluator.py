@@ -185,6 +185,33 @@ def test_supertype_prompts_are_judged_against_the_supertypes_members(judge, memb
     assert "supertype" not in without and "supertype_accuracy" not in without
 
 
+class DefaultTexture(RenderingModel):
+    """Draws a prompt that names no texture in ``default`` (other domains as ``RenderingModel``)."""
+
+    def __init__(self, default: str):
+        super().__init__()
+        self.default = default
+
+    def state_tensors(self):
+        return {"default": torch.tensor(DEFAULT_ONTOLOGY.index(self.default))}
+
+    def sample(self, prompts, **kwargs):
+        textures = [w for c in DEFAULT_ONTOLOGY.in_domain("texture") for w in c.words]
+        return super().sample([p if any(f" {w} " in f" {p} " for w in textures) else f"{p} {self.default}" for p in prompts],
+                              **kwargs)
+
+
+@pytest.mark.parametrize("default, share", [("dotted", 1.0), ("solid", 0.0)])
+def test_unnamed_prompts_find_a_forgotten_concept_the_model_draws_where_no_prompt_names_it(judge, default, share):
+    config = EvalConfig(forget_prompts=4, retain_prompts=2, images_per_prompt=2, ua_splits="train", unnamed_prompts=True)
+    metrics = Evaluator(judge, config).evaluate(DefaultTexture(default), forgotten=("dotted", "blue"))
+    assert metrics["unnamed_per_target"]["dotted"] == share  # its prompts name no texture, so draw the default
+    assert metrics["unnamed_per_target"]["blue"] == 0.0  # an unnamed colour is drawn red
+    assert metrics["unnamed"] == pytest.approx(share / 2)
+    assert "unnamed" not in Evaluator(judge, EvalConfig(forget_prompts=1, retain_prompts=2, images_per_prompt=1)).evaluate(
+        DefaultTexture(default), forgotten=("dotted",))
+
+
 class FullPromptEraser(RenderingModel):
     """Draws a prompt's missing attributes as their domain's first concept; erases "striped"
     (draws it solid) only under prompts that name all three attributes, or under every prompt."""

@@ -680,6 +680,27 @@ def test_preserve_supertypes_holds_supertype_prompts_to_a_retained_members_predi
     assert torch.allclose(member, kept.kept[:6], atol=1e-5)
 
 
+def test_preserve_unnamed_holds_prompts_without_a_forgotten_domain_to_a_retained_concepts_predictions(tiny_t2i, monkeypatch):
+    """``unnamed`` adds prompts that leave out the domain of the target (dotted: texture) and of
+    an earlier-forgotten concept (red: colour), held to the start model's predictions for the
+    same prompt naming a retained concept there, on that prompt's images."""
+    from obliviate.regularizers.preservation import Preservation
+    made = []
+    setup = Preservation.setup
+    monkeypatch.setattr(Preservation, "setup", lambda self, session: made.append(self) or setup(self, session))
+    start = {k: v.clone() for k, v in tiny_t2i.state_tensors().items()}
+    context = UnlearningContext(prompts=WorldPrompts(), base_weights=start, forgotten=("red",))
+    request = Request(("dotted",), "esd", {}, None, (RegularizerSpec("preserve", {"prompts": 4, "unnamed": 2}),), 0)
+    get_method("esd").from_options({**FAST, "steps": 1}).unlearn(tiny_t2i, request, context)
+    kept = made[0].kept
+    assert kept.prompts[:4] == kept.references[:4] and len(set(kept.prompts)) == 6
+    for prompt, reference in zip(kept.prompts[4:6], kept.references[4:6]):  # one word fewer: colour, then texture
+        assert len(prompt.split()) == len(reference.split()) - 1 and set(prompt.split()) < set(reference.split())
+    with torch.no_grad():
+        named = tiny_t2i.predict(kept.noisy[4:6], kept.t[4:6], tiny_t2i.encode(kept.references[4:6]))
+    assert torch.allclose(named, kept.kept[4:6], atol=1e-5)
+
+
 def test_selft_moves_only_the_selected_fraction(tiny_t2i):
     request = Request(("striped",), "esd", {}, None, (RegularizerSpec("selft", {"fraction": 0.05}),), 0)
     result = get_method("esd").from_options({**FAST, "steps": 3}).unlearn(tiny_t2i, request, context_for(tiny_t2i))

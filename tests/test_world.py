@@ -115,6 +115,29 @@ def test_supertype_pairs_put_a_forgotten_concepts_supertype_in_a_retained_member
         FreeTextPrompts(retain=("a cat",)).supertype_pairs(("van gogh",), 4, np.random.default_rng(0))
 
 
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1),
+       forgotten=st.lists(st.sampled_from(["red", "blue", "dotted", "circle", "heart", "warm"]), min_size=1, max_size=3,
+                          unique=True))
+def test_unnamed_pairs_leave_a_forgotten_concepts_domain_out_and_name_a_retained_concept_there(seed, forgotten):
+    prompts, forgotten = WorldPrompts(), tuple(forgotten)
+    concepts = prompts.target_concepts(forgotten)
+    named = {c.name for c in concepts}
+    domains = [d for d in ONTO.domains if any(c.domain == d for c in concepts)]  # each keeps a retained concept here
+    pairs = prompts.unnamed_pairs(forgotten, 9, np.random.default_rng(seed))
+    assert len(pairs) == 9
+    for i, pair in enumerate(pairs):  # the domains take turns
+        shown = {d: ONTO.names(d)[k] for d, k in zip(ONTO.domains, pair.labels)}
+        assert not set(shown.values()) & named
+        for domain, concept in shown.items():
+            words = prompts.lang.words(ONTO.get(concept))
+            in_target = any(re.search(rf"\b{re.escape(w)}\b", pair.target) for w in words)
+            assert in_target == (domain != domains[i % len(domains)]), pair
+            assert any(re.search(rf"\b{re.escape(w)}\b", pair.anchor) for w in words), pair
+    with pytest.raises(ValueError, match="no known domain"):
+        FreeTextPrompts(retain=("a cat",)).unnamed_pairs(("van gogh",), 4, np.random.default_rng(0))
+
+
 def test_heldout_synonyms_never_appear_in_training_prompts():
     rng = np.random.default_rng(1)
     labels = np.array([[i % 9, i % 8, i % 5] for i in range(720)])

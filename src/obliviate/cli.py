@@ -486,7 +486,7 @@ def eval_store(store: Path = typer.Argument(...), as_json: bool = typer.Option(F
     if as_json:
         _print_json({**metrics, "base": base_metrics} if base else metrics)
         return
-    shown = ("ua", "ua_train_synonym", "ua_heldout_template", "ua_heldout_synonym", "ua_short", "ira", "cra", "fd", "unasked", "supertype_accuracy", "clip_score",
+    shown = ("ua", "ua_train_synonym", "ua_heldout_template", "ua_heldout_synonym", "ua_short", "ira", "cra", "fd", "unasked", "unnamed", "supertype_accuracy", "clip_score",
              "clip_score_forgotten", "ua_test", "ra", "ta", "mia",
              "relearn_steps", "probe", "gap", "relearn_auc", "relearn_auc_gap", "nll_forgotten", "nll_forgotten_gap",
              "nll_retained")

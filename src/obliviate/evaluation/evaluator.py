@@ -59,6 +59,10 @@ class EvalConfig:
     short_prompts: bool = field(default=False, metadata={
         "help": "also measure UA (``ua_short``) on short prompts that name the target with one other attribute or "
                 "none (\"a striped triangle\", \"a striped\"), the forms the training templates never take"})
+    unnamed_prompts: bool = field(default=False, metadata={
+        "help": "also measure, per forgotten target, the share of images showing it for retained prompts that leave "
+                "its domain unnamed (``unnamed``: \"a red square\" drawn dotted once dotted is forgotten), the "
+                "model's default there; a model never trained on the target draws it in none"})
     seed: int = 0
 
     def __post_init__(self):
@@ -209,6 +213,8 @@ class Evaluator(CachedEvaluator):
             out["ira"] = out["cra"] = round(float(np.mean(list(per_domain.values()))), 4)
         if groups and cfg.supertypes:
             out.update(self.supertype_accuracy(model, tuple(groups)))
+        if groups and cfg.unnamed_prompts:
+            out.update(self.unnamed_share(model, groups))
         if groups and cfg.checkpoints:
             with torch.enable_grad():  # the attack fine-tunes a copy
                 out.update(self.relearnability(model, tuple(groups)))
@@ -275,6 +281,22 @@ class Evaluator(CachedEvaluator):
                                         "images": len(prompts)}
         return {"supertype": per_supertype,
                 "supertype_accuracy": round(float(np.mean([v["accuracy"] for v in per_supertype.values()])), 4)}
+
+    def unnamed_share(self, model, groups: dict[str, dict[str, set[int]]]) -> dict:
+        """Per forgotten target, of ``images_per_prompt`` images for each of ``forget_prompts``
+        retained prompts that leave the target's domains unnamed ("a red square" once dotted is
+        forgotten), the share the judge sees the target in (``unnamed_per_target``; ``unnamed``
+        is the mean): what the model draws where a prompt names nothing, which an erasure on
+        the target's own prompts never touches."""
+        cfg, onto = self.config, self.ontology
+        rows = self.prompts.sample_labels(cfg.forget_prompts, np.random.default_rng(cfg.seed + 2), exclude=list(groups.values()))
+        shares = {}
+        for target, group in groups.items():
+            prompts = [self.prompts.short_prompt(row, set(onto.domains) - set(group)) for row in rows]
+            _, predicted, _ = sample_and_judge(model, self.judge, prompts, cfg.images_per_prompt, cfg.seed, cfg.steps,
+                                               cfg.solver, onto)
+            shares[target] = round(float(_shows_target(predicted, group, onto).float().mean()), 4)
+        return {"unnamed_per_target": shares, "unnamed": round(float(np.mean(list(shares.values()))), 4)}
 
     def likelihood(self, model, groups: dict[str, dict], retained: np.ndarray) -> dict:
         """Bits per dimension of renders (``likelihood.bits_per_dim``): of each forgotten target

@@ -66,6 +66,10 @@ class PromptSource(TargetSource, Protocol):
         """Retained prompts naming the supertype of a ``forgotten`` concept in a retained member's
         place, each with the same prompt naming that member."""
 
+    def unnamed_pairs(self, forgotten: tuple[str, ...], n: int, rng: np.random.Generator) -> list[PromptPair]:
+        """Retained prompts that leave the domain of a ``forgotten`` concept unnamed, each with the
+        same prompt naming a retained concept of that domain."""
+
     def related_prompts(self, targets: tuple[str, ...], forgotten: tuple[str, ...], n: int,
                         rng: np.random.Generator) -> list[str]:
         """Up to ``n`` prompts of retained concepts close to the targets (their siblings)."""
@@ -293,6 +297,25 @@ class WorldPrompts:
                                     format_prompt(template, **words), tuple(int(i) for i in row)))
         return pairs
 
+    def unnamed_pairs(self, forgotten: tuple[str, ...], n: int, rng: np.random.Generator) -> list[PromptPair]:
+        """Prompts of retained concepts that leave the domain of a ``forgotten`` concept unnamed,
+        each with the same prompt naming the row's concept there ("a red square" / "a solid red
+        square" once dotted is forgotten), cycling through those domains that keep a retained
+        concept. A model draws its default where a prompt names nothing, and that default may be
+        the forgotten concept (``shapes-t2i`` draws dotted for most prompts naming no texture).
+        Neither names a forgotten concept; ``labels`` is the named prompt's row."""
+        concepts = self.target_concepts(forgotten)
+        named, excluded = {c.name for c in concepts}, self.target_groups(forgotten)
+        domains = [d for d in self.ontology.domains
+                   if any(c.domain == d for c in concepts) and set(self.ontology.names(d)) - named]
+        pairs = []
+        for i in range(n if domains else 0):
+            row = self.sample_labels(1, rng, exclude=excluded)[0]
+            words = self.known_words(row, rng)
+            pairs.append(PromptPair(_describe({**words, domains[i % len(domains)]: None}), _describe(words),
+                                    tuple(int(v) for v in row)))
+        return pairs
+
     def related_prompts(self, targets: tuple[str, ...], forgotten: tuple[str, ...], n: int,
                         rng: np.random.Generator) -> list[str]:
         """Prompts naming a sibling of a target (same supertype) that is neither a target nor
@@ -377,6 +400,10 @@ class FreeTextPrompts:
     def supertype_pairs(self, forgotten, n, rng) -> list[PromptPair]:
         raise ValueError("Free-text targets have no known supertype or members; list the group's other members to "
                          "keep with the store's retain concepts instead.")
+
+    def unnamed_pairs(self, forgotten, n, rng) -> list[PromptPair]:
+        raise ValueError("Free-text targets have no known domain to leave unnamed; list prompts to keep, and what "
+                         "they should draw in place of a forgotten concept, with the store's retain concepts instead.")
 
     def concept_words(self, targets) -> list[str]:
         return list(targets)
