@@ -255,15 +255,15 @@ class WorldPrompts:
         targeted = {c.name for c in self.target_concepts(targets)}
         excluded = targeted | {c.name for c in self.target_concepts(avoid)}
         kept_out = excluded | {c.name for c in self.target_concepts(keep_out)}
+        # per domain, what may take a target's place: a concept forgotten earlier beats the target itself
+        others = {d: [c for c in self.ontology.names(d) if c not in kept_out]
+                  or [c for c in self.ontology.names(d) if c not in excluded] for d in self.ontology.domains}
         pairs = []
         for row, template, words in self._forget_rows(targets, n, rng, avoid, partial):
             swapped = dict(words)
             for domain, name in self.words(row).items():
-                # a concept forgotten earlier in the target's place beats the target itself
-                others = ([c for c in self.ontology.names(domain) if c not in kept_out]
-                          or [c for c in self.ontology.names(domain) if c not in excluded])
-                if name in targeted and others:
-                    swapped[domain] = others[int(rng.integers(len(others)))]
+                if name in targeted and others[domain]:
+                    swapped[domain] = others[domain][int(rng.integers(len(others[domain])))]
             pairs.append(PromptPair(_fill(template, words), _fill(template, swapped), tuple(int(i) for i in row)))
         return pairs
 
