@@ -2,7 +2,7 @@ import re
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from obliviate.world import (DEFAULT_ONTOLOGY, HELDOUT_TEMPLATES, LANGUAGES, SPLITS, Concept,
                              FreeTextPrompts, Ontology, WorldPrompts, prompt_for, render, sample_scenes, training_prompts)
@@ -119,6 +119,7 @@ def test_supertype_pairs_put_a_forgotten_concepts_supertype_in_a_retained_member
 @given(seed=st.integers(0, 2**31 - 1),
        forgotten=st.lists(st.sampled_from(["red", "blue", "dotted", "circle", "heart", "warm"]), min_size=1, max_size=3,
                           unique=True))
+@example(seed=571982052, forgotten=["red", "heart"])  # CI's draw: "block" (square) inside "block-coloured" (solid)
 def test_unnamed_pairs_leave_a_forgotten_concepts_domain_out_and_name_a_retained_concept_there(seed, forgotten):
     prompts, forgotten = WorldPrompts(), tuple(forgotten)
     concepts = prompts.target_concepts(forgotten)
